@@ -1,0 +1,138 @@
+"""The ``soilnet`` console script: parses arguments and dispatches; the work lives in the modules it names.
+
+Config-driven commands share one loader: ``--config PATH`` plus ``key=value`` overrides. Each command's
+implementation is imported only when that command runs, so ``--help`` stays fast and a preprocessing node
+need not import the training stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+from soilnet.config.base import ConfigError, load_config
+
+
+@dataclass(frozen=True)
+class ConfigCommand:
+    """A command whose whole input is one config tree; ``run(cfg)`` does the work."""
+
+    help: str
+    config_class: str  # "module:Class"
+    run: str  # "module:function"
+
+
+CONFIG_COMMANDS: dict[str, ConfigCommand] = {
+    "pack": ConfigCommand(
+        "sample or read points, acquire patches and climate, and pack them into WebDataset shards",
+        "soilnet.config.pack:PackConfig",
+        "shards.pack:run",
+    ),
+    "pretrain": ConfigCommand(
+        "cross-modal contrastive pretraining with DeepSpeed (torchrun, srun or a single process)",
+        "soilnet.config.pretrain:PretrainConfig",
+        "soilnet.train.pretrain:run",
+    ),
+    "finetune": ConfigCommand(
+        "fine-tune a SOC regressor on labelled shards, then evaluate it",
+        "soilnet.config.finetune:FinetuneConfig",
+        "soilnet.train.finetune:run",
+    ),
+    "evaluate": ConfigCommand(
+        "cross-validated evaluation with a random-forest baseline and prediction intervals",
+        "soilnet.config.finetune:EvaluateConfig",
+        "soilnet.evaluate.run:run",
+    ),
+    "model-summary": ConfigCommand(
+        "print one JSON object with the parameter count of each model component",
+        "soilnet.config.model:ModelSummaryConfig",
+        "soilnet.models.summary:run",
+    ),
+}
+
+
+def _resolve(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soilnet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, cmd in CONFIG_COMMANDS.items():
+        _add_config_args(sub.add_parser(name, help=cmd.help, description=cmd.help))
+
+    p = sub.add_parser(
+        "sample",
+        help="random points uniform by area inside a region",
+        description="random points uniform by area on the sphere inside the (multi)polygons of a GeoJSON file",
+    )
+    p.add_argument("--region", required=True, help="GeoJSON file of (multi)polygons")
+    p.add_argument("--n", type=int, required=True, help="number of points")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .parquet (or .csv) with columns id, lon, lat")
+    p.add_argument("--exclude-raster", help="land-cover raster whose classes may exclude a point")
+    p.add_argument("--exclude-classes", type=int, nargs="*", default=[], help="excluded class values")
+    p.add_argument("--max-excluded-fraction", type=float, default=0.2, help="drop a point above this fraction")
+    p.add_argument("--min-spacing-m", type=float, default=0.0, help="minimum distance between points (metres)")
+    p.add_argument("--one-per-climate-cell", action="store_true", help="keep at most one point per TerraClimate cell")
+
+    p = sub.add_parser("import-soilnet", help="pack the seed's GeoTIFF + climate-CSV layout into shards")
+    p.add_argument("--images", help="folder of {PointID}_{YYMMDD}.tif patches")
+    p.add_argument("--climate", help="folder of per-variable climate CSVs")
+    p.add_argument("--points", help="ground-truth CSV (id, lon, lat, target)")
+    p.add_argument("--id-column", required=True)
+    p.add_argument("--target-column")
+    p.add_argument("--target-name", default=None, help="schema target the column holds (default: soc)")
+    p.add_argument("--lon-column", default=None)
+    p.add_argument("--lat-column", default=None)
+    p.add_argument("--out", required=True, help="output shard folder")
+    p.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
+
+    p = sub.add_parser("export", help="write a pretraining checkpoint's encoders as plain safetensors")
+    p.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or one checkpoint")
+    p.add_argument("--out", required=True, help="output .safetensors")
+
+    p = sub.add_parser("predict-map", help="predict SOC over a grid and write a Cloud-Optimized GeoTIFF")
+    p.add_argument("--checkpoint", required=True, help="a fine-tuning output_dir")
+    p.add_argument("--region", required=True, help="GeoJSON file")
+    p.add_argument("--resolution", type=float, required=True, help="grid spacing in metres")
+    p.add_argument("--out", required=True, help="output .tif")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the source config")
+    return parser
+
+
+OTHER_COMMANDS = {
+    "sample": "shards.sample:run_cli",
+    "import-soilnet": "shards.import_soilnet:run_cli",
+    "export": "soilnet.train.export:run_cli",
+    "predict-map": "soilnet.evaluate.maps:run_cli",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in CONFIG_COMMANDS:
+            cmd = CONFIG_COMMANDS[args.command]
+            cfg = load_config(_resolve(cmd.config_class), args.config, args.overrides)
+            result = _resolve(cmd.run)(cfg)
+        else:
+            result = _resolve(OTHER_COMMANDS[args.command])(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"soilnet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

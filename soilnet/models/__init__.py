@@ -1,0 +1,1 @@
+"""soilnet/models."""
