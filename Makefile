@@ -12,7 +12,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@$(PY) -m soilnet.demo
+	@$(PY) scripts/demo.py
 
 test: setup
 	@$(PY) -m pytest -q -ra tests
