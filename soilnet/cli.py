@@ -64,7 +64,10 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soilnet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="soilnet",
+        description="SoilNet at scale: pack shards, pretrain, fine-tune, evaluate and map soil organic carbon.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, cmd in CONFIG_COMMANDS.items():
