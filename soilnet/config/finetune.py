@@ -4,34 +4,127 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from soilnet.config.base import Section
 from soilnet.config.model import ModelConfig
 from soilnet.config.schema import SchemaConfig
 
 
+class GroundTruthConfig(Section):
+    """A ground-truth CSV joined onto the shards by point ID; its target replaces the shards' own.
+
+    LUCAS 2015: ``id_column: Point_ID``, ``target_column: OC`` (g/kg; the file starts with a UTF-8 BOM, which
+    ``utf-8-sig`` removes). RaCA: ``id_column: rcasiteid``, ``target_column: SOCstock100``.
+    """
+
+    path: str
+    id_column: str
+    target_column: str
+    lon_column: str | None = None
+    lat_column: str | None = None
+    encoding: str = "utf-8-sig"
+
+
 class FinetuneDataConfig(Section):
+    """``shards``: a labelled shard folder (or its manifest.json). ``schema`` picks channels/variables by name
+    (null = all that the shards hold). ``target`` names the label in each sample's ``meta.json`` ``targets``."""
+
     shards: str = "outputs/labelled"
     schema_: SchemaConfig = Field(default_factory=SchemaConfig, alias="schema")
     target: str = "soc"
+    ground_truth: GroundTruthConfig | None = None
+    use_coordinates: bool = True
+
+
+class TargetConfig(Section):
+    """How targets are transformed for training (metrics are always in original units).
+
+    ``scale`` is the seed's ``clip(y / max_value, 0, 1)`` with ``max_value`` 87 (LUCAS OC, g/kg) or 4115 (RaCA
+    SOCstock100); ``log1p`` trains on ``log(1 + y)``; ``standardize`` on ``(y - mean) / std`` of the training set.
+    """
+
+    transform: Literal["scale", "log1p", "standardize", "none"] = "log1p"
+    max_value: float | None = None
+
+    @model_validator(mode="after")
+    def _needs_max(self):
+        if self.transform == "scale" and (self.max_value is None or self.max_value <= 0):
+            raise ValueError("target.transform=scale needs a positive target.max_value (87 LUCAS, 4115 RaCA)")
+        return self
 
 
 class FinetuneTrainConfig(Section):
+    """Optimisation. ``encoders``: ``frozen`` (only the regressor learns), ``full``, or ``lrd`` (layer-wise LR
+    decay: the regressor gets ``lr``, the encoder layer ``d`` below the top gets ``lr * layer_decay ** d``)."""
+
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    loss: Literal["rmse", "mse", "huber", "rmsle"] = "rmse"
+    huber_delta: float = 1.0
+    encoders: Literal["frozen", "full", "lrd"] = "full"
+    layer_decay: float = 0.75
+    patience: int = 5
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    threads: int | None = None
+    augment: bool = True
+
+
+class SplitConfig(Section):
+    """``auto`` = spatial when every point has coordinates, random otherwise (the report says which)."""
+
+    kind: Literal["auto", "random", "spatial"] = "auto"
+    folds: int = Field(5, ge=2)
+    block_km: float = Field(50.0, gt=0)
+    buffer_km: float | None = None
     seed: int = 0
 
 
+class ConformalConfig(Section):
+    level: float = Field(0.9, gt=0, lt=1)
+    calibration_fraction: float = Field(0.15, gt=0, lt=1)
+
+
+class BaselineConfig(Section):
+    enabled: bool = True
+    n_estimators: int = 200
+    min_samples_leaf: int = 1
+
+
+class EvalConfig(Section):
+    split: SplitConfig = SplitConfig()
+    conformal: ConformalConfig = ConformalConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    plots: bool = True
+
+
 class FinetuneConfig(Section):
+    """``pretrained``: a ``soilnet export`` .safetensors (encoders), or null to train from scratch.
+
+    ``final_model``: after cross-validation, also fit one model on all labelled points and save it as
+    ``output_dir/model.safetensors`` for ``soilnet predict-map``.
+    """
+
     output_dir: str = "outputs/finetune"
     pretrained: str | None = None
     modalities: Literal["image", "climate", "both"] = "both"
     data: FinetuneDataConfig = FinetuneDataConfig()
     model: ModelConfig = ModelConfig()
+    target: TargetConfig = TargetConfig()
     train: FinetuneTrainConfig = FinetuneTrainConfig()
+    eval: EvalConfig = EvalConfig()
+    final_model: bool = True
 
 
 class EvaluateConfig(FinetuneConfig):
-    """Evaluation reads the same tree as fine-tuning, so a run's resolved config re-evaluates it."""
+    """Evaluation reads the same tree as fine-tuning, so a run's resolved config re-evaluates it.
+
+    With ``checkpoint`` (a fine-tuning ``output_dir``), the saved model is scored on every point of
+    ``data.shards`` (an independent test set); without it, cross-validation runs as in fine-tuning.
+    """
+
+    checkpoint: str | None = None
+    final_model: bool = False

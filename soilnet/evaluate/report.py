@@ -1,0 +1,136 @@
+"""``report.md``: the metrics tables (model beside the baseline), intervals, data counts, and the resolved
+config, in one Markdown file a reviewer can read without running anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from soilnet.evaluate.metrics import METRIC_NAMES
+
+LABELS = {
+    "rmse": "RMSE",
+    "mae": "MAE",
+    "r2": "R²",
+    "bias": "bias",
+    "rpiq": "RPIQ",
+    "ccc": "CCC",
+    "log_rmse": "logRMSE",
+    "log_r2": "logR²",
+    "n": "n",
+}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def _metric_table(rows: list[tuple[str, dict | None]]) -> list[str]:
+    lines = ["| | " + " | ".join(LABELS[m] for m in METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
+    for name, m in rows:
+        if m:
+            lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in METRIC_NAMES) + " |")
+    return lines
+
+
+def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
+    """Write ``report.md`` atomically and return its path."""
+    t = metrics.get("target", {})
+    unit = t.get("unit") or ""
+    split = metrics.get("split", {})
+    out = ["# SOC evaluation report", ""]
+    out += [
+        f"Target `{t.get('name')}` ({unit}); metrics in original units, pooled over all test predictions "
+        "(never averaged per batch). logRMSE and logR² compare `log1p` of observed and predicted. "
+        "RPIQ = IQR(observed) / RMSE. CCC is Lin's concordance correlation coefficient. Bias = mean(pred − obs).",
+        "",
+        f"**Split:** {split.get('note', split.get('kind'))}.",
+        "",
+        "## Pooled metrics",
+        "",
+    ]
+    out += _metric_table([("model", metrics.get("model")), ("random forest", metrics.get("baseline_rf"))])
+    m, rf = metrics.get("model"), metrics.get("baseline_rf")
+    if m and rf:
+        verdict = "beats" if m["rmse"] < rf["rmse"] else "does NOT beat"
+        out += ["", f"The model {verdict} the random-forest baseline on RMSE ({m['rmse']:.4g} vs {rf['rmse']:.4g})."]
+    if metrics.get("folds"):
+        out += ["", "## Per fold", ""]
+        rows = []
+        for f in metrics["folds"]:
+            rows.append((f"fold {f['fold']} model", f["model"]))
+            if f.get("baseline_rf"):
+                rows.append((f"fold {f['fold']} RF", f["baseline_rf"]))
+        out += _metric_table(rows)
+        out += [
+            "",
+            "| fold | train | val | calibration | test | excluded by buffer | best epoch | epochs run |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for f in metrics["folds"]:
+            out.append(
+                f"| {f['fold']} | {f['n_train']} | {f['n_val']} | {f['n_calibration']} | {f['n_test']} | "
+                f"{f['n_excluded_by_buffer']} | {f['best_epoch']} | {f['epochs_run']} |"
+            )
+    c = metrics.get("conformal")
+    if c:
+        out += ["", "## Prediction intervals", ""]
+        out += [
+            f"Split-conformal intervals at nominal level {c.get('level')}: empirical coverage "
+            f"**{_fmt(c.get('coverage'))}**, mean width **{_fmt(c.get('mean_width'))} {unit}** (n={c.get('n')})."
+        ]
+        if metrics.get("coverage_by_level"):
+            out += ["", "| nominal | coverage | mean width |", "|---|---|---|"]
+            out += [
+                f"| {r['level']} | {_fmt(r['coverage'])} | {_fmt(r['mean_width'])} |"
+                for r in metrics["coverage_by_level"]
+            ]
+    d = metrics.get("data", {})
+    out += ["", "## Data", ""]
+    out += [
+        f"- samples in shards: {d.get('samples_in_shards')}",
+        f"- labelled and used: {d.get('labelled')}",
+        f"- dropped targets: missing {d.get('missing')}, NaN {d.get('nan')}, negative {d.get('negative')}",
+    ]
+    if "no_ground_truth" in d and d.get("no_ground_truth"):
+        out.append(f"- shard samples without a ground-truth row: {d['no_ground_truth']}")
+    if "ground_truth_ids_not_in_shards" in d:
+        out.append(
+            f"- ground-truth IDs not in the shards: {d['ground_truth_ids_not_in_shards']}"
+            + (
+                f" (listed in `{d.get('ground_truth_ids_not_in_shards_file')}`)"
+                if d.get("ground_truth_ids_not_in_shards_file")
+                else ""
+            )
+        )
+    fm = metrics.get("final_model")
+    if fm:
+        out += [
+            "",
+            "## Final model",
+            "",
+            f"Trained on {fm['n_train']} points (validation {fm['n_val']}), saved to "
+            f"`{fm['path']}`; conformal half-width {_fmt(fm['conformal']['half_width'])} {unit} at level "
+            f"{fm['conformal']['level']}.",
+        ]
+    if metrics.get("plots"):
+        out += ["", "## Plots", ""]
+        out += [f"- {k}: ![{k}]({Path(v).name})" for k, v in metrics["plots"].items()]
+    out += [
+        "",
+        "## Resolved config",
+        "",
+        "```yaml",
+        yaml.safe_dump(resolved_config, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(out))
+    tmp.replace(path)
+    return path

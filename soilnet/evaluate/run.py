@@ -1,0 +1,357 @@
+"""``soilnet evaluate``: cross-validated metrics for the fine-tuned model and the random-forest baseline on the
+same folds, split-conformal intervals, plots and a report. Fine-tuning calls :func:`evaluate` too.
+
+Per fold, the non-test points are carved into training, validation (early stopping and epoch choice) and
+calibration (conformal) parts; under a spatial split these are carved by whole blocks, like the test fold.
+The baseline trains on the training and validation parts; neither model sees calibration or test points.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from soilnet.config.base import save_resolved, to_plain
+from soilnet.config.finetune import EvaluateConfig, FinetuneConfig
+from soilnet.evaluate import baseline as B
+from soilnet.evaluate import conformal as C
+from soilnet.evaluate import plots as P
+from soilnet.evaluate import splits as SP
+from soilnet.evaluate.labelled import LabelledData, load_labelled
+from soilnet.evaluate.metrics import regression_metrics
+from soilnet.evaluate.report import write_report
+
+log = logging.getLogger("soilnet.evaluate")
+
+COVERAGE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+class EvaluationError(ValueError):
+    """A run that cannot be evaluated as configured."""
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: Path, obj: dict) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False))
+    tmp.replace(path)
+    return path
+
+
+def plan_split(cfg: FinetuneConfig, data: LabelledData) -> tuple[list[SP.Fold], np.ndarray | None, dict]:
+    """The folds, the block ID per point (spatial) or None (random), and a description for the report."""
+    sc = cfg.eval.split
+    coords = SP.has_coordinates(data.lon, data.lat)
+    kind = sc.kind if sc.kind != "auto" else ("spatial" if coords else "random")
+    info = {"requested": sc.kind, "kind": kind, "folds": sc.folds, "seed": sc.seed, "has_coordinates": coords}
+    if kind == "spatial" and not coords:
+        n_missing = int(np.sum(~(np.isfinite(data.lon) & np.isfinite(data.lat))))
+        raise EvaluationError(
+            f"eval.split.kind=spatial needs coordinates, but {n_missing} of {len(data)} points have none; "
+            "without coordinates only random k-fold is possible (eval.split.kind=random)"
+        )
+    if kind == "random":
+        folds = SP.random_kfold(len(data), sc.folds, sc.seed)
+        info["note"] = (
+            "random k-fold: points have no coordinates, so spatial blocking is impossible; nearby points may fall "
+            "in training and test folds, which flatters the scores"
+            if not coords
+            else "random k-fold (as in the seed); nearby points may fall in training and test folds"
+        )
+        return folds, None, info
+    buffer_km = sc.block_km if sc.buffer_km is None else sc.buffer_km
+    folds = SP.spatial_kfold(data.lon, data.lat, sc.folds, sc.block_km, buffer_km, sc.seed)
+    info.update(block_km=sc.block_km, buffer_km=buffer_km)
+    info["note"] = (
+        f"spatially blocked k-fold: {sc.block_km:g} km blocks, training points within {buffer_km:g} km of a test "
+        "point excluded"
+    )
+    return folds, SP.spatial_blocks(data.lon, data.lat, sc.block_km), info
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    if cfg.train.loss == "rmsle" and cfg.target.transform == "standardize":
+        raise EvaluationError(
+            "train.loss=rmsle needs non-negative training targets: use target.transform scale, log1p or none"
+        )
+
+
+def _load(cfg: FinetuneConfig, out: Path):
+    from soilnet.train import finetune as FT
+
+    _check(cfg)
+    mods = FT.modalities_of(cfg.modalities)
+    data = load_labelled(cfg.data, mods, out)
+    export = None
+    if cfg.pretrained:
+        tensors, meta = FT.read_export(cfg.pretrained)
+        from soilnet.schema import SampleSchema
+
+        FT.check_export_schema(SampleSchema.from_dict(meta["schema"]), data.schema, mods, cfg.pretrained)
+        export = (tensors, meta)
+    log.info("labelled data: %s", data.counts)
+    return mods, data, export
+
+
+def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
+    """Cross-validate ``cfg`` and write metrics.json, predictions.csv, plots and report.md into ``out``."""
+    from soilnet.train import finetune as FT
+
+    mods, data, export = _load(cfg, out)
+    folds, blocks, split_info = plan_split(cfg, data)
+    level = cfg.eval.conformal.level
+    cal_frac, val_frac = cfg.eval.conformal.calibration_fraction, cfg.train.val_fraction
+    feats = None
+    if cfg.eval.baseline.enabled:
+        feats, _ = B.summary_features(data.image, data.climate, data.schema.channels, data.schema.climate_variables)
+
+    n = len(data)
+    pred = np.full(n, np.nan)
+    rf_pred = np.full(n, np.nan)
+    lower, upper = np.full(n, np.nan), np.full(n, np.nan)
+    fold_of = np.full(n, -1)
+    fold_rows, histories = [], {}
+    level_hits = {lv: [] for lv in COVERAGE_LEVELS}
+    level_widths = {lv: [] for lv in COVERAGE_LEVELS}
+    for fold in folds:
+        rng = np.random.default_rng(cfg.eval.split.seed * 1000 + fold.index)
+        val, cal, train = SP.carve(fold.train, (val_frac, cal_frac), rng, blocks)
+        if len(train) < 2 or len(val) == 0 or len(cal) == 0:
+            raise EvaluationError(
+                f"fold {fold.index}: too few points (train {len(train)}, val {len(val)}, "
+                f"calibration {len(cal)}); use fewer folds or smaller blocks"
+            )
+        fitted = FT.fit(
+            cfg, data, train, val, seed=cfg.train.seed + fold.index, export=export, label=f"fold {fold.index}"
+        )
+        histories[f"fold {fold.index}"] = fitted.history
+        test = fold.test
+        p_test = FT.predict(fitted, data, test, mods)
+        p_cal = FT.predict(fitted, data, cal, mods)
+        q = C.calibrate(data.y[cal], p_cal, level)
+        lo, hi = C.intervals(p_test, q)
+        pred[test], lower[test], upper[test], fold_of[test] = p_test, lo, hi, fold.index
+        for lv in COVERAGE_LEVELS:
+            lo_l, hi_l = C.intervals(p_test, C.calibrate(data.y[cal], p_cal, lv))
+            level_hits[lv].append((data.y[test] >= lo_l) & (data.y[test] <= hi_l))
+            level_widths[lv].append(hi_l - lo_l)
+        row = {
+            "fold": fold.index,
+            "n_train": len(train),
+            "n_val": len(val),
+            "n_calibration": len(cal),
+            "n_test": len(test),
+            "n_excluded_by_buffer": len(fold.excluded),
+            "best_epoch": fitted.best_epoch,
+            "epochs_run": len(fitted.history["val_loss"]),
+            "model": regression_metrics(data.y[test], p_test),
+            "conformal": {"level": level, "half_width": q, **C.coverage(data.y[test], lo, hi)},
+        }
+        if feats is not None:
+            fit_rows = np.concatenate([train, val])
+            rf_test, _ = B.fit_predict(
+                feats[fit_rows],
+                data.y[fit_rows],
+                feats[test],
+                n_estimators=cfg.eval.baseline.n_estimators,
+                min_samples_leaf=cfg.eval.baseline.min_samples_leaf,
+                seed=cfg.train.seed + fold.index,
+            )
+            rf_pred[test] = rf_test
+            row["baseline_rf"] = regression_metrics(data.y[test], rf_test)
+        fold_rows.append(row)
+        log.info(
+            "fold %d: model R2 %.3f RMSE %.3f | RF R2 %s",
+            fold.index,
+            row["model"]["r2"],
+            row["model"]["rmse"],
+            f"{row['baseline_rf']['r2']:.3f}" if "baseline_rf" in row else "-",
+        )
+
+    tested = fold_of >= 0
+    metrics = {
+        "model": regression_metrics(data.y[tested], pred[tested]),
+        "baseline_rf": regression_metrics(data.y[tested], rf_pred[tested]) if feats is not None else None,
+        "conformal": {
+            "level": level,
+            "method": "split-conformal, absolute residuals, per fold",
+            **C.coverage(data.y[tested], lower[tested], upper[tested]),
+        },
+        "coverage_by_level": [
+            {
+                "level": lv,
+                "coverage": float(np.mean(np.concatenate(level_hits[lv]))),
+                "mean_width": float(np.mean(np.concatenate(level_widths[lv]))),
+            }
+            for lv in COVERAGE_LEVELS
+        ],
+        "folds": fold_rows,
+        "split": split_info,
+        "target": {"name": data.target, "unit": data.unit, **to_plain(cfg.target)},
+        "data": {**data.counts, "shards": cfg.data.shards, "schema": data.schema.to_dict()},
+        "modalities": list(mods),
+        "pretrained": cfg.pretrained,
+    }
+    if data.missing_ids:
+        metrics["data"]["ground_truth_ids_not_in_shards_file"] = str(out / "ground_truth_ids_not_in_shards.txt")
+
+    table = pd.DataFrame(
+        {
+            "id": data.ids,
+            "lon": data.lon,
+            "lat": data.lat,
+            "fold": fold_of,
+            "observed": data.y,
+            "predicted": pred,
+            "lower": lower,
+            "upper": upper,
+            "baseline_rf": rf_pred,
+        }
+    )
+    tmp = out / "predictions.csv.tmp"
+    table[tested].to_csv(tmp, index=False)
+    tmp.replace(out / "predictions.csv")
+
+    if final_model:
+        metrics["final_model"] = _final_model(cfg, data, blocks, export, out, histories)
+    if cfg.eval.plots:
+        metrics["plots"] = _plots(data, tested, pred, rf_pred, metrics, histories, out)
+    write_json(out / "metrics.json", metrics)
+    write_report(out / "report.md", metrics, to_plain(cfg))
+    return metrics
+
+
+def _final_model(cfg, data, blocks, export, out: Path, histories: dict) -> dict:
+    """One model on every labelled point (minus its validation and calibration parts) for predict-map."""
+    from soilnet.train import finetune as FT
+
+    rng = np.random.default_rng(cfg.eval.split.seed * 1000 + 999)
+    val, cal, train = SP.carve(
+        np.arange(len(data)), (cfg.train.val_fraction, cfg.eval.conformal.calibration_fraction), rng, blocks
+    )
+    fitted = FT.fit(cfg, data, train, val, seed=cfg.train.seed + 999, export=export, label="final")
+    histories["final"] = fitted.history
+    p_cal = FT.predict(fitted, data, cal, FT.modalities_of(cfg.modalities))
+    conformal = {
+        "level": cfg.eval.conformal.level,
+        "half_width": C.calibrate(data.y[cal], p_cal, cfg.eval.conformal.level),
+        "n_calibration": len(cal),
+    }
+    model_cfg = FT.apply_export_model(cfg.model, export[1], FT.modalities_of(cfg.modalities)) if export else cfg.model
+    path = FT.save_model(out, fitted, cfg, data, model_cfg, conformal)
+    return {
+        "path": str(path),
+        "n_train": len(train),
+        "n_val": len(val),
+        "best_epoch": fitted.best_epoch,
+        "conformal": conformal,
+    }
+
+
+def _plots(data, tested, pred, rf_pred, metrics, histories, out: Path) -> dict:
+    obs, p = data.y[tested], pred[tested]
+    rf = rf_pred[tested] if metrics["baseline_rf"] else None
+    plots = {
+        "observed_vs_predicted": P.observed_vs_predicted(obs, p, out / "observed_vs_predicted.png", data.unit, rf),
+        "residual_histogram": P.residual_histogram(obs, p, out / "residual_histogram.png", data.unit),
+        "learning_curves": P.learning_curves(histories, out / "learning_curves.png"),
+        "interval_coverage": P.interval_coverage(
+            [r["level"] for r in metrics["coverage_by_level"]],
+            [r["coverage"] for r in metrics["coverage_by_level"]],
+            [r["mean_width"] for r in metrics["coverage_by_level"]],
+            out / "interval_coverage.png",
+            data.unit,
+        ),
+    }
+    if SP.has_coordinates(data.lon[tested], data.lat[tested]):
+        plots["residual_map"] = P.residual_map(
+            data.lon[tested], data.lat[tested], obs, p, out / "residual_map.png", data.unit
+        )
+    return {k: str(v) for k, v in plots.items()}
+
+
+def evaluate_checkpoint(cfg: EvaluateConfig, out: Path) -> dict:
+    """Score a saved fine-tuned model on every point of ``data.shards`` (an independent test set)."""
+    from soilnet.config.schema import SchemaConfig
+    from soilnet.train import finetune as FT
+
+    model = FT.load_model(cfg.checkpoint)
+    s = model.schema
+    data_cfg = cfg.data.model_copy(deep=True)
+    data_cfg.schema_ = SchemaConfig(
+        channels=list(s.channels),
+        climate_variables=list(s.climate_variables),
+        first_month=s.months[0],
+        last_month=s.months[-1],
+        patch_size=s.patch_size,
+        pixel_size_m=s.pixel_size_m,
+    )
+    data = load_labelled(data_cfg, model.modalities, out)
+    if data.schema != model.schema:
+        raise EvaluationError(
+            f"{cfg.data.shards}: schema differs from the model's: " + "; ".join(data.schema.differences(model.schema))
+        )
+    pred = model.predict(data.image, data.climate)
+    q = float(model.conformal.get("half_width", math.inf))
+    lo, hi = C.intervals(pred, q)
+    metrics = {
+        "model": regression_metrics(data.y, pred),
+        "baseline_rf": None,
+        "conformal": {"level": model.conformal.get("level"), "half_width": q, **C.coverage(data.y, lo, hi)},
+        "split": {
+            "kind": "independent",
+            "note": f"every point of {cfg.data.shards} is a test point for the "
+            f"model in {cfg.checkpoint}; no baseline, since no training data is given",
+        },
+        "target": model.target,
+        "data": {**data.counts, "shards": cfg.data.shards},
+        "folds": [],
+    }
+    if cfg.eval.plots:
+        plots = {
+            "observed_vs_predicted": P.observed_vs_predicted(
+                data.y, pred, out / "observed_vs_predicted.png", data.unit
+            ),
+            "residual_histogram": P.residual_histogram(data.y, pred, out / "residual_histogram.png", data.unit),
+        }
+        if SP.has_coordinates(data.lon, data.lat):
+            plots["residual_map"] = P.residual_map(
+                data.lon, data.lat, data.y, pred, out / "residual_map.png", data.unit
+            )
+        metrics["plots"] = {k: str(v) for k, v in plots.items()}
+    write_json(out / "metrics.json", metrics)
+    write_report(out / "report.md", metrics, to_plain(cfg))
+    return metrics
+
+
+def run(cfg: EvaluateConfig) -> int:
+    """``soilnet evaluate``: cross-validation (or, with ``checkpoint``, scoring a saved model)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out)
+    if cfg.checkpoint:
+        metrics = evaluate_checkpoint(cfg, out)
+    else:
+        metrics = evaluate(cfg, out, final_model=cfg.final_model)
+    m = metrics["model"]
+    print(f"soilnet evaluate: model R2 {m['r2']:.3f} RMSE {m['rmse']:.3f} (n={m['n']}); metrics {out / 'metrics.json'}")
+    for name, p in metrics.get("plots", {}).items():
+        print(f"soilnet evaluate: plot {name}: {p}")
+    return 0

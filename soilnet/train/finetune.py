@@ -1,0 +1,500 @@
+"""Fine-tuning: regress a soil property from image patches and/or climate series, from scratch or from a
+pretrained encoder export, then evaluate honestly (:mod:`soilnet.evaluate`).
+
+Single-node plain PyTorch: fine-tuning sets hold thousands of points, so every labelled sample sits in memory
+(:mod:`soilnet.evaluate.labelled`) and one process trains each cross-validation fold in turn. Early stopping and
+the choice of epoch use the validation points only; test points are touched once, for the final predictions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from soilnet import schema as S
+from soilnet.config.base import save_resolved, to_plain
+from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig, TargetConfig
+from soilnet.config.model import ModelConfig
+from soilnet.evaluate.labelled import LabelledData
+
+log = logging.getLogger("soilnet.finetune")
+
+MODEL_FILE = "model.safetensors"
+FORMAT = "soilnet-finetuned/1"
+
+
+class PretrainedMismatch(ValueError):
+    """A pretrained export that does not fit the fine-tuning data or model."""
+
+
+def modalities_of(name: str) -> tuple[str, ...]:
+    """``both`` -> ``("image", "climate")``; ``image`` / ``climate`` -> a 1-tuple."""
+    return ("image", "climate") if name == "both" else (name,)
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+@dataclass
+class TargetTransform:
+    """Maps targets in original units to the training scale and back.
+
+    ``scale``: the seed's ``clip(y / max_value, 0, 1)`` (its inverse cannot exceed ``max_value``); ``log1p``;
+    ``standardize``: ``(y - mean) / std`` with the training fold's moments; ``none``.
+    """
+
+    kind: str
+    max_value: float | None = None
+    mean: float = 0.0
+    std: float = 1.0
+
+    @classmethod
+    def fit(cls, cfg: TargetConfig, y_train: np.ndarray) -> TargetTransform:
+        if cfg.transform == "standardize":
+            return cls("standardize", None, float(np.mean(y_train)), float(np.std(y_train) or 1.0))
+        return cls(cfg.transform, cfg.max_value)
+
+    def forward(self, y: np.ndarray) -> np.ndarray:
+        y = np.asarray(y, dtype=np.float64)
+        if self.kind == "scale":
+            return np.clip(y / self.max_value, 0.0, 1.0)
+        if self.kind == "log1p":
+            return np.log1p(y)
+        if self.kind == "standardize":
+            return (y - self.mean) / self.std
+        return y
+
+    def inverse(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        if self.kind == "scale":
+            return np.clip(t, 0.0, 1.0) * self.max_value
+        if self.kind == "log1p":
+            return np.expm1(np.clip(t, 0.0, 50.0))
+        if self.kind == "standardize":
+            return t * self.std + self.mean
+        return t
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "max_value": self.max_value, "mean": self.mean, "std": self.std}
+
+
+def loss_fn(name: str, huber_delta: float = 1.0):
+    """``(pred, target) -> scalar`` on the training scale; both ``(B,)`` float32."""
+
+    def rmse(p, t):
+        return torch.sqrt(F.mse_loss(p, t) + 1e-12)
+
+    def rmsle(p, t):
+        return torch.sqrt(F.mse_loss(torch.log1p(F.relu(p)), torch.log1p(t.clamp_min(0))) + 1e-12)
+
+    return {
+        "rmse": rmse,
+        "mse": F.mse_loss,
+        "huber": lambda p, t: F.huber_loss(p, t, delta=huber_delta),
+        "rmsle": rmsle,
+    }[name]
+
+
+# ------------------------------------------------------------------------------------------ normalising
+
+
+@dataclass
+class Normaliser:
+    """Per-channel / per-variable ``(x - mean) / std``; missing values (NaN) become 0 after normalising.
+
+    image_mean, image_std: ``(C,)``; climate_mean, climate_std: ``(F,)``; in the schema's units.
+    """
+
+    image_mean: np.ndarray | None
+    image_std: np.ndarray | None
+    climate_mean: np.ndarray | None
+    climate_std: np.ndarray | None
+
+    @classmethod
+    def of(cls, data: LabelledData) -> Normaliser:
+        return cls(data.image_mean, data.image_std, data.climate_mean, data.climate_std)
+
+    def image(self, x: np.ndarray) -> torch.Tensor:
+        """x: ``(B, C, H, W)`` -> ``(B, C, H, W)`` float32, normalised."""
+        t = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        t = (t - torch.from_numpy(self.image_mean)[:, None, None]) / torch.from_numpy(self.image_std)[:, None, None]
+        return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def climate(self, x: np.ndarray) -> torch.Tensor:
+        """x: ``(B, T, F)`` -> ``(B, T, F)`` float32, normalised."""
+        t = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        t = (t - torch.from_numpy(self.climate_mean)) / torch.from_numpy(self.climate_std)
+        return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def to_dict(self) -> dict:
+        def lst(a):
+            return None if a is None else [float(v) for v in a]
+
+        return {k: lst(getattr(self, k)) for k in ("image_mean", "image_std", "climate_mean", "climate_std")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normaliser:
+        def arr(v):
+            return None if v is None else np.asarray(v, dtype=np.float32)
+
+        return cls(*(arr(d.get(k)) for k in ("image_mean", "image_std", "climate_mean", "climate_std")))
+
+
+def augment_image(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random element of the dihedral group per sample (flips and 90-degree turns keep soil physics intact).
+
+    x: ``(B, C, H, W)`` with H == W.
+    """
+    b = x.shape[0]
+    flips = torch.rand(b, 3, generator=gen) < 0.5
+    x = torch.where(flips[:, 0, None, None, None], x.flip(-1), x)
+    x = torch.where(flips[:, 1, None, None, None], x.flip(-2), x)
+    if x.shape[-1] == x.shape[-2]:
+        x = torch.where(flips[:, 2, None, None, None], x.transpose(-1, -2), x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def build_model(model_cfg: ModelConfig, schema: S.SampleSchema, modalities: tuple[str, ...]) -> nn.Module:
+    """The regression model of :mod:`soilnet.models`: ``forward(image, climate) -> (B, 1)``."""
+    from soilnet.models import build_regression_model
+
+    return build_regression_model(model_cfg, schema, modalities)
+
+
+def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata (``schema``, ``model`` parsed from JSON) of a ``soilnet export`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained export not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if "schema" not in meta:
+        raise PretrainedMismatch(f"{path}: metadata has no 'schema'; is it a `soilnet export` file?")
+    parsed = dict(meta)
+    for key in ("schema", "model"):
+        if key in meta:
+            parsed[key] = json.loads(meta[key])
+    return load_file(str(path)), parsed
+
+
+def check_export_schema(
+    export_schema: S.SampleSchema, data_schema: S.SampleSchema, modalities: tuple[str, ...], where: str
+) -> None:
+    """Raise before training when the export was pretrained on other channels, variables or months."""
+    problems = []
+    if "image" in modalities and export_schema.channels != data_schema.channels:
+        problems.append(f"channels: export {list(export_schema.channels)} != data {list(data_schema.channels)}")
+    if "climate" in modalities:
+        if export_schema.climate_variables != data_schema.climate_variables:
+            problems.append(
+                f"climate variables: export {list(export_schema.climate_variables)} "
+                f"!= data {list(data_schema.climate_variables)}"
+            )
+        if export_schema.months != data_schema.months:
+            problems.append(
+                f"months: export {export_schema.months[0]}..{export_schema.months[-1]} ({len(export_schema.months)})"
+                f" != data {data_schema.months[0]}..{data_schema.months[-1]} ({len(data_schema.months)})"
+            )
+    if problems:
+        raise PretrainedMismatch(
+            f"{where}: the pretrained schema differs from the fine-tuning data: " + "; ".join(problems)
+        )
+
+
+def apply_export_model(model_cfg: ModelConfig, export_meta: dict, modalities: tuple[str, ...]) -> ModelConfig:
+    """The model config with the export's encoder choices (the weights only fit the encoders they came from)."""
+    exported = export_meta.get("model")
+    if not exported:
+        return model_cfg
+    exp = ModelConfig.model_validate(exported)
+    cfg = model_cfg.model_copy(deep=True)
+    if "image" in modalities and exp.image_encoder is not None:
+        cfg.image_encoder = exp.image_encoder
+    if "climate" in modalities and exp.climate_encoder is not None:
+        cfg.climate_encoder = exp.climate_encoder
+    return cfg
+
+
+def load_encoders(model: nn.Module, tensors: dict[str, torch.Tensor], modalities: tuple[str, ...], where: str) -> None:
+    """Copy ``image_encoder.*`` / ``climate_encoder.*`` weights into the model's encoders (strict)."""
+    for name in ("image_encoder", "climate_encoder"):
+        if name.split("_")[0] not in modalities:
+            continue
+        module = getattr(model, name, None)
+        prefix = name + "."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if module is None:
+            continue
+        if not state:
+            raise PretrainedMismatch(f"{where}: no '{prefix}*' weights for the {name.split('_')[0]} modality")
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise PretrainedMismatch(f"{where}: {name} weights do not fit the model: {err}") from err
+
+
+# -------------------------------------------------------------------------------------------- optimiser
+
+
+def _encoders(model: nn.Module) -> list[nn.Module]:
+    return [
+        m for m in (getattr(model, "image_encoder", None), getattr(model, "climate_encoder", None)) if m is not None
+    ]
+
+
+def param_groups(model: nn.Module, train_cfg: FinetuneTrainConfig) -> list[dict]:
+    """AdamW groups for ``frozen``, ``full`` or ``lrd`` (layer-wise LR decay) encoders."""
+    enc_params = {id(p) for e in _encoders(model) for p in e.parameters()}
+    head = [p for p in model.parameters() if id(p) not in enc_params]
+    groups = [{"params": head, "lr": train_cfg.lr}]
+    for enc in _encoders(model):
+        if train_cfg.encoders == "frozen":
+            for p in enc.parameters():
+                p.requires_grad_(False)
+        elif train_cfg.encoders == "full":
+            groups.append({"params": list(enc.parameters()), "lr": train_cfg.lr})
+        else:
+            layers = [m for m in enc.modules() if any(True for _ in m.parameters(recurse=False))]
+            depth = len(layers)
+            for i, layer in enumerate(layers):
+                scale = train_cfg.layer_decay ** (depth - i)
+                groups.append({"params": list(layer.parameters(recurse=False)), "lr": train_cfg.lr * scale})
+    return [g for g in groups if g["params"]]
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+def _inputs(
+    data: LabelledData | dict, idx: np.ndarray, norm: Normaliser, modalities: tuple[str, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    image = data["image"] if isinstance(data, dict) else data.image
+    climate = data["climate"] if isinstance(data, dict) else data.climate
+    im = norm.image(image[idx]) if "image" in modalities else None
+    cl = norm.climate(climate[idx]) if "climate" in modalities else None
+    return im, cl
+
+
+@torch.no_grad()
+def predict_scaled(
+    model: nn.Module,
+    data: LabelledData | dict,
+    idx: np.ndarray,
+    norm: Normaliser,
+    modalities: tuple[str, ...],
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Model outputs on the training scale for rows ``idx``: ``(len(idx),)`` float64."""
+    model.eval()
+    out = []
+    for start in range(0, len(idx), batch_size):
+        im, cl = _inputs(data, idx[start : start + batch_size], norm, modalities)
+        out.append(model(im, cl).reshape(-1).double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+@dataclass
+class FitResult:
+    """A trained model, its best epoch (chosen on validation) and the per-epoch curves."""
+
+    model: nn.Module
+    transform: TargetTransform
+    best_epoch: int
+    history: dict[str, list[float]]
+
+
+def fit(
+    cfg: FinetuneConfig,
+    data: LabelledData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    seed: int,
+    export: tuple[dict, dict] | None = None,
+    label: str = "",
+) -> FitResult:
+    """Train on ``train_idx``; keep the weights of the epoch with the lowest validation RMSE (original units).
+
+    Stops early after ``train.patience`` epochs without improvement. ``export``: (tensors, metadata) of a
+    pretrained export, already checked against the data's schema.
+    """
+    tc = cfg.train
+    mods = modalities_of(cfg.modalities)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model_cfg = apply_export_model(cfg.model, export[1], mods) if export else cfg.model
+    model = build_model(model_cfg, data.schema, mods)
+    if export:
+        load_encoders(model, export[0], mods, str(cfg.pretrained))
+    transform = TargetTransform.fit(cfg.target, data.y[train_idx])
+    t_all = torch.from_numpy(transform.forward(data.y).astype(np.float32))
+    norm = Normaliser.of(data)
+    opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
+    criterion = loss_fn(tc.loss, tc.huber_delta)
+    history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_rmse": []}
+    best = (math.inf, -1, None)
+    stale = 0
+    for epoch in range(tc.epochs):
+        model.train()
+        if tc.encoders == "frozen":
+            for enc in _encoders(model):
+                enc.eval()
+        order = rng.permutation(train_idx)
+        total, count = 0.0, 0
+        for start in range(0, len(order), tc.batch_size):
+            idx = order[start : start + tc.batch_size]
+            if len(idx) < 2 and len(order) > 1:
+                continue  # a batch of one breaks batch-norm; the sample comes back next epoch
+            im, cl = _inputs(data, idx, norm, mods)
+            if im is not None and tc.augment:
+                im = augment_image(im, gen)
+            pred = model(im, cl).reshape(-1)
+            loss = criterion(pred, t_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+            count += len(idx)
+        val_scaled = predict_scaled(model, data, val_idx, norm, mods)
+        val_loss = float(criterion(torch.from_numpy(val_scaled).float(), t_all[val_idx]))
+        val_rmse = float(np.sqrt(np.mean((transform.inverse(val_scaled) - data.y[val_idx]) ** 2)))
+        history["train_loss"].append(total / max(count, 1))
+        history["val_loss"].append(val_loss)
+        history["val_rmse"].append(val_rmse)
+        log.info(
+            "%s epoch %d: train %.4f  val %.4f  val RMSE %.3f", label, epoch, total / max(count, 1), val_loss, val_rmse
+        )
+        if val_rmse < best[0]:
+            best, stale = (val_rmse, epoch, copy.deepcopy(model.state_dict())), 0
+        else:
+            stale += 1
+            if stale >= tc.patience:
+                break
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+    model.eval()
+    return FitResult(model, transform, best[1], history)
+
+
+def predict(fitted: FitResult, data: LabelledData, idx: np.ndarray, modalities: tuple[str, ...]) -> np.ndarray:
+    """Predictions in original units for rows ``idx``: ``(len(idx),)``."""
+    scaled = predict_scaled(fitted.model, data, idx, Normaliser.of(data), modalities)
+    return fitted.transform.inverse(scaled)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+
+
+def save_model(
+    directory: Path, fitted: FitResult, cfg: FinetuneConfig, data: LabelledData, model_cfg: ModelConfig, conformal: dict
+) -> Path:
+    """``directory/model.safetensors``: weights plus everything prediction needs, as JSON metadata."""
+    target = S.TARGETS_BY_NAME.get(data.target)
+    meta = {
+        "format": FORMAT,
+        "schema": json.dumps(data.schema.to_dict()),
+        "model": json.dumps(to_plain(model_cfg)),
+        "modalities": json.dumps(list(modalities_of(cfg.modalities))),
+        "target": json.dumps(
+            {"name": data.target, "unit": target.unit if target else "", **fitted.transform.to_dict()}
+        ),
+        "normaliser": json.dumps(Normaliser.of(data).to_dict()),
+        "conformal": json.dumps(conformal),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / MODEL_FILE
+    tmp = directory / (MODEL_FILE + ".tmp")
+    state = {k: v.detach().contiguous() for k, v in fitted.model.state_dict().items()}
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(out)
+    return out
+
+
+@dataclass
+class Finetuned:
+    """A loaded fine-tuned model and what prediction needs (see :func:`save_model`)."""
+
+    model: nn.Module
+    schema: S.SampleSchema
+    modalities: tuple[str, ...]
+    transform: TargetTransform
+    normaliser: Normaliser
+    conformal: dict
+    target: dict
+
+    def predict(self, image: np.ndarray | None, climate: np.ndarray | None, batch_size: int = 256) -> np.ndarray:
+        """image ``(N, C, H, W)`` / climate ``(N, T, F)`` in schema units -> prediction ``(N,)`` in target units."""
+        n = len(image) if image is not None else len(climate)
+        arrays = {"image": image, "climate": climate}
+        scaled = predict_scaled(self.model, arrays, np.arange(n), self.normaliser, self.modalities, batch_size)
+        return self.transform.inverse(scaled)
+
+
+def load_model(path: str | Path) -> Finetuned:
+    """Load a fine-tuning ``output_dir`` (or its model.safetensors)."""
+    path = Path(path)
+    path = path / MODEL_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"fine-tuned model not found: {path} (run `soilnet finetune` with final_model=true)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a fine-tuned SoilNet model (format {meta.get('format')!r})")
+    schema = S.SampleSchema.from_dict(json.loads(meta["schema"]))
+    mods = tuple(json.loads(meta["modalities"]))
+    model = build_model(ModelConfig.model_validate(json.loads(meta["model"])), schema, mods)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    model.eval()
+    target = json.loads(meta["target"])
+    transform = TargetTransform(target["kind"], target["max_value"], target["mean"], target["std"])
+    return Finetuned(
+        model,
+        schema,
+        mods,
+        transform,
+        Normaliser.from_dict(json.loads(meta["normaliser"])),
+        json.loads(meta["conformal"]),
+        target,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- job
+
+
+def run(cfg: FinetuneConfig) -> int:
+    """``soilnet finetune``: cross-validated evaluation (with the baseline and intervals), then a final model
+    on every labelled point for mapping. Writes metrics.json, report.md, plots and model.safetensors."""
+    from soilnet.evaluate.run import evaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    start = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out)
+    metrics = evaluate(cfg, out, final_model=cfg.final_model)
+    m, rf = metrics["model"], metrics.get("baseline_rf") or {}
+    print(
+        f"soilnet finetune: model R2 {m['r2']:.3f} RMSE {m['rmse']:.3f} (n={m['n']}); "
+        f"baseline RF R2 {rf.get('r2', float('nan')):.3f}; {time.time() - start:.0f} s"
+    )
+    print(f"soilnet finetune: metrics {out / 'metrics.json'}, report {out / 'report.md'}")
+    for name, p in metrics.get("plots", {}).items():
+        print(f"soilnet finetune: plot {name}: {p}")
+    return 0
