@@ -41,10 +41,11 @@ class TargetConfig(Section):
     """How targets are transformed for training (metrics are always in original units).
 
     ``scale`` is the seed's ``clip(y / max_value, 0, 1)`` with ``max_value`` 87 (LUCAS OC, g/kg) or 4115 (RaCA
-    SOCstock100); ``log1p`` trains on ``log(1 + y)``; ``standardize`` on ``(y - mean) / std`` of the training set.
+    SOCstock100); ``log1p`` trains on ``log(1 + y)``; ``none`` on ``y``. The result is then standardised with
+    the training fold's moments (except under the RMSLE loss, which needs non-negative targets).
     """
 
-    transform: Literal["scale", "log1p", "standardize", "none"] = "log1p"
+    transform: Literal["scale", "log1p", "none"] = "log1p"
     max_value: float | None = None
 
     @model_validator(mode="after")

@@ -85,17 +85,9 @@ def plan_split(cfg: FinetuneConfig, data: LabelledData) -> tuple[list[SP.Fold], 
     return folds, SP.spatial_blocks(data.lon, data.lat, sc.block_km), info
 
 
-def _check(cfg: FinetuneConfig) -> None:
-    if cfg.train.loss == "rmsle" and cfg.target.transform == "standardize":
-        raise EvaluationError(
-            "train.loss=rmsle needs non-negative training targets: use target.transform scale, log1p or none"
-        )
-
-
 def _load(cfg: FinetuneConfig, out: Path):
     from soilnet.train import finetune as FT
 
-    _check(cfg)
     mods = FT.modalities_of(cfg.modalities)
     data = load_labelled(cfg.data, mods, out)
     export = None

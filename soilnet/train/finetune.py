@@ -51,43 +51,46 @@ def modalities_of(name: str) -> tuple[str, ...]:
 class TargetTransform:
     """Maps targets in original units to the training scale and back.
 
-    ``scale``: the seed's ``clip(y / max_value, 0, 1)`` (its inverse cannot exceed ``max_value``); ``log1p``;
-    ``standardize``: ``(y - mean) / std`` with the training fold's moments; ``none``.
+    ``kind``: ``scale`` is the seed's ``clip(y / max_value, 0, 1)`` (its inverse cannot exceed ``max_value``);
+    ``log1p``; ``none``. Then, unless the loss is RMSLE (which needs non-negative targets), the result is
+    standardised with the training fold's mean and std (``center``/``spread``) so that every transform starts
+    from a well-scaled regression problem; this changes the loss scale, not its minimiser.
     """
 
     kind: str
     max_value: float | None = None
-    mean: float = 0.0
-    std: float = 1.0
+    center: float = 0.0
+    spread: float = 1.0
 
     @classmethod
-    def fit(cls, cfg: TargetConfig, y_train: np.ndarray) -> TargetTransform:
-        if cfg.transform == "standardize":
-            return cls("standardize", None, float(np.mean(y_train)), float(np.std(y_train) or 1.0))
-        return cls(cfg.transform, cfg.max_value)
+    def fit(cls, cfg: TargetConfig, y_train: np.ndarray, standardize: bool = True) -> TargetTransform:
+        base = cls(cfg.transform, cfg.max_value)
+        if not standardize:
+            return base
+        t = base._base(y_train)
+        return cls(cfg.transform, cfg.max_value, float(np.mean(t)), float(np.std(t)) or 1.0)
 
-    def forward(self, y: np.ndarray) -> np.ndarray:
+    def _base(self, y: np.ndarray) -> np.ndarray:
         y = np.asarray(y, dtype=np.float64)
         if self.kind == "scale":
             return np.clip(y / self.max_value, 0.0, 1.0)
         if self.kind == "log1p":
             return np.log1p(y)
-        if self.kind == "standardize":
-            return (y - self.mean) / self.std
         return y
 
+    def forward(self, y: np.ndarray) -> np.ndarray:
+        return (self._base(y) - self.center) / self.spread
+
     def inverse(self, t: np.ndarray) -> np.ndarray:
-        t = np.asarray(t, dtype=np.float64)
+        t = np.asarray(t, dtype=np.float64) * self.spread + self.center
         if self.kind == "scale":
             return np.clip(t, 0.0, 1.0) * self.max_value
         if self.kind == "log1p":
             return np.expm1(np.clip(t, 0.0, 50.0))
-        if self.kind == "standardize":
-            return t * self.std + self.mean
         return t
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "max_value": self.max_value, "mean": self.mean, "std": self.std}
+        return {"kind": self.kind, "max_value": self.max_value, "center": self.center, "spread": self.spread}
 
 
 def loss_fn(name: str, huber_delta: float = 1.0):
@@ -341,7 +344,7 @@ def fit(
     model = build_model(model_cfg, data.schema, mods)
     if export:
         load_encoders(model, export[0], mods, str(cfg.pretrained))
-    transform = TargetTransform.fit(cfg.target, data.y[train_idx])
+    transform = TargetTransform.fit(cfg.target, data.y[train_idx], standardize=tc.loss != "rmsle")
     t_all = torch.from_numpy(transform.forward(data.y).astype(np.float32))
     norm = Normaliser.of(data)
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -368,7 +371,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         val_scaled = predict_scaled(model, data, val_idx, norm, mods)
         val_loss = float(criterion(torch.from_numpy(val_scaled).float(), t_all[val_idx]))
@@ -461,7 +464,7 @@ def load_model(path: str | Path) -> Finetuned:
     model.load_state_dict(load_file(str(path)), strict=True)
     model.eval()
     target = json.loads(meta["target"])
-    transform = TargetTransform(target["kind"], target["max_value"], target["mean"], target["std"])
+    transform = TargetTransform(target["kind"], target["max_value"], target["center"], target["spread"])
     return Finetuned(
         model,
         schema,

@@ -1,0 +1,93 @@
+"""Tiny labelled shards in the documented format (docs/data-format.md), written with webdataset's ShardWriter.
+
+Their SOC is a known function of the image and climate (see :func:`known_soc`) so a model can learn it. Three
+samples carry bad targets (missing, NaN, negative) that loading must drop and count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from soilnet import schema as S
+
+SCHEMA = S.SampleSchema(months=S.month_range("2014-01", "2014-12"), patch_size=8)
+
+
+def known_soc(image: np.ndarray, climate: np.ndarray) -> np.ndarray:
+    """SOC (g/kg) of images ``(N, C, H, W)`` and climate ``(N, T, F)``."""
+    ndvi = image[:, SCHEMA.channels.index("NDVI")].mean(axis=(1, 2))
+    elev = image[:, SCHEMA.channels.index("elevation")].mean(axis=(1, 2))
+    pr = climate[:, :, SCHEMA.climate_variables.index("pr")].mean(axis=1)
+    return 8.0 + 30.0 * ndvi + 0.01 * elev + 0.1 * pr
+
+
+def make_samples(n: int, seed: int = 0, noise: float = 0.5):
+    rng = np.random.default_rng(seed)
+    c, h, w = SCHEMA.image_shape
+    t, f = SCHEMA.climate_shape
+    lon, lat = rng.uniform(5, 15, n), rng.uniform(45, 52, n)
+    level = rng.uniform(0, 1, (n, c, 1, 1))
+    image = (level + 0.05 * rng.standard_normal((n, c, h, w))).astype(np.float32)
+    elev_i = SCHEMA.channels.index("elevation")
+    image[:, elev_i] *= 1000.0
+    climate = (rng.uniform(0, 100, (n, 1, f)) + 5 * rng.standard_normal((n, t, f))).astype(np.float32)
+    soc = known_soc(image, climate) + noise * rng.standard_normal(n)
+    return lon, lat, image.astype(np.float16), climate, soc
+
+
+def _stats(values: np.ndarray) -> dict:
+    v = values[np.isfinite(values)].astype(np.float64)
+    return {"count": int(v.size), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+            "max": float(v.max())}  # fmt: skip
+
+
+def write_shards(out: Path, n: int = 300, seed: int = 0, bad_targets: bool = True, modalities=("image", "climate"),
+                 with_coords: bool = True, max_samples: int = 100) -> Path:  # fmt: skip
+    """Write ``n`` labelled samples (plus 3 with bad targets) and a manifest; return the folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    lon, lat, image, climate, soc = make_samples(n, seed)
+    targets: list = [{"soc": float(v)} for v in soc]
+    if bad_targets:
+        extra = make_samples(3, seed + 1)
+        lon, lat = np.r_[lon, extra[0]], np.r_[lat, extra[1]]
+        image, climate = np.concatenate([image, extra[2]]), np.concatenate([climate, extra[3]])
+        targets += [{}, {"soc": float("nan")}, {"soc": -3.0}]
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=max_samples, verbose=0) as sink:
+        for i in range(len(targets)):
+            meta = {"id": f"p{i:06d}", "source": "test", "qa": {}, "targets": targets[i]}
+            if with_coords:
+                meta.update(lon=float(lon[i]), lat=float(lat[i]))
+            sample = {"__key__": f"p{i:06d}", "meta.json": meta}
+            if "image" in modalities:
+                sample["image.npy"] = image[i]
+            if "climate" in modalities:
+                sample["climate.npy"] = climate[i]
+            sink.write(sample)
+    tars = sorted(out.glob("shard-*.tar"))
+    counts = [min(max_samples, len(targets) - k * max_samples) for k in range(len(tars))]
+    manifest = {
+        "format": "soilnet-shards/1",
+        "schema": SCHEMA.to_dict(),
+        "modalities": list(modalities),
+        "image_encoding": {"dtype": "float16"},
+        "targets": ["soc"],
+        "shards": [{"name": p.name, "samples": c, "sha256": ""} for p, c in zip(tars, counts, strict=True)],
+        "samples": len(targets),
+        "stats": {
+            "image": {ch: _stats(image[:, k].astype(np.float32)) for k, ch in enumerate(SCHEMA.channels)},
+            "climate": {v: _stats(climate[:, :, k]) for k, v in enumerate(SCHEMA.climate_variables)},
+        },
+        "sources": {"kind": "test"},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="session")
+def labelled_shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("labelled") / "shards")
