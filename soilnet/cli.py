@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=float, required=True, help="grid spacing in metres")
     p.add_argument("--out", required=True, help="output .tif")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--tile-size", type=int, default=256, help="tile edge in grid cells (unit of resumption)")
+    p.add_argument("--max-tiles", type=int, default=None, help="stop after this many new tiles (rerun resumes)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the source config")
     return parser
 

@@ -42,12 +42,24 @@ def make_samples(n: int, seed: int = 0, noise: float = 0.5):
 
 def _stats(values: np.ndarray) -> dict:
     v = values[np.isfinite(values)].astype(np.float64)
-    return {"count": int(v.size), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
-            "max": float(v.max())}  # fmt: skip
+    return {
+        "count": int(v.size),
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
 
 
-def write_shards(out: Path, n: int = 300, seed: int = 0, bad_targets: bool = True, modalities=("image", "climate"),
-                 with_coords: bool = True, max_samples: int = 100) -> Path:  # fmt: skip
+def write_shards(
+    out: Path,
+    n: int = 300,
+    seed: int = 0,
+    bad_targets: bool = True,
+    modalities=("image", "climate"),
+    with_coords: bool = True,
+    max_samples: int = 100,
+) -> Path:
     """Write ``n`` labelled samples (plus 3 with bad targets) and a manifest; return the folder."""
     out.mkdir(parents=True, exist_ok=True)
     lon, lat, image, climate, soc = make_samples(n, seed)
