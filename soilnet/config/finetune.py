@@ -85,7 +85,10 @@ class SplitConfig(Section):
 
 
 class ConformalConfig(Section):
+    """Split-conformal intervals at ``level``; ``space: log`` makes them multiplicative (wider for high SOC)."""
+
     level: float = Field(0.9, gt=0, lt=1)
+    space: Literal["original", "log"] = "original"
     calibration_fraction: float = Field(0.15, gt=0, lt=1)
 
 

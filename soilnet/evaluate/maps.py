@@ -32,6 +32,8 @@ from rasterio.io import MemoryFile
 from rasterio.transform import from_origin
 from shapely.ops import transform as shp_transform
 
+from soilnet.evaluate.conformal import intervals
+
 log = logging.getLogger("soilnet.maps")
 
 # (lon (N,), lat (N,)) -> (image (N, C, H, W) | None, climate (N, T, F) | None, ok (N,) bool)
@@ -136,6 +138,7 @@ def predict_tiles(
     predict: Callable[[np.ndarray | None, np.ndarray | None], np.ndarray],
     half_width: float,
     parts: Path,
+    space: str = "original",
     batch_size: int = 256,
     max_tiles: int | None = None,
 ) -> dict:
@@ -161,9 +164,10 @@ def predict_tiles(
                 chunk = np.full(len(ok), np.nan)
                 chunk[ok] = pred
                 values[sl] = chunk
+        lower, upper = intervals(values, half_width, space=space)
         out[0][inside] = values
-        out[1][inside] = np.maximum(values - half_width, 0.0)
-        out[2][inside] = values + half_width
+        out[1][inside] = lower
+        out[2][inside] = upper
         _atomic_npz(path, bands=out)
         new += 1
         cells += len(lon)
@@ -277,7 +281,8 @@ def predict_map(
         fp_path.write_text(json.dumps(fp, indent=2))
     q = float(model.conformal.get("half_width", math.nan))
     start = time.time()
-    summary = predict_tiles(grid, projected, acquire, model.predict, q, parts, batch_size, max_tiles)
+    space = model.conformal.get("space", "original")
+    summary = predict_tiles(grid, projected, acquire, model.predict, q, parts, space, batch_size, max_tiles)
     summary.update(
         out=str(out), seconds=round(time.time() - start, 1), complete=summary["finished"] == summary["tiles"]
     )

@@ -107,7 +107,7 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
 
     mods, data, export = _load(cfg, out)
     folds, blocks, split_info = plan_split(cfg, data)
-    level = cfg.eval.conformal.level
+    level, space = cfg.eval.conformal.level, cfg.eval.conformal.space
     cal_frac, val_frac = cfg.eval.conformal.calibration_fraction, cfg.train.val_fraction
     feats = None
     if cfg.eval.baseline.enabled:
@@ -136,11 +136,11 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
         test = fold.test
         p_test = FT.predict(fitted, data, test, mods)
         p_cal = FT.predict(fitted, data, cal, mods)
-        q = C.calibrate(data.y[cal], p_cal, level)
-        lo, hi = C.intervals(p_test, q)
+        q = C.calibrate(data.y[cal], p_cal, level, space)
+        lo, hi = C.intervals(p_test, q, space=space)
         pred[test], lower[test], upper[test], fold_of[test] = p_test, lo, hi, fold.index
         for lv in COVERAGE_LEVELS:
-            lo_l, hi_l = C.intervals(p_test, C.calibrate(data.y[cal], p_cal, lv))
+            lo_l, hi_l = C.intervals(p_test, C.calibrate(data.y[cal], p_cal, lv, space), space=space)
             level_hits[lv].append((data.y[test] >= lo_l) & (data.y[test] <= hi_l))
             level_widths[lv].append(hi_l - lo_l)
         row = {
@@ -153,7 +153,7 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
             "best_epoch": fitted.best_epoch,
             "epochs_run": len(fitted.history["val_loss"]),
             "model": regression_metrics(data.y[test], p_test),
-            "conformal": {"level": level, "half_width": q, **C.coverage(data.y[test], lo, hi)},
+            "conformal": {"level": level, "space": space, "half_width": q, **C.coverage(data.y[test], lo, hi)},
         }
         if feats is not None:
             fit_rows = np.concatenate([train, val])
@@ -182,6 +182,7 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
         "baseline_rf": regression_metrics(data.y[tested], rf_pred[tested]) if feats is not None else None,
         "conformal": {
             "level": level,
+            "space": space,
             "method": "split-conformal, absolute residuals, per fold",
             **C.coverage(data.y[tested], lower[tested], upper[tested]),
         },
@@ -242,7 +243,8 @@ def _final_model(cfg, data, blocks, export, out: Path, histories: dict) -> dict:
     p_cal = FT.predict(fitted, data, cal, FT.modalities_of(cfg.modalities))
     conformal = {
         "level": cfg.eval.conformal.level,
-        "half_width": C.calibrate(data.y[cal], p_cal, cfg.eval.conformal.level),
+        "space": cfg.eval.conformal.space,
+        "half_width": C.calibrate(data.y[cal], p_cal, cfg.eval.conformal.level, cfg.eval.conformal.space),
         "n_calibration": len(cal),
     }
     model_cfg = FT.apply_export_model(cfg.model, export[1], FT.modalities_of(cfg.modalities)) if export else cfg.model
@@ -301,7 +303,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig, out: Path) -> dict:
         )
     pred = model.predict(data.image, data.climate)
     q = float(model.conformal.get("half_width", math.inf))
-    lo, hi = C.intervals(pred, q)
+    lo, hi = C.intervals(pred, q, space=model.conformal.get("space", "original"))
     metrics = {
         "model": regression_metrics(data.y, pred),
         "baseline_rf": None,

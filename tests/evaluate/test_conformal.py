@@ -32,3 +32,18 @@ def test_intervals_clip_at_zero_and_report_width():
     assert lo.tolist() == [0.0, 8.0] and hi.tolist() == [3.0, 12.0]
     c = C.coverage(np.array([0.5, 13.0]), lo, hi)
     assert c == {"coverage": 0.5, "mean_width": pytest.approx((3.0 + 4.0) / 2), "n": 2}
+
+
+def test_log_space_intervals_cover_and_widen_with_the_prediction():
+    rng = np.random.default_rng(1)
+    covered = []
+    for _ in range(100):
+        x = rng.uniform(1, 4, 400)
+        y = np.exp(x + rng.normal(0, 0.3, 400))  # multiplicative (log-normal) noise
+        pred = np.exp(x)
+        q = C.calibrate(y[:200], pred[:200], 0.9, space="log")
+        lo, hi = C.intervals(pred[200:], q, space="log")
+        covered.append(C.coverage(y[200:], lo, hi)["coverage"])
+    assert 0.9 <= np.mean(covered) <= 0.92
+    lo, hi = C.intervals(np.array([10.0, 100.0]), 0.5, space="log")
+    assert (hi - lo)[1] > 5 * (hi - lo)[0]
