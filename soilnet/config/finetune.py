@@ -70,6 +70,9 @@ class FinetuneTrainConfig(Section):
     layer_decay: float = 0.75
     patience: int = 5
     val_fraction: float = Field(0.15, gt=0, lt=1)
+    label_fraction: float = Field(
+        1.0, gt=0, le=1
+    )  # share of each fold's labelled non-test points used (few-label studies)
     threads: int | None = None
     augment: bool = True
 

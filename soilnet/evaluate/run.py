@@ -123,7 +123,10 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
     level_widths = {lv: [] for lv in COVERAGE_LEVELS}
     for fold in folds:
         rng = np.random.default_rng(cfg.eval.split.seed * 1000 + fold.index)
-        val, cal, train = SP.carve(fold.train, (val_frac, cal_frac), rng, blocks)
+        pool = fold.train
+        if cfg.train.label_fraction < 1:
+            pool = np.sort(rng.choice(pool, max(3, round(cfg.train.label_fraction * len(pool))), replace=False))
+        val, cal, train = SP.carve(pool, (val_frac, cal_frac), rng, blocks)
         if len(train) < 2 or len(val) == 0 or len(cal) == 0:
             raise EvaluationError(
                 f"fold {fold.index}: too few points (train {len(train)}, val {len(val)}, "
@@ -150,6 +153,7 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
             "n_calibration": len(cal),
             "n_test": len(test),
             "n_excluded_by_buffer": len(fold.excluded),
+            "n_unused_by_label_fraction": len(fold.train) - len(pool),
             "best_epoch": fitted.best_epoch,
             "epochs_run": len(fitted.history["val_loss"]),
             "model": regression_metrics(data.y[test], p_test),

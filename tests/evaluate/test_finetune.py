@@ -91,7 +91,8 @@ def test_test_points_never_guide_training(finetuned):
     assert table["id"].is_unique and len(table) == 300
     metrics = json.loads((finetuned / "metrics.json").read_text())
     for f in metrics["folds"]:
-        assert f["n_train"] + f["n_val"] + f["n_calibration"] + f["n_test"] + f["n_excluded_by_buffer"] == 300
+        parts = ("n_train", "n_val", "n_calibration", "n_test", "n_excluded_by_buffer", "n_unused_by_label_fraction")
+        assert sum(f[k] for k in parts) == 300
 
 
 def test_evaluate_scores_a_saved_model_on_new_shards(finetuned, tmp_path):
