@@ -74,6 +74,7 @@ class FinetuneTrainConfig(Section):
         1.0, gt=0, le=1
     )  # share of each fold's labelled non-test points used (few-label studies)
     threads: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: bool = True
 
 

@@ -8,7 +8,6 @@ the choice of epoch use the validation points only; test points are touched once
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -284,13 +283,25 @@ def param_groups(model: nn.Module, train_cfg: FinetuneTrainConfig) -> list[dict]
 
 
 def _inputs(
-    data: LabelledData | dict, idx: np.ndarray, norm: Normaliser, modalities: tuple[str, ...]
+    data: LabelledData | dict,
+    idx: np.ndarray,
+    norm: Normaliser,
+    modalities: tuple[str, ...],
+    device: torch.device = torch.device("cpu"),
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Normalised model inputs for rows ``idx``: image ``(B, C, H, W)`` and climate ``(B, T, F)`` (or None)."""
     image = data["image"] if isinstance(data, dict) else data.image
     climate = data["climate"] if isinstance(data, dict) else data.climate
-    im = norm.image(image[idx]) if "image" in modalities else None
-    cl = norm.climate(climate[idx]) if "climate" in modalities else None
+    im = norm.image(image[idx]).to(device) if "image" in modalities else None
+    cl = norm.climate(climate[idx]).to(device) if "climate" in modalities else None
     return im, cl
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: the GPU when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @torch.no_grad()
@@ -304,10 +315,11 @@ def predict_scaled(
 ) -> np.ndarray:
     """Model outputs on the training scale for rows ``idx``: ``(len(idx),)`` float64."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(idx), batch_size):
-        im, cl = _inputs(data, idx[start : start + batch_size], norm, modalities)
-        out.append(model(im, cl).reshape(-1).double().numpy())
+        im, cl = _inputs(data, idx[start : start + batch_size], norm, modalities, device)
+        out.append(model(im, cl).reshape(-1).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -344,8 +356,10 @@ def fit(
     model = build_model(model_cfg, data.schema, mods)
     if export:
         load_encoders(model, export[0], mods, str(cfg.pretrained))
+    device = pick_device(tc.device)
+    model.to(device)
     transform = TargetTransform.fit(cfg.target, data.y[train_idx], standardize=tc.loss != "rmsle")
-    t_all = torch.from_numpy(transform.forward(data.y).astype(np.float32))
+    t_all = torch.from_numpy(transform.forward(data.y).astype(np.float32)).to(device)
     norm = Normaliser.of(data)
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
     criterion = loss_fn(tc.loss, tc.huber_delta)
@@ -366,6 +380,8 @@ def fit(
             im, cl = _inputs(data, idx, norm, mods)
             if im is not None and tc.augment:
                 im = augment_image(im, gen)
+            im = im.to(device) if im is not None else None
+            cl = cl.to(device) if cl is not None else None
             pred = model(im, cl).reshape(-1)
             loss = criterion(pred, t_all[idx])
             opt.zero_grad(set_to_none=True)
@@ -374,7 +390,7 @@ def fit(
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         val_scaled = predict_scaled(model, data, val_idx, norm, mods)
-        val_loss = float(criterion(torch.from_numpy(val_scaled).float(), t_all[val_idx]))
+        val_loss = float(criterion(torch.from_numpy(val_scaled).float().to(device), t_all[val_idx]))
         val_rmse = float(np.sqrt(np.mean((transform.inverse(val_scaled) - data.y[val_idx]) ** 2)))
         history["train_loss"].append(total / max(count, 1))
         history["val_loss"].append(val_loss)
@@ -383,7 +399,7 @@ def fit(
             "%s epoch %d: train %.4f  val %.4f  val RMSE %.3f", label, epoch, total / max(count, 1), val_loss, val_rmse
         )
         if val_rmse < best[0]:
-            best, stale = (val_rmse, epoch, copy.deepcopy(model.state_dict())), 0
+            best, stale = (val_rmse, epoch, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}), 0
         else:
             stale += 1
             if stale >= tc.patience:
@@ -422,7 +438,7 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / MODEL_FILE
     tmp = directory / (MODEL_FILE + ".tmp")
-    state = {k: v.detach().contiguous() for k, v in fitted.model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in fitted.model.state_dict().items()}
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(out)
     return out
@@ -448,8 +464,8 @@ class Finetuned:
         return self.transform.inverse(scaled)
 
 
-def load_model(path: str | Path) -> Finetuned:
-    """Load a fine-tuning ``output_dir`` (or its model.safetensors)."""
+def load_model(path: str | Path, device: str = "auto") -> Finetuned:
+    """Load a fine-tuning ``output_dir`` (or its model.safetensors) onto ``device`` (``auto``: GPU if visible)."""
     path = Path(path)
     path = path / MODEL_FILE if path.is_dir() else path
     if not path.is_file():
@@ -462,7 +478,7 @@ def load_model(path: str | Path) -> Finetuned:
     mods = tuple(json.loads(meta["modalities"]))
     model = build_model(ModelConfig.model_validate(json.loads(meta["model"])), schema, mods)
     model.load_state_dict(load_file(str(path)), strict=True)
-    model.eval()
+    model.to(pick_device(device)).eval()
     target = json.loads(meta["target"])
     transform = TargetTransform(target["kind"], target["max_value"], target["center"], target["spread"])
     return Finetuned(
