@@ -125,7 +125,14 @@ OTHER_COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may stand between options (`--config c.yaml a=1 --flag b=2`); argparse leaves the later ones over
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command in CONFIG_COMMANDS:
             cmd = CONFIG_COMMANDS[args.command]
