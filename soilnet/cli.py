@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from soilnet.config.base import ConfigError, load_config
 
+# EX_TEMPFAIL: a job stopped on SIGUSR2/SIGTERM after every rank saved a checkpoint; run it again to resume.
+EXIT_STOPPED_EARLY = 75
+
 
 @dataclass(frozen=True)
 class ConfigCommand:
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"soilnet {args.command}: error: {err}", file=sys.stderr)
         return 2
+    if isinstance(result, dict) and result.get("stopped_early"):
+        return EXIT_STOPPED_EARLY
     return int(result) if isinstance(result, int) else 0
 
 

@@ -1,0 +1,28 @@
+#!/bin/bash
+# Cross-modal contrastive pretraining on a Slurm cluster:
+#     sbatch slurm/pretrain.sh [CONFIG] [key=value ...]
+# Edit the #SBATCH lines below for your cluster. Everything after CONFIG is passed on as config overrides.
+#SBATCH --job-name=soilnet-pretrain
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+##SBATCH --gpus-per-node=4          # enable on GPU partitions, and set --ntasks-per-node to the same number
+#SBATCH --cpus-per-task=2
+#SBATCH --time=01:00:00
+#SBATCH --signal=USR2@120           # 2 minutes before the time limit every rank saves a checkpoint and stops
+#SBATCH --requeue                   # ...and the job goes back to the queue, resuming from that checkpoint
+#SBATCH --open-mode=append          # a requeued job appends to the same log
+#SBATCH --output=%x-%j.out
+##SBATCH --partition=...
+##SBATCH --account=...
+set -euo pipefail
+
+CONFIG=${1:-configs/pretrain/demo.yaml}
+[ $# -gt 0 ] && shift
+source "$(dirname "$(readlink -f "$0")")/common.sh"
+
+# SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID give each task its rank; soilnet.distributed reads them.
+set +e
+srun --kill-on-bad-exit=1 python -m soilnet.cli pretrain --config "$CONFIG" "$@"
+rc=$?
+set -e
+requeue_if_stopped_early "$rc"
