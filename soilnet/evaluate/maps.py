@@ -27,10 +27,9 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 import shapely
+from affine import Affine
 from pyproj import Transformer
 from rasterio.io import MemoryFile
-from rasterio.transform import from_origin
-from shapely.ops import transform as shp_transform
 
 from soilnet.evaluate.conformal import intervals
 
@@ -59,7 +58,7 @@ class Grid:
 
     @property
     def transform(self):
-        return from_origin(self.x0, self.y0, self.resolution, self.resolution)
+        return Affine(self.resolution, 0.0, self.x0, 0.0, -self.resolution, self.y0)
 
     def tiles(self) -> list[tuple[int, int]]:
         """``(row, col)`` of each tile, row-major."""
@@ -102,7 +101,7 @@ def plan_grid(region, resolution_m: float, tile_size: int = 256) -> tuple[Grid, 
     c = region.centroid
     crs = f"+proj=laea +lat_0={c.y:.6f} +lon_0={c.x:.6f} +datum=WGS84 +units=m +no_defs"
     fwd = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
-    projected = shp_transform(fwd.transform, shapely.segmentize(region, 0.05))
+    projected = shapely.transform(shapely.segmentize(region, 0.05), fwd.transform, interleaved=False)
     minx, miny, maxx, maxy = projected.bounds
     x0 = math.floor(minx / resolution_m) * resolution_m
     y0 = math.ceil(maxy / resolution_m) * resolution_m

@@ -103,3 +103,74 @@ def write_shards(
 @pytest.fixture(scope="session")
 def labelled_shards(tmp_path_factory) -> Path:
     return write_shards(tmp_path_factory.mktemp("labelled") / "shards")
+
+
+def field_acquire(lon: np.ndarray, lat: np.ndarray):
+    """Deterministic samples at lon/lat (degrees): channel levels and climate vary smoothly in space.
+
+    Returns image ``(N, C, H, W)`` float16, climate ``(N, T, F)`` float32 and an ok mask ``(N,)`` (cells south of
+    45.2 deg N fail, as a source's nodata would).
+    """
+    n = len(lon)
+    c, h, w = SCHEMA.image_shape
+    t, f = SCHEMA.climate_shape
+    phase = np.sin(np.radians(lon) * 40)[:, None, None, None] * 0.5 + 0.5
+    level = (
+        phase * np.linspace(0.2, 1.0, c)[None, :, None, None] + 0.1 * np.cos(np.radians(lat) * 30)[:, None, None, None]
+    )
+    image = np.broadcast_to(level, (n, c, h, w)).astype(np.float32).copy()
+    image[:, SCHEMA.channels.index("elevation")] *= 1000.0
+    climate = np.broadcast_to((lat - 40)[:, None, None] * 10, (n, t, f)).astype(np.float32).copy()
+    return image.astype(np.float16), climate, lat > 45.2
+
+
+@pytest.fixture(scope="session")
+def finetuned_dir(labelled_shards, tmp_path_factory) -> Path:
+    """A fine-tuning output_dir (cross-validated, with a saved final model) on :func:`labelled_shards`."""
+    from soilnet.cli import main
+
+    out = tmp_path_factory.mktemp("ft")
+    argv = [
+        "finetune",
+        "--config",
+        str(write_yaml(out / "cfg.yaml")),
+        f"data.shards={labelled_shards}",
+        f"output_dir={out}",
+        *FAST,
+    ]
+    assert main(argv) == 0
+    return out
+
+
+FAST = [
+    "train.epochs=8",
+    "train.batch_size=32",
+    "train.lr=3e-3",
+    "eval.split.folds=3",
+    "eval.split.block_km=150",
+    "eval.split.buffer_km=20",
+    "eval.baseline.n_estimators=30",
+]
+
+
+def write_yaml(path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"modalities": "both", "data": {"target": "soc"}}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def kit():
+    """The helpers above, for test modules (pytest's importlib mode cannot import conftest by name)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        SCHEMA=SCHEMA,
+        FAST=FAST,
+        write_shards=write_shards,
+        write_yaml=write_yaml,
+        field_acquire=field_acquire,
+        known_soc=known_soc,
+        make_samples=make_samples,
+    )

@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from conftest import SCHEMA, write_shards
 from safetensors.torch import save_file
 
 from soilnet.cli import main
@@ -20,6 +18,7 @@ from soilnet.train.finetune import PretrainedMismatch, run
 
 if not hasattr(__import__("soilnet.models").models, "build_regression_model"):
     pytest.skip("soilnet.models.build_regression_model has not landed yet", allow_module_level=True)
+
 
 FAST = [
     "train.epochs=8",
@@ -37,23 +36,8 @@ def _cfg(shards, out, *extra) -> FinetuneConfig:
 
 
 @pytest.fixture(scope="module")
-def finetuned(labelled_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ft")
-    argv = [
-        "finetune",
-        "--config",
-        str(_write_yaml(out / "cfg.yaml")),
-        f"data.shards={labelled_shards}",
-        f"output_dir={out}",
-        *FAST,
-    ]
-    assert main(argv) == 0
-    return out
-
-
-def _write_yaml(path):
-    path.write_text(yaml.safe_dump({"modalities": "both", "data": {"target": "soc"}}))
-    return path
+def finetuned(finetuned_dir):
+    return finetuned_dir
 
 
 def test_metrics_json_has_model_and_baseline_sections(finetuned):
@@ -95,15 +79,15 @@ def test_test_points_never_guide_training(finetuned):
         assert sum(f[k] for k in parts) == 300
 
 
-def test_evaluate_scores_a_saved_model_on_new_shards(finetuned, tmp_path):
-    fresh = write_shards(tmp_path / "fresh", n=60, seed=7, bad_targets=False)
+def test_evaluate_scores_a_saved_model_on_new_shards(finetuned, tmp_path, kit):
+    fresh = kit.write_shards(tmp_path / "fresh", n=60, seed=7, bad_targets=False)
     out = tmp_path / "eval"
     assert (
         main(
             [
                 "evaluate",
                 "--config",
-                str(_write_yaml(tmp_path / "e.yaml")),
+                str(kit.write_yaml(tmp_path / "e.yaml")),
                 f"data.shards={fresh}",
                 f"output_dir={out}",
                 f"checkpoint={finetuned}",
@@ -115,8 +99,10 @@ def test_evaluate_scores_a_saved_model_on_new_shards(finetuned, tmp_path):
     assert metrics["model"]["n"] == 60 and metrics["baseline_rf"] is None
 
 
-def test_without_coordinates_only_random_folds(tmp_path):
-    shards = write_shards(tmp_path / "nocoords", n=90, with_coords=False, bad_targets=False, modalities=("climate",))
+def test_without_coordinates_only_random_folds(tmp_path, kit):
+    shards = kit.write_shards(
+        tmp_path / "nocoords", n=90, with_coords=False, bad_targets=False, modalities=("climate",)
+    )
     with pytest.raises(EvaluationError, match="only random k-fold"):
         run(_cfg(shards, tmp_path / "a", "modalities=climate", "eval.split.kind=spatial"))
     run(_cfg(shards, tmp_path / "b", "modalities=climate", "train.epochs=2", "final_model=false"))
@@ -164,8 +150,8 @@ def test_ground_truth_csv_columns_and_unknown_ids(labelled_shards, tmp_path):
     assert (out / "ground_truth_ids_not_in_shards.txt").read_text().split() == ["x1", "x2"]
 
 
-def test_pretrained_schema_mismatch_fails_before_training(labelled_shards, tmp_path):
-    other = {**SCHEMA.to_dict(), "channels": list(SCHEMA.channels[:7])}
+def test_pretrained_schema_mismatch_fails_before_training(labelled_shards, tmp_path, kit):
+    other = {**kit.SCHEMA.to_dict(), "channels": list(kit.SCHEMA.channels[:7])}
     export = tmp_path / "enc.safetensors"
     save_file(
         {"image_encoder.w": __import__("torch").zeros(1)},
