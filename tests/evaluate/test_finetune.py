@@ -176,3 +176,12 @@ def test_target_transforms_round_trip():
     assert np.allclose(log.inverse(log.forward(y)), y)
     with pytest.raises(ValueError, match="max_value"):
         TargetConfig(transform="scale")
+
+
+def test_recovers_a_known_soc_function(tmp_path, kit):
+    """SOC = 8 + 30 NDVI + 0.01 elevation + 0.1 pr (+ noise): held-out R² >= 0.8, pooled over spatial folds."""
+    shards = kit.write_shards(tmp_path / "shards", n=600, seed=3, bad_targets=False)
+    run(_cfg(shards, tmp_path / "out", "train.epochs=30", "final_model=false", "eval.plots=false"))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["model"]["n"] == 600
+    assert metrics["model"]["r2"] >= 0.8
