@@ -1,4 +1,9 @@
-"""Config of ``soilnet pretrain``: data, model, loss, optimisation, checkpoints and DeepSpeed."""
+"""Config of ``soilnet pretrain``: data, model, loss, optimisation, checkpoints and DeepSpeed.
+
+Batch sizes and schedules are counted in samples of the *global* batch, so a config means the same run on any
+number of processes. ``deepspeed`` is merged over the DeepSpeed config the job derives (batch sizes, precision,
+optimizer, clipping); put ZeRO and communication settings there (see configs/deepspeed/).
+"""
 
 from __future__ import annotations
 
@@ -12,30 +17,75 @@ from soilnet.config.schema import SchemaConfig
 
 
 class DataConfig(Section):
-    """``shards`` is a shard folder or its ``manifest.json``; ``schema`` picks channels and variables by name."""
+    """``shards`` is a shard folder or its ``manifest.json``; ``schema`` picks channels and variables by name.
+
+    Augmentations follow the seed: reflect ``pad`` pixels, random flips and 90-degree rotations, random crop back
+    to the patch size; jitters are Gaussian, in normalised units. ``seed`` fixes the global sample order and the
+    per-sample augmentations. ``max_corrupt_fraction``: above this fraction of corrupt samples read, the job stops.
+    ``log_sample_ids``: write every global batch's sample ids to ``output_dir/samples.jsonl``.
+    """
 
     shards: str = "outputs/shards"
     schema_: SchemaConfig = Field(default_factory=SchemaConfig, alias="schema")
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
     augment: bool = True
+    pad: int = Field(16, ge=0)
+    flips: bool = True
+    rotate: bool = True
+    spectral_jitter: float = Field(0.0, ge=0)
+    climate_jitter: float = Field(0.0, ge=0)
     seed: int = 0
+    max_corrupt_fraction: float = Field(0.01, ge=0, le=1)
+    log_sample_ids: bool = False
 
 
 class LossConfig(Section):
-    temperature: float = 0.5
+    """Cross-modal NT-Xent. ``temperature`` (the initial value when ``learnable_temperature``);
+    ``simclr_weight`` > 0 adds an image-image two-view term; ``mask_identical_climate`` drops negatives whose
+    climate series equals the anchor's."""
+
+    temperature: float = Field(0.5, gt=0)
+    learnable_temperature: bool = False
+    simclr_weight: float = Field(0.0, ge=0)
+    mask_identical_climate: bool = False
 
 
 class TrainConfig(Section):
-    steps: int = 100
-    global_batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
+    """Optimisation. ``lr`` is the peak learning rate at ``base_batch_size``, scaled to ``global_batch_size`` by
+    ``lr_scaling`` (none, linear or sqrt). ``warmup_samples`` of linear warm-up, then cosine to
+    ``min_lr_ratio * lr`` at ``steps * global_batch_size`` samples. ``grad_clip``: max global gradient L2 norm
+    (0 = off). ``precision``: auto = bf16 on GPU, fp32 on CPU. ``optimizer``: adamw (torch's, inside DeepSpeed),
+    or lars/lamb (per-layer trust ratios; ZeRO stage 0 only, since ZeRO flattens layers into partitions).
+    ``grad_cache_chunk``: > 0 embeds the local batch in chunks of this size without graphs, then back-propagates
+    chunk by chunk (GradCache), so memory scales with the chunk while the loss still sees the whole global batch.
+    """
+
+    steps: int = Field(100, ge=1)
+    global_batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    base_batch_size: int | None = None
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    warmup_samples: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: Literal["adamw", "lars", "lamb"] = "adamw"
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    grad_cache_chunk: int = Field(0, ge=0)
     seed: int = 0
+    log_every_steps: int = Field(1, ge=1)
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
 
 
 class CheckpointConfig(Section):
-    every_steps: int = 50
-    keep_last: int = 2
+    """A DeepSpeed checkpoint every ``every_steps`` steps, at the end and on SIGUSR2/SIGTERM; the last
+    ``keep_last`` are kept."""
+
+    every_steps: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
 
 
 class DistributedConfig(Section):

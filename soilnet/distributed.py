@@ -1,0 +1,173 @@
+"""Process-group set-up from whatever launched us (torchrun, srun, submitit, or nothing), and gather with grad.
+
+The training code never asks which scheduler started it: :func:`init_distributed` reads the torch.distributed
+``env://`` variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) as torchrun and
+``launch/`` set them, falls back to Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` under a bare
+``srun``, and otherwise runs as a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DistributedError(RuntimeError):
+    """A distributed set-up that cannot work (e.g. nccl without GPUs)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global ``rank`` of ``world_size``, ``local_rank`` on its node, its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host() -> str | None:
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodes:
+        return None
+    # "node[01-03,07]" -> "node01"; "a,b" -> "a"
+    head = nodes.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split("]")[0]
+    return head
+
+
+def environment() -> dict[str, str]:
+    """The ``env://`` variables for this process: from torchrun/launch, from Slurm, or a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        out = {k: env[k] for k in ("RANK", "WORLD_SIZE") if k in env}
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
+        out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
+        return out
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or _first_slurm_host() or "127.0.0.1",
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job % 20000),
+        }
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port()),
+    }
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` is nccl when CUDA is available, else gloo; nccl without a GPU is an error."""
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        return "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise DistributedError(
+            "distributed.backend is 'nccl' but no CUDA GPU is visible; use 'gloo' or 'auto' on CPU machines"
+        )
+    return backend
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
+    """Initialise the default process group through DeepSpeed (idempotent) and return this process's place."""
+    import deepspeed
+
+    backend = resolve_backend(backend)
+    os.environ.update(environment())
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, backend=backend, device=device)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums the incoming gradients over ranks and keeps this rank's rows.
+
+    Every rank's loss depends on every rank's embeddings; summing in backward makes the gradient on a local
+    embedding the derivative of the *sum* of all ranks' losses (the data-parallel average then divides by the
+    world size, exactly as one process holding the whole batch would).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``: (B, ...) on each rank -> (world * B, ...) in rank order; differentiable. Identity when alone."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``: (B, ...) -> (world * B, ...) in rank order, without gradient (labels, keys)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks (a new tensor)."""
+    x = x.clone()
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()

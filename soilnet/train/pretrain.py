@@ -1,0 +1,377 @@
+"""``soilnet pretrain``: cross-modal contrastive pretraining with DeepSpeed, resumable on any world size.
+
+One process per device, started by torchrun, srun, submitit or nothing (:mod:`soilnet.distributed`). Each step
+takes global batch ``G`` of the global sample order (:mod:`soilnet.data.order`), ``G / W`` per rank, embeds both
+modalities, and contrasts them against the whole global batch (:mod:`soilnet.losses`). The run resumes from
+``output_dir/checkpoints/latest`` by itself, converting the checkpoint to a universal one when the world size has
+changed. On SIGUSR2 or SIGTERM every rank agrees (an all-reduce of the flag after each step) to save a checkpoint
+together; ``run`` then returns ``{"stopped_early": True}`` and ``soilnet pretrain`` exits with 75 (EX_TEMPFAIL):
+run it again to continue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import soilnet
+from soilnet.config.base import save_resolved, to_plain
+from soilnet.config.pretrain import PretrainConfig
+from soilnet.data import LoaderSpec, build_loader, micro_batch, open_shards
+from soilnet.data.augment import AugmentSpec
+from soilnet.data.order import steps_per_epoch
+from soilnet.data.shards import DataError
+from soilnet.distributed import DistInfo, all_reduce_sum, gather_no_grad, init_distributed
+from soilnet.losses import ContrastiveLoss, retrieval_metrics
+from soilnet.train import checkpoint as ckpt
+from soilnet.train.optim import build_client_optimizer, check_optimizer, param_groups
+from soilnet.train.schedule import lr_at, scaled_lr
+
+log = logging.getLogger("soilnet.pretrain")
+
+
+class PretrainModule(nn.Module):
+    """The contrastive model plus its loss (whose temperature may be learnable), as one module for DeepSpeed.
+
+    ``forward(image (b, C, H, W), climate (b, T, F), keys (b,) int64 | None, image2 | None)`` returns
+    ``(loss (), z_img (b, D), z_clim (b, D), cross-modal output)``.
+    """
+
+    def __init__(self, model: nn.Module, loss: ContrastiveLoss):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, image, climate, keys=None, image2=None):
+        z_img, z_clim = self.model(image, climate)
+        # the second view goes through the image branch only; its climate output is discarded
+        z_img2 = self.model(image2, climate)[0] if image2 is not None else None
+        total, out = self.loss(z_img, z_clim, keys, z_img2)
+        return total, z_img, z_clim, out
+
+
+def code_version() -> str:
+    """The package version plus the git commit of the checkout when there is one."""
+    import subprocess
+
+    root = Path(soilnet.__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{getattr(soilnet, '__version__', '0')}+{sha}" if sha else str(getattr(soilnet, "__version__", "0"))
+
+
+class StopFlag:
+    """Set by SIGUSR2/SIGTERM; the loop all-reduces it so every rank stops at the same step."""
+
+    def __init__(self):
+        self.raised = False
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.raised = True
+        self.signal = signum
+
+
+@contextmanager
+def stop_on_signals(flag: StopFlag):
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, flag)
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def precision(cfg: PretrainConfig, info: DistInfo) -> str:
+    if cfg.train.precision == "auto":
+        return "bf16" if info.device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: PretrainConfig, world: int, prec: str, peak_lr: float, universal: bool) -> dict:
+    """The DeepSpeed config: ``cfg.deepspeed`` over what the job derives; batch sizes are always derived."""
+    t = cfg.train
+    derived = {
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": prec == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.optimizer == "adamw":
+        derived["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": peak_lr, "betas": list(t.betas), "weight_decay": t.weight_decay, "torch_adam": True},
+        }
+    out = _merge(derived, cfg.deepspeed)
+    out["train_batch_size"] = t.global_batch_size
+    out["train_micro_batch_size_per_gpu"] = micro_batch(t.global_batch_size, world)
+    out["gradient_accumulation_steps"] = 1
+    if universal:
+        out.setdefault("checkpoint", {})["load_universal"] = True
+    return out
+
+
+def zero_stage(cfg: PretrainConfig) -> int:
+    return int((cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0))
+
+
+class MetricsLog:
+    """Rank 0's ``metrics.jsonl`` (and optionally ``samples.jsonl``); on resume, lines after the resumed step are
+    dropped so a rerun reproduces the file of an uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(path)
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def plot_loss(metrics_file: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["samples"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("NT-Xent loss")
+    ax.set_title("pretraining loss")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Pretrain as configured; returns ``{"steps", "samples", "output_dir", "checkpoint", "stopped_early"}``."""
+    import deepspeed
+
+    from soilnet.models import build_contrastive_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    info = init_distributed(cfg.distributed.backend)
+    out = Path(cfg.output_dir)
+    root = out / "checkpoints"
+    shards = open_shards(cfg.data.shards, cfg.data.schema_)
+    t = cfg.train
+    b = micro_batch(t.global_batch_size, info.world_size)
+    steps_per_epoch(shards.samples, t.global_batch_size)
+    stage = zero_stage(cfg)
+    check_optimizer(t.optimizer, stage)
+    prec = precision(cfg, info)
+    peak = scaled_lr(t.lr, t.global_batch_size, t.base_batch_size, t.lr_scaling)
+
+    resume = ckpt.latest(root)
+    load_tag, universal = None, False
+    if resume is not None:
+        if resume.meta.get("global_batch_size") != t.global_batch_size:
+            raise DataError(
+                f"{resume.path}: was trained with train.global_batch_size={resume.meta.get('global_batch_size')}, "
+                f"this run asks for {t.global_batch_size}; resume with the same global batch or use a new output_dir"
+            )
+        universal = resume.meta.get("world_size") != info.world_size and resume.meta.get("zero_stage", 0) > 0
+        if info.rank == 0:
+            ckpt.prune(root, cfg.checkpoint.keep_last)
+        load_tag = ckpt.ensure_universal(resume, info.rank) if universal else resume.tag
+
+    torch.manual_seed(t.seed)
+    model = build_contrastive_model(cfg.model, shards.schema)
+    loss_fn = ContrastiveLoss(cfg.loss.temperature, cfg.loss.learnable_temperature, cfg.loss.simclr_weight)
+    module = PretrainModule(model, loss_fn)
+    groups = param_groups(module, t.weight_decay)
+    client_opt = build_client_optimizer(t.optimizer, groups, peak, t.betas, t.weight_decay)
+    ds_cfg = deepspeed_config(cfg, info.world_size, prec, peak, universal)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=groups if client_opt is None else None,
+        optimizer=client_opt,
+        config=ds_cfg,
+    )
+    step = samples = 0
+    if resume is not None:
+        path, client = engine.load_checkpoint(str(root), tag=load_tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {root / load_tag}")
+        meta = (client or {}).get("soilnet", resume.meta)
+        step, samples = int(meta["step"]), int(meta["samples"])
+        if resume.meta.get("world_size") == info.world_size:
+            ckpt.load_rng(ckpt.CheckpointRef(root, load_tag, resume.meta), info.rank)
+        else:
+            torch.manual_seed(t.seed + step * 1000 + info.rank)
+        if info.rank == 0:
+            log.info("resumed from %s at step %d (%d samples)", root / load_tag, step, samples)
+
+    if info.rank == 0:
+        save_resolved(cfg, out)
+    metrics = MetricsLog(out / "metrics.jsonl", step) if info.rank == 0 else None
+    sample_log = MetricsLog(out / "samples.jsonl", step) if info.rank == 0 and cfg.data.log_sample_ids else None
+    tb = None
+    if info.rank == 0 and t.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tensorboard"))
+    bar = None
+    if info.rank == 0 and t.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    d = cfg.data
+    aug = AugmentSpec(d.augment, d.pad, d.flips, d.rotate, d.spectral_jitter, d.climate_jitter)
+    spec = LoaderSpec(
+        d.seed, t.global_batch_size, info.rank, info.world_size, aug, cfg.loss.simclr_weight > 0, d.num_workers
+    )
+    loader = iter(build_loader(shards, spec, start_step=step))
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    base = {"world_size": info.world_size, "global_batch_size": t.global_batch_size, "zero_stage": stage}
+    corrupt = torch.zeros(2)  # [corrupt samples, samples read] on this rank since start
+    flag = StopFlag()
+    stopped = False
+    window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    with stop_on_signals(flag):
+        while step < t.steps:
+            t0 = time.perf_counter()
+            batch = next(loader)
+            window_wait += time.perf_counter() - t0
+            assert batch["step"] == step, (batch["step"], step)
+            corrupt += torch.tensor([len(batch["corrupt"]), b], dtype=torch.float32)
+            for msg in batch["corrupt"]:
+                log.warning("rank %d: skipped a corrupt sample: %s", info.rank, msg)
+            lr = lr_at(samples, peak, t.warmup_samples, t.steps * t.global_batch_size, t.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            image = batch["image"].to(info.device, dtype)
+            climate = batch["climate"].to(info.device, dtype)
+            keys = batch["climate_key"].to(info.device) if cfg.loss.mask_identical_climate else None
+            image2 = batch["image2"].to(info.device, dtype) if "image2" in batch else None
+            loss, z_img, z_clim, cm = engine(image, climate, keys, image2)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            samples += t.global_batch_size
+            window_steps += 1
+
+            # one small all-reduce per step: stop flag, corrupt counts, loss and retrieval metrics
+            m = retrieval_metrics(cm, z_img, z_clim)
+            vec = torch.stack(
+                [
+                    torch.tensor(float(flag.raised)),
+                    *corrupt,
+                    loss.detach().float().cpu(),
+                    *(v.cpu() for v in m.values()),
+                ]
+            ).to(info.device if info.backend == "nccl" else "cpu")
+            tot = all_reduce_sum(vec).cpu()
+            stop_now = bool(tot[0] > 0)
+            n_corrupt, n_read = float(tot[1]), float(tot[2])
+            if n_corrupt > d.max_corrupt_fraction * n_read:
+                raise DataError(
+                    f"{n_corrupt:.0f} of {n_read:.0f} samples read were corrupt, above data.max_corrupt_fraction="
+                    f"{d.max_corrupt_fraction} (see the warnings above for which samples and shards)"
+                )
+            if cfg.data.log_sample_ids:
+                ids = gather_no_grad(batch["ids"].to(info.device if info.backend == "nccl" else "cpu"))
+                if sample_log is not None:
+                    sample_log.write({"step": step, "ids": ids.cpu().tolist()})
+            if info.rank == 0 and (step % t.log_every_steps == 0 or step == t.steps or stop_now):
+                count = float(tot[4])
+                elapsed = time.perf_counter() - window_t
+                sps = window_steps * t.global_batch_size / max(elapsed, 1e-9)
+                rec = {
+                    "step": step,
+                    "samples": samples,
+                    "epoch": samples // (steps_per_epoch(shards.samples, t.global_batch_size) * t.global_batch_size),
+                    "loss": float(tot[3]) / info.world_size,
+                    "lr": lr,
+                    "temperature": float(loss_fn.temperature.detach().float().cpu()),
+                    "top1": float(tot[5]) / count,
+                    "top5": float(tot[6]) / count,
+                    "mean_positive_rank": float(tot[7]) / count,
+                    "embedding_std": float(tot[8]) / count,
+                    "samples_per_s": sps,
+                    "samples_per_s_per_device": sps / info.world_size,
+                    "data_wait_fraction": window_wait / max(elapsed, 1e-9),
+                    "corrupt_samples": int(n_corrupt),
+                }
+                metrics.write(rec)
+                if tb is not None:
+                    for k, v in rec.items():
+                        if k not in ("step", "samples"):
+                            tb.add_scalar(f"pretrain/{k}", v, samples)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}", wait=f"{rec['data_wait_fraction']:.2f}"
+                    )
+                window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.checkpoint.every_steps == 0 or step == t.steps or stop_now:
+                meta = {
+                    **base,
+                    "step": step,
+                    "samples": samples,
+                    "loader": {"samples_seen": samples, "seed": d.seed, "global_batch_size": t.global_batch_size},
+                    "config": to_plain(cfg),
+                    "schema": shards.schema.to_dict(),
+                    "model": to_plain(cfg.model),
+                    "code_version": code_version(),
+                    "time": time.time(),
+                }
+                ckpt.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last)
+            if stop_now and step < t.steps:
+                stopped = True
+                if info.rank == 0:
+                    log.warning("stopped on a signal at step %d after saving; run again to resume", step)
+                break
+    if bar is not None:
+        bar.close()
+    if metrics is not None:
+        metrics.close()
+        if t.plot:
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
+    if sample_log is not None:
+        sample_log.close()
+    if tb is not None:
+        tb.close()
+    latest = ckpt.latest(root)
+    return {
+        "steps": step,
+        "samples": samples,
+        "output_dir": str(out),
+        "checkpoint": str(latest.path) if latest else None,
+        "stopped_early": stopped,
+    }
