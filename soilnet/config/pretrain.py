@@ -92,6 +92,13 @@ class DistributedConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
+class DebugConfig(Section):
+    """Fault injection for tests: every rank sends itself SIGKILL right after the optimizer update of step
+    ``sigkill_after_step`` (before that step's checkpoint, if any), like a node lost mid-run."""
+
+    sigkill_after_step: int | None = None
+
+
 class PretrainConfig(Section):
     output_dir: str = "outputs/pretrain"
     data: DataConfig = DataConfig()
@@ -101,3 +108,4 @@ class PretrainConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     deepspeed: dict[str, Any] = {"zero_optimization": {"stage": 0}}
+    debug: DebugConfig = DebugConfig()

@@ -125,8 +125,17 @@ def save(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int) -
 
     ``meta`` (JSON-able) goes to ``soilnet.json`` and into DeepSpeed's client state.
     """
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"soilnet": meta}, save_latest=False)
+    # a plain data-parallel model has no tensor-parallel layout to describe; the version alone makes it
+    # convertible by ds_to_universal (as Megatron-DeepSpeed declares it)
+    client = {"soilnet": meta, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
@@ -144,7 +153,7 @@ def prune(root: Path, keep_last: int) -> None:
         return
     current = step_of(ref.tag)
     complete = sorted(
-        (d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_") and (d / META).is_file()),
+        (d for d in root.iterdir() if d.is_dir() and d.name == tag_for(step_of(d.name)) and (d / META).is_file()),
         key=lambda d: step_of(d.name),
     )
     keep = {d.name for d in [c for c in complete if step_of(c.name) <= current][-keep_last:]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -283,6 +284,8 @@ def run(cfg: PretrainConfig) -> dict:
             engine.step()
             step += 1
             samples += t.global_batch_size
+            if cfg.debug.sigkill_after_step == step:
+                os.kill(os.getpid(), signal.SIGKILL)
             window_steps += 1
 
             # one small all-reduce per step: stop flag, corrupt counts, loss and retrieval metrics
