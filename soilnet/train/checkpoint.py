@@ -134,7 +134,8 @@ def save(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int) -
     tag = tag_for(step)
     # a plain data-parallel model has no tensor-parallel layout to describe; the version alone makes it
     # convertible by ds_to_universal (as Megatron-DeepSpeed declares it)
-    client = {"soilnet": meta, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    client = {"soilnet": meta, UNIVERSAL_CHECKPOINT_INFO: info}
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
     barrier()
