@@ -126,4 +126,3 @@ def retrieval_metrics(out: ContrastiveOutput, z_img: torch.Tensor, z_clim: torch
         "rank": positive_rank.float().sum(),
         "emb_std": std * local,
     }
-

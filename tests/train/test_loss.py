@@ -119,4 +119,3 @@ def test_two_ranks_times_b_equal_one_rank_times_2b_loss_and_every_gradient():
     assert grads.keys() == expected.keys()
     for k in expected:
         assert torch.allclose(grads[k], expected[k], atol=1e-6), k
-
