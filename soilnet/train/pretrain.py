@@ -58,6 +58,58 @@ class PretrainModule(nn.Module):
         return total, z_img, z_clim, out
 
 
+def grad_cache_step(
+    engine,
+    chunk: int,
+    image: torch.Tensor,
+    climate: torch.Tensor,
+    keys: torch.Tensor | None,
+    image2: torch.Tensor | None,
+):
+    """One GradCache step (Gao et al. 2021): embed the local batch in chunks without graphs, take the loss and
+    its gradient w.r.t. the embeddings over the whole global batch, then re-embed chunk by chunk with graphs and
+    back-propagate those gradients. Memory scales with ``chunk``; the gradients equal the full-batch ones (up to
+    float rounding) for models whose forward treats samples independently (no batch statistics).
+
+    image: (b, C, H, W); climate: (b, T, F); keys: (b,) int64 or None; image2: (b, C, H, W) or None.
+    Returns what ``PretrainModule.forward`` returns, detached.
+    """
+    module = engine.module
+    model, loss_fn = module.model, module.loss
+    parts = [slice(i, min(i + chunk, image.shape[0])) for i in range(0, image.shape[0], chunk)]
+    states, zi, zc, zi2 = [], [], [], []
+    with torch.no_grad():
+        for s in parts:
+            states.append(torch.get_rng_state())
+            a, c = model(image[s], climate[s])
+            zi.append(a)
+            zc.append(c)
+            if image2 is not None:
+                zi2.append(model(image2[s], climate[s])[0])
+    after = torch.get_rng_state()
+    z_img = torch.cat(zi).detach().requires_grad_()
+    z_clim = torch.cat(zc).detach().requires_grad_()
+    z_img2 = torch.cat(zi2).detach().requires_grad_() if image2 is not None else None
+    loss, out = loss_fn(z_img, z_clim, keys, z_img2)
+    leaves = [z_img, z_clim] + ([z_img2] if z_img2 is not None else [])
+    learnable = loss_fn.log_temperature.requires_grad
+    grads = torch.autograd.grad(loss, leaves + ([loss_fn.log_temperature] if learnable else []))
+    for k, s in enumerate(parts):
+        torch.set_rng_state(states[k])  # the same dropout masks as in the first pass
+        a, c = model(image[s], climate[s])
+        surrogate = (a * grads[0][s].to(a.dtype)).sum() + (c * grads[1][s].to(c.dtype)).sum()
+        if image2 is not None:
+            a2 = model(image2[s], climate[s])[0]
+            surrogate = surrogate + (a2 * grads[2][s].to(a2.dtype)).sum()
+        last = k == len(parts) - 1
+        if last and learnable:
+            surrogate = surrogate + loss_fn.log_temperature * grads[-1]
+        engine.set_gradient_accumulation_boundary(last)  # reduce gradients across ranks once, after the last chunk
+        engine.backward(surrogate)
+    torch.set_rng_state(after)
+    return loss.detach(), z_img.detach(), z_clim.detach(), out
+
+
 def code_version() -> str:
     """The package version plus the git commit of the checkout when there is one."""
     import subprocess
@@ -193,6 +245,8 @@ def run(cfg: PretrainConfig) -> dict:
     steps_per_epoch(shards.samples, t.global_batch_size)
     stage = zero_stage(cfg)
     check_optimizer(t.optimizer, stage)
+    if t.grad_cache_chunk and stage >= 3:
+        raise ValueError("train.grad_cache_chunk needs whole parameters (ZeRO stage <= 2); set it to 0 under stage 3")
     prec = precision(cfg, info)
     peak = scaled_lr(t.lr, t.global_batch_size, t.base_batch_size, t.lr_scaling)
 
@@ -279,8 +333,11 @@ def run(cfg: PretrainConfig) -> dict:
             climate = batch["climate"].to(info.device, dtype)
             keys = batch["climate_key"].to(info.device) if cfg.loss.mask_identical_climate else None
             image2 = batch["image2"].to(info.device, dtype) if "image2" in batch else None
-            loss, z_img, z_clim, cm = engine(image, climate, keys, image2)
-            engine.backward(loss)
+            if t.grad_cache_chunk and t.grad_cache_chunk < b:
+                loss, z_img, z_clim, cm = grad_cache_step(engine, t.grad_cache_chunk, image, climate, keys, image2)
+            else:
+                loss, z_img, z_clim, cm = engine(image, climate, keys, image2)
+                engine.backward(loss)
             engine.step()
             step += 1
             samples += t.global_batch_size
