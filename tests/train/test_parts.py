@@ -79,3 +79,11 @@ def test_demo_config_loads_and_typos_name_the_key(repo_root):
     assert cfg.train.steps == 2 and cfg.data.shards == "outputs/demo/shards" and cfg.checkpoint.keep_last >= 1
     with pytest.raises(ConfigError, match="train.stepz"):
         load_config(PretrainConfig, repo_root / "configs/pretrain/demo.yaml", ["train.stepz=2"])
+
+
+def test_reference_gpu_config_loads_with_the_model_it_includes(repo_root):
+    if not (repo_root / "configs/model/vit_transformer.yaml").is_file():
+        pytest.skip("configs/model/vit_transformer.yaml (the models engineer's) has not landed yet")
+    cfg = load_config(PretrainConfig, repo_root / "configs/pretrain/vit_b8_gpu.yaml")
+    assert cfg.train.precision == "bf16" and cfg.deepspeed["zero_optimization"]["stage"] == 1
+    assert cfg.train.global_batch_size == 4096 and cfg.model.image_encoder is not None
