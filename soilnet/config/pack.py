@@ -20,15 +20,23 @@ class SamplingConfig(Section):
 
 
 class SourceConfig(Section):
-    """Which acquisition backend fills a sample: ``synthetic``, ``rasters`` or ``earthengine``."""
+    """Which acquisition backend fills a sample: ``synthetic``, ``rasters`` or ``earthengine``.
+
+    ``seed`` and ``bbox`` (west, south, east, north in degrees) define the synthetic world; without a region or
+    a point list, points are sampled uniformly by area inside ``bbox``.
+    """
 
     kind: Literal["synthetic", "rasters", "earthengine"] = "synthetic"
     seed: int = 0
+    bbox: tuple[float, float, float, float] = (5.0, 45.0, 15.0, 55.0)
 
 
 class ShardConfig(Section):
-    max_samples: int = 1000
-    image_dtype: Literal["float16", "int16"] = "float16"
+    """``max_samples`` per shard; ``on_nonfinite``: reject a sample with NaN/inf, or keep it with NaN masked to 0."""
+
+    max_samples: int = Field(1000, gt=0)
+    image_dtype: Literal["float16"] = "float16"
+    on_nonfinite: Literal["reject", "mask"] = "reject"
 
 
 class PackConfig(Section):

@@ -1,0 +1,265 @@
+"""``soilnet pack``: points -> samples from a source -> WebDataset shards, a manifest, statistics and a ledger.
+
+Which point lands in which shard depends only on the point list and ``shard.max_samples``: shard ``k`` holds
+points ``[k * max_samples, (k + 1) * max_samples)``. Workers (MPI ranks or Slurm array tasks) take shards
+round-robin, so any number of them produces the same shards. A shard is written by webdataset's ``ShardWriter``
+to a temporary name, fsynced and renamed; only then is its part record (sample count, sha256, partial
+statistics, rejections) written, atomically. A rerun skips every shard that has its part record, so a job killed
+at any moment (kill -9 included) reruns to the same result. The manifest is written last, from the part records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from shards import stats
+from shards.parallel import Workers, workers_from_env
+from shards.sources.base import Rejected, Source
+from soilnet import __version__
+from soilnet.config.base import ConfigError, save_resolved, to_plain
+from soilnet.config.pack import PackConfig
+from soilnet.schema import SampleSchema
+
+FORMAT = "soilnet-shards/1"
+PARTS = ".parts"
+
+
+@dataclass(frozen=True)
+class Points:
+    """The point list: ``ids`` (str, no dots), ``lon`` and ``lat`` in degrees (WGS84)."""
+
+    ids: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_points(cfg: PackConfig) -> Points:
+    """From ``sampling.points`` (parquet/csv with id, lon, lat), a ``sampling.region``, or the synthetic bbox."""
+    s = cfg.sampling
+    if s.points:
+        import pandas as pd
+
+        path = Path(s.points)
+        if not path.is_file():
+            raise ConfigError(f"sampling.points: file not found: {path}")
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"id": str})
+        missing = {"id", "lon", "lat"} - set(table.columns)
+        if missing:
+            raise ConfigError(f"{path}: missing columns {sorted(missing)}; it has {list(table.columns)}")
+        ids = table["id"].astype(str).to_numpy()
+        bad = [i for i in ids if "." in i]
+        if bad:
+            raise ConfigError(f"{path}: point ids may not contain dots (WebDataset keys), e.g. {bad[:3]}")
+        return Points(ids, table["lon"].to_numpy(float), table["lat"].to_numpy(float))
+    if s.region:
+        from shards.sample import sample_region
+
+        table = sample_region(s.region, s.n, s.seed)
+        return Points(table["id"].to_numpy(), table["lon"].to_numpy(float), table["lat"].to_numpy(float))
+    if cfg.source.kind != "synthetic":
+        raise ConfigError("sampling: set sampling.region or sampling.points (only the synthetic world has a bbox)")
+    from shards.sources.synthetic import sample_bbox
+
+    lon, lat = sample_bbox(cfg.source.bbox, s.n, s.seed)
+    return Points(np.array([f"p{i:010d}" for i in range(s.n)]), lon, lat)
+
+
+def make_source(cfg: PackConfig, schema: SampleSchema) -> Source:
+    if cfg.source.kind == "synthetic":
+        from shards.sources.synthetic import SyntheticWorld
+
+        return SyntheticWorld(schema, cfg.source.seed, cfg.source.bbox)
+    raise ConfigError(f"source.kind: {cfg.source.kind!r} is not available in this build")
+
+
+def _fsync_rename(tmp: str) -> None:
+    final = tmp[: -len(".tmp")]
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_sample(source: Source, schema: SampleSchema, pid: str, lon: float, lat: float, on_nonfinite: str) -> dict:
+    """One shard sample (``__key__``, image.npy, climate.npy, meta.json); raises :class:`Rejected`."""
+    patch = source.patch(lon, lat)
+    climate = source.climate(lon, lat)
+    schema.check_image(patch.image, f"point {pid}: image")
+    schema.check_climate(climate, f"point {pid}: climate")
+    qa = dict(patch.qa)
+    for name, arr in (("image", patch.image), ("climate", climate)):
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            if on_nonfinite == "reject":
+                raise Rejected("nonfinite", f"{bad} NaN/inf values in the {name}")
+            qa[f"{name}_nonfinite"] = bad
+    image = np.nan_to_num(patch.image, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float16)
+    meta = {"id": pid, "lon": float(lon), "lat": float(lat), "scene_date": patch.scene_date,
+            "source": source.name, "qa": qa}  # fmt: skip
+    targets = source.targets(lon, lat, patch, climate)
+    if targets:
+        meta["targets"] = targets
+    return {"__key__": pid, "image.npy": image, "climate.npy": climate.astype(np.float32), "meta.json": meta}
+
+
+def _partial_stats(samples: list[dict], schema: SampleSchema) -> dict:
+    out: dict = {"image": {}, "climate": {}, "targets": {}}
+    if not samples:
+        return out
+    images = np.stack([s["image.npy"] for s in samples]).astype(np.float32)
+    climates = np.stack([s["climate.npy"] for s in samples])
+    for k, name in enumerate(schema.channels):
+        out["image"][name] = stats.describe(images[:, k])
+    for k, name in enumerate(schema.climate_variables):
+        out["climate"][name] = stats.describe(climates[..., k])
+    for name in sorted({t for s in samples for t in s["meta.json"].get("targets", {})}):
+        out["targets"][name] = stats.describe(np.array([s["meta.json"]["targets"].get(name, np.nan) for s in samples]))
+    return out
+
+
+def pack_shard(k: int, points: Points, source: Source, cfg: PackConfig, out: Path, progress: tqdm) -> dict:
+    """Write shard ``k`` and return its part record."""
+    n = cfg.shard.max_samples
+    schema = source.schema
+    samples, rejected = [], []
+    for i in range(k * n, min((k + 1) * n, len(points))):
+        pid = str(points.ids[i])
+        try:
+            samples.append(make_sample(source, schema, pid, points.lon[i], points.lat[i], cfg.shard.on_nonfinite))
+        except Rejected as err:
+            rejected.append({"id": pid, "reason": err.reason, "detail": err.detail})
+        except Exception as err:  # a broken point must not stop the other 10 million; it is recorded
+            rejected.append({"id": pid, "reason": "error", "detail": f"{type(err).__name__}: {err}"})
+        progress.update(1)
+    name = f"shard-{k:06d}.tar"
+    with wds.ShardWriter(str(out / "shard-%06d.tar.tmp"), maxcount=n + 1, start_shard=k, post=_fsync_rename,
+                         verbose=0, mtime=0.0) as sink:  # fmt: skip
+        for sample in samples:
+            sink.write(sample)
+        if not samples:
+            sink.next_stream()  # an empty shard still exists, so shard numbers stay dense
+    part = {
+        "name": name,
+        "samples": len(samples),
+        "sha256": _sha256(out / name),
+        "ids": [s["__key__"] for s in samples],
+        "stats": _partial_stats(samples, schema),
+        "rejected": rejected,
+    }
+    _atomic_json(out / PARTS / f"{name}.json", part)
+    return part
+
+
+def write_manifest(cfg: PackConfig, out: Path, schema: SampleSchema, n_shards: int, source: Source) -> dict | None:
+    """Merge every part record into ``manifest.json`` and ``ledger.jsonl``; None while parts are missing."""
+    part_files = [out / PARTS / f"shard-{k:06d}.tar.json" for k in range(n_shards)]
+    if not all(p.exists() for p in part_files):
+        return None
+    parts = [json.loads(p.read_text()) for p in part_files]
+    merged = stats.merge_tree([p["stats"] for p in parts])
+    manifest = {
+        "format": FORMAT,
+        "schema": schema.to_dict(),
+        "modalities": ["image", "climate"],
+        "image_encoding": {"dtype": cfg.shard.image_dtype},
+        "targets": sorted(merged.get("targets", {})),
+        "shards": [{"name": p["name"], "samples": p["samples"], "sha256": p["sha256"]} for p in parts],
+        "samples": sum(p["samples"] for p in parts),
+        "stats": merged,
+        "config": to_plain(cfg),
+        "sources": {"kind": source.name, "versions": {"soilnet": __version__, "webdataset": wds.__version__,
+                                                      **source.versions()}},
+    }  # fmt: skip
+    with open(out / "ledger.jsonl.tmp", "w") as f:
+        for p in parts:
+            for r in p["rejected"]:
+                f.write(json.dumps({**r, "shard": p["name"]}) + "\n")
+    os.replace(out / "ledger.jsonl.tmp", out / "ledger.jsonl")
+    _atomic_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def pack(cfg: PackConfig, workers: Workers | None = None) -> dict | None:
+    """Pack this worker's shards; the worker that completes the set writes and returns the manifest."""
+    workers = workers or workers_from_env()
+    schema = cfg.schema_.build()
+    out = Path(cfg.output_dir)
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    if workers.rank == 0:
+        save_resolved(cfg, out)
+    points = load_points(cfg)
+    if len(points) == 0:
+        raise ConfigError("sampling: no points to pack")
+    source = make_source(cfg, schema)
+    n_shards = -(-len(points) // cfg.shard.max_samples)
+    mine = [k for k in range(n_shards) if k % workers.world == workers.rank]
+    todo = [k for k in mine if not (out / PARTS / f"shard-{k:06d}.tar.json").exists()]
+    skipped = len(mine) - len(todo)
+    for stale in out.glob("shard-*.tar.tmp"):  # a killed writer's leftovers; never listed anywhere
+        if int(stale.name[6:12]) in todo:
+            stale.unlink()
+    total = sum(min(cfg.shard.max_samples, len(points) - k * cfg.shard.max_samples) for k in todo)
+    start = time.time()
+    packed = rejected = 0
+    with tqdm(total=total, unit="sample", desc=f"pack[{workers.rank}/{workers.world}]", file=sys.stderr,
+              disable=None, dynamic_ncols=True) as progress:  # fmt: skip
+        for k in todo:
+            part = pack_shard(k, points, source, cfg, out, progress)
+            packed += part["samples"]
+            rejected += len(part["rejected"])
+    rate = (packed + rejected) / max(time.time() - start, 1e-9)
+    print(f"pack[{workers.rank}/{workers.world}]: {len(todo)} shard(s) written, {skipped} already complete; "
+          f"{packed} packed, {rejected} rejected ({rate:.0f} samples/s)", file=sys.stderr)  # fmt: skip
+    workers.barrier()
+    if workers.rank != 0 and workers.world > 1 and not workers.is_array:
+        return None
+    return write_manifest(cfg, out, schema, n_shards, source)
+
+
+def summary(manifest: dict, out: Path) -> str:
+    reasons: dict[str, int] = {}
+    ledger = out / "ledger.jsonl"
+    if ledger.exists():
+        for line in ledger.read_text().splitlines():
+            r = json.loads(line)["reason"]
+            reasons[r] = reasons.get(r, 0) + 1
+    failed = reasons.pop("error", 0)
+    by_reason = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none"
+    return (f"packed {manifest['samples']} samples in {len(manifest['shards'])} shards; rejected: {by_reason}; "
+            f"failed: {failed}. Manifest: {out / 'manifest.json'}")  # fmt: skip
+
+
+def run(cfg: PackConfig) -> int:
+    manifest = pack(cfg)
+    if manifest is not None:
+        print(summary(manifest, Path(cfg.output_dir)))
+    return 0
