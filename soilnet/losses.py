@@ -73,7 +73,8 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.5, learnable: bool = False, simclr_weight: float = 0.0):
         super().__init__()
-        log_t = torch.tensor(math.log(temperature), dtype=torch.float32)
+        # shape (1,), not (): DeepSpeed's flattening and checkpoint code expect parameters with a dimension
+        log_t = torch.tensor([math.log(temperature)], dtype=torch.float32)
         if learnable:
             self.log_temperature = nn.Parameter(log_t)
         else:
@@ -82,7 +83,8 @@ class ContrastiveLoss(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.float().exp()
+        """() float32, > 0."""
+        return self.log_temperature.float().exp().squeeze(0)
 
     def forward(
         self,

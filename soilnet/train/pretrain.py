@@ -110,6 +110,15 @@ def grad_cache_step(
     return loss.detach(), z_img.detach(), z_clim.detach(), out
 
 
+def restore_buffers(module: nn.Module, ref: ckpt.CheckpointRef) -> None:
+    """Copy buffers (e.g. BatchNorm running statistics) from the source checkpoint's model file: a universal
+    checkpoint restores parameters and optimizer state only."""
+    state = torch.load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    for name, buf in module.named_buffers():
+        if name in state:
+            buf.copy_(state[name].to(buf.dtype))
+
+
 def code_version() -> str:
     """The package version plus the git commit of the checkout when there is one."""
     import subprocess
@@ -281,6 +290,8 @@ def run(cfg: PretrainConfig) -> dict:
         path, client = engine.load_checkpoint(str(root), tag=load_tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {root / load_tag}")
+        if universal:
+            restore_buffers(engine.module, resume)
         meta = (client or {}).get("soilnet", resume.meta)
         step, samples = int(meta["step"]), int(meta["samples"])
         if resume.meta.get("world_size") == info.world_size:
