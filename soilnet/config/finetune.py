@@ -73,7 +73,7 @@ class FinetuneTrainConfig(Section):
     label_fraction: float = Field(
         1.0, gt=0, le=1
     )  # share of each fold's labelled non-test points used (few-label studies)
-    threads: int | None = None
+    threads: int | None = None  # torch CPU threads; 1 is fastest for the tiny models on a busy node
     device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: bool = True
 

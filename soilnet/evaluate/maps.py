@@ -4,8 +4,9 @@ The grid lives on a Lambert azimuthal equal-area plane centred on the region (ev
 which SOC stock totals need), with square cells of ``--resolution`` metres; cells whose centre falls outside
 the region are nodata. Work goes tile by tile (``--tile-size`` cells square): for each cell the data source
 builds the same sample a shard holds (patch and climate at the cell centre, through the shards sources
-interface, so the synthetic world, local rasters and Earth Engine share this code path) and the fine-tuned
-model predicts in batches. Each finished tile is written atomically to ``<out>.parts/``; a rerun (after a kill,
+interface and the packer's own sample builder, so the synthetic world, local rasters and Earth Engine share this
+code path; this is the one place the library reaches into ``shards/``, lazily) and the fine-tuned model predicts
+in batches. Each finished tile is written atomically to ``<out>.parts/``; a rerun (after a kill,
 or after ``--max-tiles``) skips finished tiles. The COG is assembled only when every tile is done.
 
 Bands: 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the model, in the
@@ -306,9 +307,56 @@ def predict_map(
     return summary
 
 
-def source_acquire(checkpoint_dir: Path, model, overrides: list[str]) -> Acquire:
-    """Acquisition through the shards sources interface, configured like the model's training shards."""
-    raise NotImplementedError("waiting for shards.sources")
+def source_acquire(checkpoint: Path, model, overrides: list[str]) -> Acquire:
+    """Acquisition through the shards sources interface, configured like the model's training shards.
+
+    The pack config comes from the manifest of the fine-tuning run's ``data.shards`` (``key=value`` overrides
+    apply to it, e.g. ``source.kind=rasters``); each cell is built by the packer's own ``make_sample``, so a map
+    cell holds exactly what a shard sample would. A point the source rejects becomes a nodata cell.
+    """
+    import yaml
+
+    from shards.pack import make_sample, make_source
+    from shards.sources.base import Rejected
+    from soilnet.config.base import ConfigError, apply_override
+    from soilnet.config.pack import PackConfig
+    from soilnet.evaluate.labelled import read_manifest
+
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: --checkpoint must be a fine-tuning output_dir")
+    shards = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}).get("shards")
+    manifest, _ = read_manifest(shards)
+    tree = manifest.get("config")
+    if not isinstance(tree, dict):
+        raise MapError(f"the manifest of {shards} holds no pack config, so the data source is unknown")
+    for ov in overrides:
+        apply_override(tree, ov)
+    try:
+        pack_cfg = PackConfig.model_validate(tree)
+    except ValueError as err:
+        raise ConfigError(f"pack config of {shards} (with overrides {overrides}): {err}") from err
+    source = make_source(pack_cfg, model.schema)
+    on_nonfinite = getattr(pack_cfg.shard, "on_nonfinite", "mask")
+    use_image, use_climate = "image" in model.modalities, "climate" in model.modalities
+
+    def acquire(lon: np.ndarray, lat: np.ndarray):
+        images, climates, ok = [], [], np.zeros(len(lon), dtype=bool)
+        c, h, w = model.schema.image_shape
+        for i, (x, y) in enumerate(zip(lon, lat, strict=True)):
+            try:
+                sample = make_sample(source, model.schema, f"cell{i}", float(x), float(y), on_nonfinite)
+                ok[i] = True
+                image, climate = sample["image.npy"], sample["climate.npy"]
+            except Rejected:
+                image = np.zeros((c, h, w), np.float16)
+                climate = np.zeros(model.schema.climate_shape, np.float32)
+            images.append(image)
+            climates.append(climate)
+        return (np.stack(images) if use_image else None, np.stack(climates) if use_climate else None, ok)
+
+    return acquire
 
 
 def run_cli(args) -> int:

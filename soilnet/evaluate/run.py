@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from soilnet.config.base import save_resolved, to_plain
 from soilnet.config.finetune import EvaluateConfig, FinetuneConfig
@@ -105,6 +106,8 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
     """Cross-validate ``cfg`` and write metrics.json, predictions.csv, plots and report.md into ``out``."""
     from soilnet.train import finetune as FT
 
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     mods, data, export = _load(cfg, out)
     folds, blocks, split_info = plan_split(cfg, data)
     level, space = cfg.eval.conformal.level, cfg.eval.conformal.space

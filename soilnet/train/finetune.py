@@ -501,8 +501,6 @@ def run(cfg: FinetuneConfig) -> int:
     from soilnet.evaluate.run import evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     start = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,7 @@ def finetuned_dir(labelled_shards, tmp_path_factory) -> Path:
 
 
 FAST = [
+    "train.threads=1",
     "train.epochs=8",
     "train.batch_size=32",
     "train.lr=3e-3",

@@ -12,9 +12,6 @@ from pyproj import Geod
 
 from soilnet.evaluate import maps as MP
 
-if not hasattr(__import__("soilnet.models").models, "build_regression_model"):
-    pytest.skip("soilnet.models.build_regression_model has not landed yet", allow_module_level=True)
-
 REGION = {"type": "Polygon", "coordinates": [[[9, 46], [11, 46], [11, 47.5], [9.5, 47.5], [9, 46]]]}
 
 

@@ -59,3 +59,15 @@ def test_bad_input_is_rejected():
         M.regression_metrics(OBS, PRED[:3])
     with pytest.raises(ValueError, match="finite"):
         M.regression_metrics(OBS, np.array([1.0, np.nan, 2.0, 3.0]))
+
+
+def test_baseline_features_from_float16_patches_do_not_overflow():
+    from soilnet.evaluate.baseline import summary_features
+
+    image = np.full((2, 3, 64, 64), 3000.0, dtype=np.float16)  # elevation-like values, sum > float16 max
+    climate = np.array([[[1.0, np.nan], [3.0, np.nan]]] * 2, dtype=np.float32)  # (N=2, T=2, F=2)
+    x, names = summary_features(image, climate, ("a", "b", "c"), ("u", "v"))
+    assert x.shape == (2, 3 * 2 + 2 * 2) and len(names) == x.shape[1]
+    assert np.allclose(x[:, :6], 3000.0)
+    assert names[6:] == ["u_mean", "v_mean", "u_std", "v_std"]
+    assert np.allclose(x[0, 6:], [2.0, 0.0, 1.0, 0.0])  # all-NaN variable -> 0
