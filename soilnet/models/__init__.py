@@ -6,7 +6,7 @@ Every piece is chosen by registry name (:mod:`soilnet.models.registry`); input s
 from __future__ import annotations
 
 from soilnet.config.model import ModelConfig
-from soilnet.models import heads, tiny  # noqa: F401  (registers the builders)
+from soilnet.models import climate, cnn, heads, tiny, vit  # noqa: F401  (registers the builders)
 from soilnet.models.registry import build, names, register
 from soilnet.models.wrappers import ContrastiveModel, RegressionModel, out_features
 from soilnet.schema import SampleSchema
@@ -46,8 +46,8 @@ def build_regression_model(
     unknown = set(use) - {"image", "climate"}
     if unknown:
         raise ValueError(f"unknown modalities {sorted(unknown)}; use image, climate or both")
-    image = _encoder("image_encoder", cfg.image_encoder, schema) if "image" in use else None
-    climate = _encoder("climate_encoder", cfg.climate_encoder, schema) if "climate" in use else None
-    inputs = tuple(out_features(e) for e in (image, climate) if e is not None)
-    kwargs = {"inputs": inputs, **cfg.regressor.kwargs}
-    return RegressionModel(image, climate, build("regressor", cfg.regressor.name, schema, **kwargs))
+    image_encoder = _encoder("image_encoder", cfg.image_encoder, schema) if "image" in use else None
+    climate_encoder = _encoder("climate_encoder", cfg.climate_encoder, schema) if "climate" in use else None
+    inputs = tuple(out_features(e) for e in (image_encoder, climate_encoder) if e is not None)
+    regressor = build("regressor", cfg.regressor.name, schema, **{"inputs": inputs, **cfg.regressor.kwargs})
+    return RegressionModel(image_encoder, climate_encoder, regressor)
