@@ -1,0 +1,175 @@
+"""Loader throughput: the training input pipeline against the I/O limit and against the seed's approach.
+
+All three read the same samples, in the same run:
+
+- ``raw_tar``: a sequential read of the shard bytes (the I/O limit; no decoding);
+- ``pipeline``: :func:`soilnet.data.make_loader` from the shards (decode, normalise, augment, batch, both
+  modalities), by number of workers, with and without augmentation;
+- ``seed``: the seed's layout of the same samples, one GeoTIFF per point read with rasterio plus a per-sample
+  pandas filter in each per-variable climate CSV.
+
+    .venv/bin/python benchmarks/loader.py [--samples 1024] [--workers 0 1 2]
+
+The last line is one JSON object; ``vs_seed`` and ``vs_raw_tar`` are ratios of samples/s (best worker count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from soilnet.config.base import load_config  # noqa: E402
+from soilnet.config.pack import PackConfig  # noqa: E402
+
+
+def pack_samples(out: Path, n: int) -> Path:
+    from shards.pack import pack
+
+    cfg = load_config(PackConfig, REPO / "configs/preprocess/demo.yaml", [f"output_dir={out}", f"sampling.n={n}"])
+    pack(cfg)
+    return out
+
+
+def read_shard_samples(shard_dir: Path) -> list[dict]:
+    """Decoded samples of every shard, to write the seed's layout from the very same data."""
+    samples = []
+    for tar in sorted(shard_dir.glob("shard-*.tar")):
+        with tarfile.open(tar) as tf:
+            current: dict = {}
+            for member in tf:
+                key, _, ext = member.name.partition(".")
+                if current.get("__key__") not in (None, key):
+                    samples.append(current)
+                    current = {}
+                current["__key__"] = key
+                data = tf.extractfile(member).read()
+                if ext.endswith("npy"):
+                    current[ext] = np.load(io.BytesIO(data))
+                elif ext.endswith("json"):
+                    current[ext] = json.loads(data)
+            if current:
+                samples.append(current)
+    return samples
+
+
+def write_seed_layout(samples: list[dict], schema, root: Path) -> tuple[Path, Path]:
+    """One float64 GeoTIFF per point and one CSV per climate variable, as the seed's notebooks read them."""
+    import pandas as pd
+    import rasterio
+    from rasterio.transform import from_origin
+
+    images, climate = root / "images", root / "climate"
+    images.mkdir(parents=True)
+    climate.mkdir(parents=True)
+    for s in samples:
+        img = s["image.npy"].astype(np.float64)
+        with rasterio.open(
+            images / f"{s['__key__']}_150107.tif", "w", driver="GTiff", width=img.shape[2], height=img.shape[1],
+            count=img.shape[0], dtype="float64", crs="EPSG:3857", transform=from_origin(0, 0, 30, 30),
+        ) as dst:  # fmt: skip
+            dst.write(img)
+    dates = [m.replace("-", "") + "01" for m in schema.months]
+    for j, var in enumerate(schema.climate_variables):
+        rows = [[s["__key__"], *s["climate.npy"][:, j].tolist()] for s in samples]
+        pd.DataFrame(rows, columns=["Point_ID", *dates]).to_csv(climate / f"{var}.csv", index=False)
+    return images, climate
+
+
+def bench_seed(samples: list[dict], schema, images: Path, climate: Path) -> float:
+    import pandas as pd
+    import rasterio
+
+    tables = {v: pd.read_csv(climate / f"{v}.csv", dtype={"Point_ID": str}) for v in schema.climate_variables}
+    dates = [m.replace("-", "") + "01" for m in schema.months]
+    start = time.perf_counter()
+    for s in samples:
+        pid = s["__key__"]
+        with rasterio.open(images / f"{pid}_150107.tif") as src:
+            img = src.read().astype(np.float32)
+        series = np.stack([t[t["Point_ID"] == pid][dates].to_numpy()[0] for t in tables.values()], axis=1)
+        assert img.ndim == 3 and series.shape == schema.climate_shape
+    return len(samples) / (time.perf_counter() - start)
+
+
+def bench_raw_tar(shard_dir: Path, n: int) -> float:
+    start = time.perf_counter()
+    total = 0
+    for tar in sorted(shard_dir.glob("shard-*.tar")):
+        with open(tar, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+    return n / (time.perf_counter() - start)
+
+
+def bench_pipeline(shard_dir: Path, n: int, workers: int, augment: bool, batch_size: int) -> float:
+    """The training input pipeline as pretraining builds it: decode, normalise, augment, batch, both modalities."""
+    from soilnet.config.schema import SchemaConfig
+    from soilnet.data import LoaderSpec, build_loader, open_shards
+    from soilnet.data.augment import AugmentSpec
+
+    shards = open_shards(shard_dir, SchemaConfig())
+    spec = LoaderSpec(seed=0, global_batch=batch_size, rank=0, world=1, augment=AugmentSpec(enabled=augment),
+                      num_workers=workers)  # fmt: skip
+    seen = 0
+    start = time.perf_counter()
+    for batch in build_loader(shards, spec):
+        seen += batch["image"].shape[0]
+        if seen >= n:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shard_dir = pack_samples(tmp / "shards", args.samples)
+        manifest = json.loads((shard_dir / "manifest.json").read_text())
+        from soilnet.schema import SampleSchema
+
+        schema = SampleSchema.from_dict(manifest["schema"])
+        n = manifest["samples"]
+        samples = read_shard_samples(shard_dir)
+        images, climate = write_seed_layout(samples, schema, tmp / "seed")
+
+        results = {
+            "samples": n,
+            "raw_tar": bench_raw_tar(shard_dir, n),
+            "seed": bench_seed(samples, schema, images, climate),
+        }
+        for w in args.workers:
+            results[f"pipeline_w{w}"] = bench_pipeline(shard_dir, n, w, True, args.batch_size)
+            results[f"pipeline_noaug_w{w}"] = bench_pipeline(shard_dir, n, w, False, args.batch_size)
+        best = max(results[f"pipeline_w{w}"] for w in args.workers)
+        best_noaug = max(results[f"pipeline_noaug_w{w}"] for w in args.workers)
+        for k, v in results.items():
+            if k != "samples":
+                print(f"{k:>22}: {v:12.0f} samples/s")
+        results.update(
+            vs_seed=best / results["seed"],
+            vs_raw_tar=best_noaug / results["raw_tar"],
+            vs_raw_tar_augmented=best / results["raw_tar"],
+        )
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
