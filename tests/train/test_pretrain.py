@@ -41,6 +41,7 @@ def start(out: Path, shards: Path, world: int, *overrides: str, flat: bool = Fal
     overrides = (*FLAT, *overrides) if flat else overrides
     args = [sys.executable, *entry, "pretrain", "--config", str(DEMO), f"output_dir={out}",
             f"data.shards={shards}", f"train.steps={STEPS}", "data.log_sample_ids=true", "train.tensorboard=false",
+            "train.global_batch_size=16", "checkpoint.every_steps=3", "checkpoint.keep_last=2",
             *overrides]  # fmt: skip
     procs = []
     for r in range(world):
