@@ -337,7 +337,9 @@ def run(cfg: PretrainConfig) -> dict:
             corrupt += torch.tensor([len(batch["corrupt"]), b], dtype=torch.float32)
             for msg in batch["corrupt"]:
                 log.warning("rank %d: skipped a corrupt sample: %s", info.rank, msg)
-            lr = lr_at(samples, peak, t.warmup_samples, t.steps * t.global_batch_size, t.min_lr_ratio)
+            # the LR of the samples this step brings the count to: step 1 already learns, the last step hits the floor
+            total = t.steps * t.global_batch_size
+            lr = lr_at(samples + t.global_batch_size, peak, t.warmup_samples, total, t.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             image = batch["image"].to(info.device, dtype)
@@ -403,10 +405,15 @@ def run(cfg: PretrainConfig) -> dict:
                     for k, v in rec.items():
                         if k not in ("step", "samples"):
                             tb.add_scalar(f"pretrain/{k}", v, samples)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}", wait=f"{rec['data_wait_fraction']:.2f}"
-                    )
+                if bar is None:
+                    log.info(
+                        "step %d/%d loss %.4f lr %.3g samples/s %.1f (%.1f per device) data wait %.0f%% top1 %.2f",
+                        step, t.steps, rec["loss"], lr, sps, sps / info.world_size,
+                        100 * rec["data_wait_fraction"], rec["top1"],
+                    )  # fmt: skip
+                else:
+                    wait = rec["data_wait_fraction"]
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", samples_per_s=f"{sps:.1f}", data_wait=f"{wait:.2f}")
                 window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if bar is not None:
                 bar.update(1)
