@@ -151,6 +151,19 @@ def test_world_size_change_2_to_1_converts_to_universal_and_continues_the_sequen
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
 
 
+def test_world_size_change_1_to_2_continues_the_same_run(straight_flat, shards, tmp_path):
+    one = tmp_path / "one"
+    # 1 rank runs 4 of the 6 steps and dies (its checkpoint at 3 stands), then 2 ranks continue the run
+    assert run(one, shards, 1, "debug.sigkill_after_step=4", flat=True) != [0]
+    assert (one / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert run(one, shards, 2, flat=True) == [0, 0], log_of(one)
+    assert (one / "checkpoints" / "step_00000003.universal" / "zero").is_dir()
+    assert sample_sequence(one) == sample_sequence(straight_flat)
+    a, b = weights(one), weights(straight_flat)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+
+
 def test_world_size_change_keeps_batchnorm_statistics(straight, shards, tmp_path):
     out = tmp_path / "run"
     resume_from_step_3(straight, out)
