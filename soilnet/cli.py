@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -143,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             result = _resolve(cmd.run)(cfg)
         else:
             result = _resolve(OTHER_COMMANDS[args.command])(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, OSError) as err:
+        # bad input (a config, a path, a manifest, a schema mismatch): the message names it; a traceback would
+        # only bury it. SOILNET_DEBUG=1 shows the traceback for a bug report.
+        if os.environ.get("SOILNET_DEBUG"):
+            raise
         print(f"soilnet {args.command}: error: {err}", file=sys.stderr)
         return 2
     if isinstance(result, dict) and result.get("stopped_early"):
