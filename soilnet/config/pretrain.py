@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from soilnet.config.base import Section
 from soilnet.config.model import ModelConfig
@@ -109,3 +109,18 @@ class PretrainConfig(Section):
     distributed: DistributedConfig = DistributedConfig()
     deepspeed: dict[str, Any] = {"zero_optimization": {"stage": 0}}
     debug: DebugConfig = DebugConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_file_schema(cls, tree: Any) -> Any:
+        """A top-level ``schema`` (as in configs/model/*.yaml, which a pretraining config may ``include:``) is
+        the data schema; it must not contradict an explicit ``data.schema``."""
+        if isinstance(tree, dict) and "schema" in tree:
+            tree = dict(tree)
+            top = tree.pop("schema")
+            data = dict(tree.get("data") or {})
+            if "schema" in data and data["schema"] != top:
+                raise ValueError(f"'schema' ({top}) and 'data.schema' ({data['schema']}) disagree; keep one")
+            data["schema"] = top
+            tree["data"] = data
+        return tree
