@@ -231,3 +231,15 @@ def test_lars_with_every_loss_option_runs_on_zero_stage_0_and_is_refused_on_stag
     bad = tmp_path / "lars1"
     assert run(bad, shards, 1, "train.steps=2", "train.optimizer=lars") != [0]
     assert "deepspeed.zero_optimization.stage=0" in log_of(bad)
+
+
+def test_corrupt_samples_above_the_threshold_stop_the_job_naming_them(shards, tmp_path):
+    _needs_model()
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    (folder / "shard-000002.tar").write_bytes(b"not a tar" * 100)  # a quarter of the samples
+    out = tmp_path / "run"
+    codes = run(out, folder, 1, f"data.shards={folder}", "data.max_corrupt_fraction=0.05")
+    assert codes != [0]
+    text = log_of(out)
+    assert "max_corrupt_fraction=0.05" in text and "shard-000002.tar" in text
