@@ -239,7 +239,15 @@ def plot_loss(metrics_file: Path, out: Path) -> None:
 
 
 def run(cfg: PretrainConfig) -> dict:
-    """Pretrain as configured; returns ``{"steps", "samples", "output_dir", "checkpoint", "stopped_early"}``."""
+    """Pretrain as configured; returns ``{"steps", "samples", "output_dir", "checkpoint", "stopped_early"}``.
+
+    SIGUSR2/SIGTERM are caught from the start (a signal during start-up stops the run after its first step).
+    """
+    with stop_on_signals(StopFlag()) as flag:
+        return _run(cfg, flag)
+
+
+def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
     import deepspeed
 
     from soilnet.models import build_contrastive_model
@@ -325,116 +333,114 @@ def run(cfg: PretrainConfig) -> dict:
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     base = {"world_size": info.world_size, "global_batch_size": t.global_batch_size, "zero_stage": stage}
     corrupt = torch.zeros(2)  # [corrupt samples, samples read] on this rank since start
-    flag = StopFlag()
     stopped = False
     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    with stop_on_signals(flag):
-        while step < t.steps:
-            t0 = time.perf_counter()
-            batch = next(loader)
-            window_wait += time.perf_counter() - t0
-            assert batch["step"] == step, (batch["step"], step)
-            corrupt += torch.tensor([len(batch["corrupt"]), b], dtype=torch.float32)
-            for msg in batch["corrupt"]:
-                log.warning("rank %d: skipped a corrupt sample: %s", info.rank, msg)
-            # the LR of the samples this step brings the count to: step 1 already learns, the last step hits the floor
-            total = t.steps * t.global_batch_size
-            lr = lr_at(samples + t.global_batch_size, peak, t.warmup_samples, total, t.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            image = batch["image"].to(info.device, dtype)
-            climate = batch["climate"].to(info.device, dtype)
-            keys = batch["climate_key"].to(info.device) if cfg.loss.mask_identical_climate else None
-            image2 = batch["image2"].to(info.device, dtype) if "image2" in batch else None
-            if t.grad_cache_chunk and t.grad_cache_chunk < b:
-                loss, z_img, z_clim, cm = grad_cache_step(engine, t.grad_cache_chunk, image, climate, keys, image2)
-            else:
-                loss, z_img, z_clim, cm = engine(image, climate, keys, image2)
-                engine.backward(loss)
-            engine.step()
-            step += 1
-            samples += t.global_batch_size
-            if cfg.debug.sigkill_after_step == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            window_steps += 1
+    while step < t.steps:
+        t0 = time.perf_counter()
+        batch = next(loader)
+        window_wait += time.perf_counter() - t0
+        assert batch["step"] == step, (batch["step"], step)
+        corrupt += torch.tensor([len(batch["corrupt"]), b], dtype=torch.float32)
+        for msg in batch["corrupt"]:
+            log.warning("rank %d: skipped a corrupt sample: %s", info.rank, msg)
+        # the LR of the samples this step brings the count to: step 1 already learns, the last step hits the floor
+        total = t.steps * t.global_batch_size
+        lr = lr_at(samples + t.global_batch_size, peak, t.warmup_samples, total, t.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        image = batch["image"].to(info.device, dtype)
+        climate = batch["climate"].to(info.device, dtype)
+        keys = batch["climate_key"].to(info.device) if cfg.loss.mask_identical_climate else None
+        image2 = batch["image2"].to(info.device, dtype) if "image2" in batch else None
+        if t.grad_cache_chunk and t.grad_cache_chunk < b:
+            loss, z_img, z_clim, cm = grad_cache_step(engine, t.grad_cache_chunk, image, climate, keys, image2)
+        else:
+            loss, z_img, z_clim, cm = engine(image, climate, keys, image2)
+            engine.backward(loss)
+        engine.step()
+        step += 1
+        samples += t.global_batch_size
+        if cfg.debug.sigkill_after_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        window_steps += 1
 
-            # one small all-reduce per step: stop flag, corrupt counts, loss and retrieval metrics
-            m = retrieval_metrics(cm, z_img, z_clim)
-            vec = torch.stack(
-                [
-                    torch.tensor(float(flag.raised)),
-                    *corrupt,
-                    loss.detach().float().cpu(),
-                    *(v.cpu() for v in m.values()),
-                ]
-            ).to(info.device if info.backend == "nccl" else "cpu")
-            tot = all_reduce_sum(vec).cpu()
-            stop_now = bool(tot[0] > 0)
-            n_corrupt, n_read = float(tot[1]), float(tot[2])
-            if n_corrupt > d.max_corrupt_fraction * n_read:
-                raise DataError(
-                    f"{n_corrupt:.0f} of {n_read:.0f} samples read were corrupt, above data.max_corrupt_fraction="
-                    f"{d.max_corrupt_fraction} (see the warnings above for which samples and shards)"
-                )
-            if cfg.data.log_sample_ids:
-                ids = gather_no_grad(batch["ids"].to(info.device if info.backend == "nccl" else "cpu"))
-                if sample_log is not None:
-                    sample_log.write({"step": step, "ids": ids.cpu().tolist()})
-            if info.rank == 0 and (step % t.log_every_steps == 0 or step == t.steps or stop_now):
-                count = float(tot[4])
-                elapsed = time.perf_counter() - window_t
-                sps = window_steps * t.global_batch_size / max(elapsed, 1e-9)
-                rec = {
-                    "step": step,
-                    "samples": samples,
-                    "epoch": samples // (steps_per_epoch(shards.samples, t.global_batch_size) * t.global_batch_size),
-                    "loss": float(tot[3]) / info.world_size,
-                    "lr": lr,
-                    "temperature": float(loss_fn.temperature.detach().float().cpu()),
-                    "top1": float(tot[5]) / count,
-                    "top5": float(tot[6]) / count,
-                    "mean_positive_rank": float(tot[7]) / count,
-                    "embedding_std": float(tot[8]) / count,
-                    "samples_per_s": sps,
-                    "samples_per_s_per_device": sps / info.world_size,
-                    "data_wait_fraction": window_wait / max(elapsed, 1e-9),
-                    "corrupt_samples": int(n_corrupt),
-                }
-                metrics.write(rec)
-                if tb is not None:
-                    for k, v in rec.items():
-                        if k not in ("step", "samples"):
-                            tb.add_scalar(f"pretrain/{k}", v, samples)
-                if bar is None:
-                    log.info(
-                        "step %d/%d loss %.4f lr %.3g samples/s %.1f (%.1f per device) data wait %.0f%% top1 %.2f",
-                        step, t.steps, rec["loss"], lr, sps, sps / info.world_size,
-                        100 * rec["data_wait_fraction"], rec["top1"],
-                    )  # fmt: skip
-                else:
-                    wait = rec["data_wait_fraction"]
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", samples_per_s=f"{sps:.1f}", data_wait=f"{wait:.2f}")
-                window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.checkpoint.every_steps == 0 or step == t.steps or stop_now:
-                meta = {
-                    **base,
-                    "step": step,
-                    "samples": samples,
-                    "loader": {"samples_seen": samples, "seed": d.seed, "global_batch_size": t.global_batch_size},
-                    "config": to_plain(cfg),
-                    "schema": shards.schema.to_dict(),
-                    "model": to_plain(cfg.model),
-                    "code_version": code_version(),
-                    "time": time.time(),
-                }
-                ckpt.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last)
-            if stop_now and step < t.steps:
-                stopped = True
-                if info.rank == 0:
-                    log.warning("stopped on a signal at step %d after saving; run again to resume", step)
-                break
+        # one small all-reduce per step: stop flag, corrupt counts, loss and retrieval metrics
+        m = retrieval_metrics(cm, z_img, z_clim)
+        vec = torch.stack(
+            [
+                torch.tensor(float(flag.raised)),
+                *corrupt,
+                loss.detach().float().cpu(),
+                *(v.cpu() for v in m.values()),
+            ]
+        ).to(info.device if info.backend == "nccl" else "cpu")
+        tot = all_reduce_sum(vec).cpu()
+        stop_now = bool(tot[0] > 0)
+        n_corrupt, n_read = float(tot[1]), float(tot[2])
+        if n_corrupt > d.max_corrupt_fraction * n_read:
+            raise DataError(
+                f"{n_corrupt:.0f} of {n_read:.0f} samples read were corrupt, above data.max_corrupt_fraction="
+                f"{d.max_corrupt_fraction} (see the warnings above for which samples and shards)"
+            )
+        if cfg.data.log_sample_ids:
+            ids = gather_no_grad(batch["ids"].to(info.device if info.backend == "nccl" else "cpu"))
+            if sample_log is not None:
+                sample_log.write({"step": step, "ids": ids.cpu().tolist()})
+        if info.rank == 0 and (step % t.log_every_steps == 0 or step == t.steps or stop_now):
+            count = float(tot[4])
+            elapsed = time.perf_counter() - window_t
+            sps = window_steps * t.global_batch_size / max(elapsed, 1e-9)
+            rec = {
+                "step": step,
+                "samples": samples,
+                "epoch": samples // (steps_per_epoch(shards.samples, t.global_batch_size) * t.global_batch_size),
+                "loss": float(tot[3]) / info.world_size,
+                "lr": lr,
+                "temperature": float(loss_fn.temperature.detach().float().cpu()),
+                "top1": float(tot[5]) / count,
+                "top5": float(tot[6]) / count,
+                "mean_positive_rank": float(tot[7]) / count,
+                "embedding_std": float(tot[8]) / count,
+                "samples_per_s": sps,
+                "samples_per_s_per_device": sps / info.world_size,
+                "data_wait_fraction": window_wait / max(elapsed, 1e-9),
+                "corrupt_samples": int(n_corrupt),
+            }
+            metrics.write(rec)
+            if tb is not None:
+                for k, v in rec.items():
+                    if k not in ("step", "samples"):
+                        tb.add_scalar(f"pretrain/{k}", v, samples)
+            if bar is None:
+                log.info(
+                    "step %d/%d loss %.4f lr %.3g samples/s %.1f (%.1f per device) data wait %.0f%% top1 %.2f",
+                    step, t.steps, rec["loss"], lr, sps, sps / info.world_size,
+                    100 * rec["data_wait_fraction"], rec["top1"],
+                )  # fmt: skip
+            else:
+                wait = rec["data_wait_fraction"]
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", samples_per_s=f"{sps:.1f}", data_wait=f"{wait:.2f}")
+            window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.checkpoint.every_steps == 0 or step == t.steps or stop_now:
+            meta = {
+                **base,
+                "step": step,
+                "samples": samples,
+                "loader": {"samples_seen": samples, "seed": d.seed, "global_batch_size": t.global_batch_size},
+                "config": to_plain(cfg),
+                "schema": shards.schema.to_dict(),
+                "model": to_plain(cfg.model),
+                "code_version": code_version(),
+                "time": time.time(),
+            }
+            ckpt.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last)
+        if stop_now and step < t.steps:
+            stopped = True
+            if info.rank == 0:
+                log.warning("stopped on a signal at step %d after saving; run again to resume", step)
+            break
     if bar is not None:
         bar.close()
     if metrics is not None:
