@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,20 +117,34 @@ def gather_seconds(micro_batch: int, dim: int, n: int = 50) -> float:
     return float(outs[0])
 
 
+def plain_in_subprocess(config: str, steps: int, extra: list[str]) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    cmd = [sys.executable, __file__, "--plain", "--config", config, "--steps", str(steps), *extra]
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs/pretrain/demo.yaml"))
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=2, help="alternate the three runs this often; medians are kept")
+    p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     extra = ["deepspeed.zero_optimization.stage=0", *a.overrides]
+    if a.plain:
+        print(plain_torch_sps(a.config, a.steps, extra))
+        return
+    runs: dict[str, list[float]] = {"torch": [], "ds1": [], "ds2": []}
     with tempfile.TemporaryDirectory() as tmp:
-        one = pretrain(a.config, 1, a.steps, Path(tmp) / "w1", extra)
-        two = pretrain(a.config, 2, a.steps, Path(tmp) / "w2", extra)
-    sps1, sps2 = steady_sps(one), steady_sps(two)
-    torch_sps = plain_torch_sps(a.config, a.steps, extra)
+        for i in range(a.repeats):  # alternating, so load from elsewhere on the machine hits all three alike
+            runs["torch"].append(plain_in_subprocess(a.config, a.steps, extra))
+            runs["ds1"].append(steady_sps(pretrain(a.config, 1, a.steps, Path(tmp) / f"w1-{i}", extra)))
+            runs["ds2"].append(steady_sps(pretrain(a.config, 2, a.steps, Path(tmp) / f"w2-{i}", extra)))
+    torch_sps, sps1, sps2 = (statistics.median(runs[k]) for k in ("torch", "ds1", "ds2"))
     from soilnet.config.base import load_config
     from soilnet.config.pretrain import PretrainConfig
 
@@ -147,6 +162,7 @@ def main() -> None:
         "gather_seconds": g,
         "global_batch_size": cfg.train.global_batch_size,
         "steps": a.steps,
+        "repeats": a.repeats,
         "cpu_count": os.cpu_count(),
     }
     print(json.dumps(result))
