@@ -9,6 +9,7 @@ The training code never asks which scheduler started it: :func:`init_distributed
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -104,6 +105,11 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # as torchrun does: several ranks on one node's CPUs must not each start a thread per core
+        per_node = re.match(r"\d+", os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "")
+        local_world = int(per_node.group()) if per_node else world
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(local_world, 1)))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistInfo(rank=rank, world_size=world, local_rank=local, backend=backend, device=device)
