@@ -13,8 +13,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from soilnet.config.base import ConfigError
 
-class BatchSizeError(ValueError):
+
+class BatchSizeError(ConfigError):
     """A global batch that the world size does not divide, or that exceeds the data."""
 
 

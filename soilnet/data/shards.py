@@ -12,12 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from soilnet import schema as S
+from soilnet.config.base import ConfigError
 from soilnet.config.schema import SchemaConfig
 from soilnet.evaluate.labelled import manifest_path, read_manifest, select_schema
 
 
-class DataError(ValueError):
-    """Shards that cannot be used for pretraining; the message names the manifest, shard or sample."""
+class DataError(ConfigError):
+    """Shards that cannot be used for pretraining; the message names the manifest, shard or sample.
+
+    A :class:`ConfigError`, so ``soilnet`` reports it as one line instead of a traceback."""
 
 
 @dataclass(frozen=True)

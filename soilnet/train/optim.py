@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from soilnet.config.base import ConfigError
 
-class OptimizerConfigError(ValueError):
-    pass
+
+class OptimizerConfigError(ConfigError):
+    """An optimiser that the configured ZeRO stage cannot run."""
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

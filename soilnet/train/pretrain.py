@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import soilnet
-from soilnet.config.base import save_resolved, to_plain
+from soilnet.config.base import ConfigError, save_resolved, to_plain
 from soilnet.config.pretrain import PretrainConfig
 from soilnet.data import LoaderSpec, build_loader, micro_batch, open_shards
 from soilnet.data.augment import AugmentSpec
@@ -263,7 +263,7 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
     stage = zero_stage(cfg)
     check_optimizer(t.optimizer, stage)
     if t.grad_cache_chunk and stage >= 3:
-        raise ValueError("train.grad_cache_chunk needs whole parameters (ZeRO stage <= 2); set it to 0 under stage 3")
+        raise ConfigError("train.grad_cache_chunk needs whole parameters (ZeRO stage <= 2); set it to 0 under stage 3")
     prec = precision(cfg, info)
     peak = scaled_lr(t.lr, t.global_batch_size, t.base_batch_size, t.lr_scaling)
 
