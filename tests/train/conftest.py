@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -31,20 +29,3 @@ def shards(tmp_path_factory) -> Path:
     manifest = pack(cfg)
     assert manifest is not None and manifest["samples"] == SAMPLES
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_env(**extra: str) -> dict[str, str]:
-    """The environment of a child process: CPU DeepSpeed and a stable extension cache."""
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env

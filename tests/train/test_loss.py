@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
+from pretrain_kit import free_port
 from torch import nn
 
 from soilnet.losses import ContrastiveLoss, nt_xent, retrieval_metrics

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_env, free_port
+from pretrain_kit import cpu_env, free_port
 from safetensors import safe_open
 from toymodels import FLAT
 
