@@ -113,9 +113,14 @@ def grad_cache_step(
 def restore_buffers(module: nn.Module, ref: ckpt.CheckpointRef) -> None:
     """Copy buffers (e.g. BatchNorm running statistics) from the source checkpoint's model file: a universal
     checkpoint restores parameters and optimizer state only."""
-    state = torch.load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    files = [ref.path / "mp_rank_00_model_states.pt", ref.path / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    found = next((f for f in files if f.is_file()), None)
+    if found is None:
+        log.warning("%s: no model states file; buffers (e.g. BatchNorm statistics) start afresh", ref.path)
+        return
+    state = torch.load(found, map_location="cpu", weights_only=True).get("module") or {}
     for name, buf in module.named_buffers():
-        if name in state:
+        if name in state and state[name].shape == buf.shape:
             buf.copy_(state[name].to(buf.dtype))
 
 
