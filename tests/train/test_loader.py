@@ -142,3 +142,14 @@ def test_unreadable_shard_counts_each_of_its_samples(shards, tmp_path):
     batches = take(s, spec(), 0, 4)
     assert sum(len(b["corrupt"]) for b in batches) == 16
     assert all(b["image"].shape[0] == G for b in batches)  # shapes stay fixed
+
+
+def test_spectral_and_climate_jitter_are_options(shards):
+    s = open_shards(shards, SchemaConfig())
+    plain = next(iter(PretrainBatches(s, spec())))
+    jitter = AugmentSpec(spectral_jitter=0.1, climate_jitter=0.1)
+    sp = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=jitter)
+    jittered = next(iter(PretrainBatches(s, sp)))
+    assert torch.equal(plain["ids"], jittered["ids"])
+    assert not torch.equal(plain["climate"], jittered["climate"])
+    assert 0 < float((plain["climate"] - jittered["climate"]).std()) < 0.2
