@@ -82,6 +82,10 @@ def make_source(cfg: PackConfig, schema: SampleSchema) -> Source:
         from shards.sources.synthetic import SyntheticWorld
 
         return SyntheticWorld(schema, cfg.source.seed, cfg.source.bbox)
+    if cfg.source.kind == "rasters":
+        from shards.sources.rasters import from_config
+
+        return from_config(schema, cfg.source.rasters)
     raise ConfigError(f"source.kind: {cfg.source.kind!r} is not available in this build")
 
 

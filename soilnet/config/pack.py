@@ -19,6 +19,30 @@ class SamplingConfig(Section):
     seed: int = 0
 
 
+class RasterImageFile(Section):
+    """One channel-group mosaic (GeoTIFF/COG/VRT, any CRS): raster band ``i`` holds channel ``bands[i]``."""
+
+    path: str
+    bands: list[str]
+
+
+class RasterClimateFile(Section):
+    """One climate variable: one band per month from ``first_month`` (YYYY-MM); values x ``scale`` = schema units."""
+
+    path: str
+    variable: str
+    first_month: str
+    scale: float = 1.0
+
+
+class RastersConfig(Section):
+    """Local rasters (``source.kind: rasters``): channel mosaics, climate stacks, and the scenes' date if known."""
+
+    images: list[RasterImageFile]
+    climate: list[RasterClimateFile]
+    scene_date: str | None = None
+
+
 class SourceConfig(Section):
     """Which acquisition backend fills a sample: ``synthetic``, ``rasters`` or ``earthengine``.
 
@@ -29,6 +53,7 @@ class SourceConfig(Section):
     kind: Literal["synthetic", "rasters", "earthengine"] = "synthetic"
     seed: int = 0
     bbox: tuple[float, float, float, float] = (5.0, 45.0, 15.0, 55.0)
+    rasters: RastersConfig | None = None
 
 
 class ShardConfig(Section):

@@ -1,0 +1,149 @@
+"""Local rasters as a :class:`~shards.sources.base.Source`: channel mosaics and climate stacks in any CRS.
+
+Every file is a GeoTIFF, COG or VRT that GDAL reads. ``images`` are mosaics per channel group: file ``i`` holds
+the channels ``bands`` (one raster band each, in the schema's units). A patch is read through
+``rasterio.vrt.WarpedVRT`` onto the patch grid: ``patch_size x patch_size`` pixels of ``pixel_size_m`` metres in
+the point's local UTM zone, centred on the point (bilinear resampling), so GDAL reads only the window it needs.
+``climate`` files hold one variable each, one band per month from ``first_month`` on; the pixel containing the
+point is read and multiplied by ``scale``.
+
+A footprint that leaves a raster is ``Rejected("outside")``; a footprint pixel or climate value equal to the
+raster's nodata is ``Rejected("nodata")``. A file that cannot be opened or read raises an error naming the file:
+the packer records it in the ledger and goes on with the next point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from pyproj import Transformer
+from rasterio.enums import Resampling
+from rasterio.transform import from_origin
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+
+from shards.sources.base import Patch, Rejected
+from soilnet import __version__
+from soilnet.schema import SampleSchema, month_range
+
+
+def utm_crs(lon: float, lat: float) -> str:
+    """The local UTM zone of a point as an EPSG code (326xx north, 327xx south)."""
+    zone = min(int((lon + 180.0) // 6) + 1, 60)
+    return f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
+
+
+class RasterSource:
+    """``images``: list of ``(path, bands)``; ``climate``: list of ``(path, variable, first_month, scale)``."""
+
+    name = "rasters"
+
+    def __init__(self, schema: SampleSchema, images, climate, scene_date: str | None = None):
+        self.schema = schema
+        self.scene_date = scene_date
+        self.images = [(Path(p), list(bands)) for p, bands in images]
+        have = [b for _, bands in self.images for b in bands]
+        missing = [c for c in schema.channels if c not in have]
+        if missing:
+            raise ValueError(f"source.rasters.images: no file provides the channels {missing}")
+        self.climate_files = {var: (Path(p), first, scale) for p, var, first, scale in climate}
+        missing = [v for v in schema.climate_variables if v not in self.climate_files]
+        if missing:
+            raise ValueError(f"source.rasters.climate: no file provides the variables {missing}")
+        self._open: dict[Path, rasterio.DatasetReader] = {}
+        self._to: dict[str, Transformer] = {}
+
+    def _dataset(self, path: Path):
+        if path not in self._open:
+            try:
+                self._open[path] = rasterio.open(path)
+            except rasterio.errors.RasterioIOError as err:
+                raise OSError(f"{path}: cannot open raster ({err})") from None
+        return self._open[path]
+
+    def _transformer(self, crs) -> Transformer:
+        key = str(crs)
+        if key not in self._to:
+            self._to[key] = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+        return self._to[key]
+
+    def patch(self, lon: float, lat: float) -> Patch:
+        """image: ``(C, H, W)`` float32 in the schema's channel order, on the point's local UTM grid."""
+        s = self.schema
+        crs = utm_crs(lon, lat)
+        x, y = self._transformer(crs).transform(lon, lat)
+        half = s.patch_size * s.pixel_size_m / 2.0
+        grid = from_origin(x - half, y + half, s.pixel_size_m, s.pixel_size_m)
+        layers: dict[str, np.ndarray] = {}
+        for path, bands in self.images:
+            wanted = [i for i, b in enumerate(bands) if b in s.channels]
+            if not wanted:
+                continue
+            src = self._dataset(path)
+            left, bottom, right, top = transform_bounds(crs, src.crs, x - half, y - half, x + half, y + half)
+            b = src.bounds
+            if left < b.left or right > b.right or bottom < b.bottom or top > b.top:
+                raise Rejected("outside", f"footprint leaves {path.name}")
+            try:
+                with WarpedVRT(src, crs=crs, transform=grid, width=s.patch_size, height=s.patch_size,
+                               resampling=Resampling.bilinear) as vrt:  # fmt: skip
+                    data = vrt.read([i + 1 for i in wanted], masked=True)
+            except rasterio.errors.RasterioError as err:
+                raise OSError(f"{path}: read failed ({err})") from None
+            if np.ma.count_masked(data):
+                raise Rejected("nodata", f"{int(np.ma.count_masked(data))} nodata values in {path.name}")
+            for k, i in enumerate(wanted):
+                layers[bands[i]] = np.asarray(data[k], dtype=np.float32)
+        image = np.stack([layers[c] for c in s.channels]).astype(np.float32)
+        return Patch(image=image, scene_date=self.scene_date, qa={"crs": crs})
+
+    def climate(self, lon: float, lat: float) -> np.ndarray:
+        """``(T, F)`` float32: the schema's months x variables at the pixel containing the point."""
+        s = self.schema
+        out = np.empty(s.climate_shape, dtype=np.float32)
+        for f, var in enumerate(s.climate_variables):
+            path, first, scale = self.climate_files[var]
+            src = self._dataset(path)
+            months = month_range(first, _add_months(first, src.count - 1))
+            missing = [m for m in s.months if m not in months]
+            if missing:
+                raise OSError(f"{path}: {src.count} monthly bands from {first} miss the months {missing[:3]}")
+            x, y = self._transformer(src.crs).transform(lon, lat)
+            row, col = src.index(x, y)
+            if not (0 <= row < src.height and 0 <= col < src.width):
+                raise Rejected("outside", f"point outside {path.name}")
+            idx = [months.index(m) + 1 for m in s.months]
+            try:
+                values = src.read(idx, window=((row, row + 1), (col, col + 1)), masked=True)[:, 0, 0]
+            except rasterio.errors.RasterioError as err:
+                raise OSError(f"{path}: read failed ({err})") from None
+            if np.ma.count_masked(values):
+                raise Rejected("nodata", f"{var} nodata in {path.name}")
+            out[:, f] = np.asarray(values, dtype=np.float64) * scale
+        return out
+
+    def targets(self, lon: float, lat: float, patch: Patch, climate: np.ndarray) -> dict[str, float]:
+        return {}
+
+    def versions(self) -> dict[str, str]:
+        return {"rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__, "rasters_source": __version__}
+
+
+def _add_months(first: str, n: int) -> str:
+    y, m = (int(v) for v in first.split("-"))
+    t = y * 12 + (m - 1) + n
+    return f"{t // 12:04d}-{t % 12 + 1:02d}"
+
+
+def from_config(schema: SampleSchema, cfg) -> RasterSource:
+    """From ``source.rasters`` (:class:`soilnet.config.pack.RastersConfig`)."""
+    if cfg is None:
+        raise ValueError("source.kind is 'rasters' but the source.rasters section is missing")
+    return RasterSource(
+        schema,
+        [(f.path, f.bands) for f in cfg.images],
+        [(f.path, f.variable, f.first_month, f.scale) for f in cfg.climate],
+        cfg.scene_date,
+    )

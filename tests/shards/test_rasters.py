@@ -1,0 +1,138 @@
+"""Local-raster source: real GeoTIFF / COG files in other CRSs, reprojected windows, edges, nodata, corrupt files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+from pyproj import Transformer
+from rasterio.transform import from_origin
+
+from shards.pack import pack
+from shards.parallel import Workers
+from shards.sources.base import Rejected
+from shards.sources.rasters import RasterSource
+from soilnet.config.base import load_config
+from soilnet.config.pack import PackConfig
+from soilnet.schema import SampleSchema, month_range
+
+CHANNELS = ["SR_B4", "SR_B5"]
+VARS = ["pr", "tmmx"]
+FIRST, LAST = "2014-01", "2014-06"
+
+
+def _write(path, data, crs, transform, nodata=None, **extra):
+    count, h, w = data.shape
+    with rasterio.open(path, "w", driver=extra.pop("driver", "GTiff"), width=w, height=h, count=count,
+                       dtype=data.dtype, crs=crs, transform=transform, nodata=nodata, **extra) as dst:  # fmt: skip
+        dst.write(data)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Mosaic in LAEA Europe (EPSG:3035, 30 m, values = easting in km and 0.5), climate COG in EPSG:4326."""
+    d = tmp_path_factory.mktemp("rasters")
+    x0, y0, px, n = 4_300_000.0, 2_700_000.0, 30.0, 1000
+    xs = x0 + px * (np.arange(n) + 0.5)
+    b4 = np.broadcast_to((xs / 1000.0).astype(np.float32), (n, n)).copy()
+    b4[600:700, 600:700] = -9999.0  # a nodata hole
+    b5 = np.full((n, n), 0.5, dtype=np.float32)
+    _write(d / "mosaic.tif", np.stack([b4, b5]), "EPSG:3035", from_origin(x0, y0, px, px), nodata=-9999.0,
+           tiled=True, blockxsize=256, blockysize=256)  # fmt: skip
+    months = month_range("2013-12", "2014-12")  # a stack starting one month before the schema's first month
+    ppt = np.stack([np.full((60, 60), 10 * (i + 1), dtype=np.int16) for i in range(len(months))])
+    tmmx = np.stack([np.full((60, 60), 100 + i, dtype=np.int16) for i in range(len(months))])
+    geo = from_origin(8.0, 49.0, 0.05, 0.05)
+    _write(d / "pr.tif", ppt, "EPSG:4326", geo, nodata=-32768, driver="COG")
+    _write(d / "tmmx.tif", tmmx, "EPSG:4326", geo, nodata=-32768, driver="COG")
+    (d / "corrupt.tif").write_bytes(b"II*\x00" + b"\x00" * 64)
+    to_geo = Transformer.from_crs("EPSG:3035", "EPSG:4326", always_xy=True)
+    return {"dir": d, "x0": x0, "y0": y0, "size": n * px, "to_geo": to_geo}
+
+
+def _schema():
+    return SampleSchema(channels=tuple(CHANNELS), climate_variables=tuple(VARS), months=month_range(FIRST, LAST))
+
+
+def _source(world, images=None):
+    d = world["dir"]
+    images = images or [(d / "mosaic.tif", CHANNELS)]
+    climate = [(d / "pr.tif", "pr", "2013-12", 1.0), (d / "tmmx.tif", "tmmx", "2013-12", 0.1)]
+    return RasterSource(_schema(), images, climate, scene_date="2014-03-01")
+
+
+def _lonlat(world, fx, fy):
+    return world["to_geo"].transform(world["x0"] + fx * world["size"], world["y0"] - fy * world["size"])
+
+
+def test_patch_is_reprojected_onto_the_local_utm_grid(world):
+    src = _source(world)
+    lon, lat = _lonlat(world, 0.3, 0.3)
+    patch = src.patch(lon, lat)
+    assert patch.image.shape == (2, 64, 64) and patch.image.dtype == np.float32
+    assert patch.qa["crs"].startswith("EPSG:326")
+    # B4 = LAEA easting in km: the patch centre reads the point's own easting; across 64 x 30 m it spans ~1.9 km.
+    x, _ = Transformer.from_crs("EPSG:4326", "EPSG:3035", always_xy=True).transform(lon, lat)
+    centre = patch.image[0, 31:33, 31:33].mean()
+    assert abs(centre - x / 1000.0) < 0.05
+    assert 1.7 < np.ptp(patch.image[0]) < 2.1
+    np.testing.assert_allclose(patch.image[1], 0.5)
+    clim = src.climate(lon, lat)
+    assert clim.shape == (6, 2)
+    np.testing.assert_allclose(clim[:, 0], [20, 30, 40, 50, 60, 70])  # the stack starts at 2013-12
+    np.testing.assert_allclose(clim[:, 1], [10.1, 10.2, 10.3, 10.4, 10.5, 10.6], rtol=1e-6)
+
+
+def test_edges_and_nodata_are_rejected(world):
+    src = _source(world)
+    with pytest.raises(Rejected) as err:
+        src.patch(*_lonlat(world, 0.001, 0.5))  # 30 m from the west edge: the 1.9 km footprint leaves the raster
+    assert err.value.reason == "outside"
+    with pytest.raises(Rejected) as err:
+        src.patch(*_lonlat(world, 0.65, 0.65))
+    assert err.value.reason == "nodata"
+
+
+def test_pack_from_rasters_records_a_corrupt_file_and_goes_on(world, tmp_path):
+    d = world["dir"]
+    pts = [("a", 0.3, 0.3), ("b", 0.4, 0.2), ("edge", 0.001, 0.5), ("hole", 0.65, 0.65), ("c", 0.2, 0.8)]
+    rows = [(pid, *_lonlat(world, fx, fy)) for pid, fx, fy in pts]
+    pd.DataFrame(rows, columns=["id", "lon", "lat"]).to_csv(tmp_path / "points.csv", index=False)
+    cfg_path = tmp_path / "rasters.yaml"
+    cfg_path.write_text(json.dumps({
+        "output_dir": str(tmp_path / "out"),
+        "schema": {"channels": CHANNELS, "climate_variables": VARS, "first_month": FIRST, "last_month": LAST},
+        "sampling": {"points": str(tmp_path / "points.csv")},
+        "source": {"kind": "rasters", "rasters": {
+            "images": [{"path": str(d / "mosaic.tif"), "bands": CHANNELS}],
+            "climate": [{"path": str(d / "pr.tif"), "variable": "pr", "first_month": "2013-12"},
+                        {"path": str(d / "tmmx.tif"), "variable": "tmmx", "first_month": "2013-12", "scale": 0.1}]}},
+        "shard": {"max_samples": 2},
+    }))  # fmt: skip
+    cfg = load_config(PackConfig, cfg_path)
+    manifest = pack(cfg, Workers(0, 1))
+    assert manifest["samples"] == 3 and len(manifest["shards"]) == 3
+    ledger = [json.loads(line) for line in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["reason"] for r in ledger} == {"edge": "outside", "hole": "nodata"}
+    assert manifest["sources"]["kind"] == "rasters" and "gdal" in manifest["sources"]["versions"]
+
+    # A corrupt mosaic: every point fails with an error naming the file, and the run still completes.
+    cfg.output_dir = str(tmp_path / "out2")
+    cfg.source.rasters.images[0].path = str(d / "corrupt.tif")
+    manifest = pack(cfg, Workers(0, 1))
+    assert manifest["samples"] == 0
+    ledger = [json.loads(line) for line in (tmp_path / "out2" / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == 5 and all(r["reason"] == "error" and "corrupt.tif" in r["detail"] for r in ledger)
+
+
+def test_missing_channel_is_a_clear_error(world):
+    with pytest.raises(ValueError, match=r"no file provides the channels \['SR_B5'\]"):
+        _source(world, images=[(world["dir"] / "mosaic.tif", ["SR_B4", "SR_B2"])])
+
+
+def test_example_config_loads(repo_root):
+    cfg = load_config(PackConfig, repo_root / "configs" / "preprocess" / "rasters.yaml")
+    assert cfg.source.kind == "rasters" and cfg.source.rasters.images
