@@ -52,8 +52,9 @@ def write_world(d: Path, schema: SampleSchema) -> tuple[Path, list[Path], str]:
     for var in schema.climate_variables:
         path = d / f"{var}.tif"
         data = rng.integers(0, 1000, (schema.n_months, 80, 80)).astype(np.int16)
+        geo = from_origin(8.0, 49.0, 0.05, 0.05)
         with rasterio.open(path, "w", driver="COG", width=80, height=80, count=schema.n_months, dtype="int16",
-                           crs="EPSG:4326", transform=from_origin(8.0, 49.0, 0.05, 0.05), nodata=-32768) as dst:  # fmt: skip
+                           crs="EPSG:4326", transform=geo, nodata=-32768) as dst:  # fmt: skip
             dst.write(data)
         files.append(path)
     return mosaic, files, first
