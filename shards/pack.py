@@ -132,17 +132,21 @@ def make_sample(source: Source, schema: SampleSchema, pid: str, lon: float, lat:
     targets = source.targets(lon, lat, patch, climate)
     if targets:
         meta["targets"] = targets
-    return {"__key__": pid, "image.npy": image, "climate.npy": climate.astype(np.float32), "meta.json": meta}
+    sample = {"__key__": pid, "image.npy": image, "climate.npy": climate.astype(np.float32), "meta.json": meta}
+    if "image" not in getattr(source, "modalities", ("image",)):  # climate-only imports (e.g. RaCA)
+        del sample["image.npy"]
+    return sample
 
 
 def _partial_stats(samples: list[dict], schema: SampleSchema) -> dict:
     out: dict = {"image": {}, "climate": {}, "targets": {}}
     if not samples:
         return out
-    images = np.stack([s["image.npy"] for s in samples]).astype(np.float32)
     climates = np.stack([s["climate.npy"] for s in samples])
-    for k, name in enumerate(schema.channels):
-        out["image"][name] = stats.describe(images[:, k])
+    if "image.npy" in samples[0]:
+        images = np.stack([s["image.npy"] for s in samples]).astype(np.float32)
+        for k, name in enumerate(schema.channels):
+            out["image"][name] = stats.describe(images[:, k])
     for k, name in enumerate(schema.climate_variables):
         out["climate"][name] = stats.describe(climates[..., k])
     for name in sorted({t for s in samples for t in s["meta.json"].get("targets", {})}):
@@ -193,7 +197,7 @@ def write_manifest(cfg: PackConfig, out: Path, schema: SampleSchema, n_shards: i
     manifest = {
         "format": FORMAT,
         "schema": schema.to_dict(),
-        "modalities": ["image", "climate"],
+        "modalities": list(getattr(source, "modalities", ["image", "climate"])),
         "image_encoding": {"dtype": cfg.shard.image_dtype},
         "targets": sorted(merged.get("targets", {})),
         "shards": [{"name": p["name"], "samples": p["samples"], "sha256": p["sha256"]} for p in parts],
