@@ -136,3 +136,25 @@ def test_missing_channel_is_a_clear_error(world):
 def test_example_config_loads(repo_root):
     cfg = load_config(PackConfig, repo_root / "configs" / "preprocess" / "rasters.yaml")
     assert cfg.source.kind == "rasters" and cfg.source.rasters.images
+
+
+def test_vrt_mosaic_reads_like_its_geotiff(world, tmp_path):
+    d = world["dir"]
+    with rasterio.open(d / "mosaic.tif") as src:
+        w, h, t = src.width, src.height, src.transform
+        crs_wkt = src.crs.to_wkt()
+    bands = "".join(
+        f'<VRTRasterBand dataType="Float32" band="{b}"><NoDataValue>-9999</NoDataValue><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{d / "mosaic.tif"}</SourceFilename><SourceBand>{b}</SourceBand>'
+        f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/><DstRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+        "</SimpleSource></VRTRasterBand>"
+        for b in (1, 2)
+    )
+    vrt = tmp_path / "mosaic.vrt"
+    vrt.write_text(
+        f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><SRS>{crs_wkt}</SRS>'
+        f"<GeoTransform>{t.c}, {t.a}, {t.b}, {t.f}, {t.d}, {t.e}</GeoTransform>{bands}</VRTDataset>"
+    )
+    lon, lat = _lonlat(world, 0.4, 0.2)
+    via_vrt = _source(world, images=[(vrt, CHANNELS)]).patch(lon, lat).image
+    np.testing.assert_array_equal(via_vrt, _source(world).patch(lon, lat).image)
