@@ -9,9 +9,10 @@ Inputs (the layout of moienr/SoilNet):
   ``YYMMDD`` becomes the scene date. With several files for one point the latest scene is used.
 - ``--climate``: one CSV per TerraClimate variable, named after it (``aet.csv``, ``RaCA_aet.csv``,
   ``_aet_filled.csv``): the ID column and ``YYYYMMDD`` columns in any order. Values are Earth Engine's stored
-  integers; the schema's TerraClimate scale factors are applied. ``-999`` means "zero or missing": the seed wrote
-  it where Earth Engine returned 0 (or nothing), and a true 0 is by far the common case (snow water, runoff,
-  dry-month precipitation), so it is imported as 0.0 and counted in the sample's ``qa.climate_minus999``.
+  integers and the schema's TerraClimate scale factors are applied (``--climate-units physical``: used as is).
+  ``-999`` means "zero or missing": the seed wrote it where Earth Engine returned 0 (or nothing), and a true 0 is
+  by far the common case (snow water, runoff, dry-month precipitation), so it is imported as 0.0 and counted in
+  the sample's ``qa.climate_minus999``.
   The months are those present in every file; the variables are those present (the manifest's schema says which).
   A RaCA file's ``SOCstock100`` column becomes the target ``soc_stock``.
 - ``--points``: a ground-truth CSV (UTF-8 BOM allowed) with the ID, lon/lat, and the target column
@@ -136,6 +137,7 @@ class ImportedTables:
         self.climate_tables = climate
         self.target_table = targets
         self.modalities = (["image"] if images is not None else []) + ["climate"]
+        self.stored_units = True  # climate CSVs hold Earth Engine's stored integers
 
     def _id(self, lon: float, lat: float) -> str:
         return self.rows[(float(lon), float(lat))]
@@ -192,7 +194,7 @@ class ImportedTables:
                 raise Rejected("no_climate", f"{pid} not in the {var} table")
             raw = table.loc[pid, list(s.months)].to_numpy(dtype=float)
             raw = np.where(raw == MISSING, 0.0, raw)
-            out[:, f] = raw * S.CLIMATE_BY_NAME[var].scale
+            out[:, f] = raw * (S.CLIMATE_BY_NAME[var].scale if self.stored_units else 1.0)
         return out
 
     def minus999(self, pid: str) -> int:
@@ -265,6 +267,7 @@ def run_cli(args) -> int:
         raise ValueError(f"{pts_path}: point ids may not contain dots (WebDataset keys), e.g. {bad[:3]}")
     source = ImportedTables(schema, {(float(a), float(b)): i for i, a, b in zip(ids, lon, lat, strict=True)},
                             images, tables, targets)  # fmt: skip
+    source.stored_units = getattr(args, "climate_units", "stored") == "stored"
     out = Path(args.out)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     cfg = PackConfig.model_validate({
@@ -285,8 +288,9 @@ def run_cli(args) -> int:
     manifest["modalities"] = source.modalities
     if images is None:
         manifest["stats"]["image"] = {}
-    manifest["import"] = {"variables": list(variables), "months": [months[0], months[-1]],
-                          "images": bool(images), "duplicates": duplicates}  # fmt: skip
+    manifest["import"] = {"variables": list(variables), "months": [months[0], months[-1]], "images": bool(images),
+                          "climate_units": "stored" if source.stored_units else "physical",
+                          "duplicates": duplicates}  # fmt: skip
     _atomic_json(out / "manifest.json", manifest)
     print(f"imported {manifest['samples']} samples ({', '.join(source.modalities)}) into {len(manifest['shards'])} "
           f"shard(s); {len(variables)} climate variables; manifest: {out / 'manifest.json'}")  # fmt: skip

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lat-column", default=None)
     p.add_argument("--out", required=True, help="output shard folder")
     p.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
+    p.add_argument(
+        "--climate-units",
+        choices=["stored", "physical"],
+        default="stored",
+        help="climate CSVs hold Earth Engine's stored integers (scaled on import) or physical values",
+    )
 
     p = sub.add_parser("export", help="write a pretraining checkpoint's encoders as plain safetensors")
     p.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or one checkpoint")

@@ -126,3 +126,27 @@ def test_missing_id_column_names_the_file(tmp_path):
     _climate_csv(climate / "aet.csv", ["a"], "PointID", lambda i, k: 1)
     with pytest.raises(ValueError, match=r"aet\.csv: no ID column 'Point_ID'"):
         run_cli(_args(climate=str(climate), points=str(tmp_path / "p.csv"), out=str(tmp_path / "o")))
+
+
+def test_rerun_resumes_and_physical_units_are_kept(tmp_path):
+    climate = tmp_path / "climate"
+    climate.mkdir()
+    ids = [f"P{i}" for i in range(5)]
+    _climate_csv(climate / "tmmx.csv", ids, "Point_ID", lambda i, k: 20.5 + i)
+    points = tmp_path / "p.csv"
+    pd.DataFrame({"Point_ID": ids, "long": np.arange(5.0), "lat": np.full(5, 50.0), "OC": np.arange(5.0) + 1}).to_csv(
+        points, index=False, encoding="utf-8-sig"
+    )
+    out = tmp_path / "out"
+    args = _args(climate=str(climate), points=str(points), target_column="OC", out=str(out), climate_units="physical")
+    run_cli(args)
+    first = json.loads((out / "manifest.json").read_text())
+    (out / ".parts" / "shard-000001.tar.json").unlink()  # as if killed before shard 1 was recorded
+    (out / "shard-000001.tar").unlink()
+    run_cli(args)
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["shards"] == first["shards"] and again["samples"] == 5
+    assert first["import"]["climate_units"] == "physical"
+    samples = _samples(out)
+    np.testing.assert_allclose(samples["P3"]["climate.npy"][:, 0], 23.5)
+    assert samples["P3"]["meta.json"]["targets"] == {"soc": 4.0}
