@@ -257,7 +257,13 @@ def run_cli(args) -> int:
         t = pts.set_index(args.id_column)[[args.target_column]].rename(columns={args.target_column: name})
         targets = t if targets is None else targets.join(t, how="outer")
     images = read_images(Path(args.images)) if args.images else None
-    channels = image_channels(next(iter(images.values()))[0]) if images else tuple(c.name for c in S.CHANNELS)
+    channels = tuple(c.name for c in S.CHANNELS)
+    for path, _ in (images or {}).values():  # the first readable patch names the channels; broken ones fail later
+        try:
+            channels = image_channels(path)
+            break
+        except (rasterio.errors.RasterioIOError, ValueError) as err:
+            print(f"import-soilnet: {err}", file=sys.stderr)
     channels = tuple(c.name for c in S.CHANNELS if c.name in channels)
     schema = S.SampleSchema(channels=channels, climate_variables=variables, months=months)
     ids = pts[args.id_column].astype(str).to_numpy()

@@ -150,3 +150,37 @@ def test_rerun_resumes_and_physical_units_are_kept(tmp_path):
     samples = _samples(out)
     np.testing.assert_allclose(samples["P3"]["climate.npy"][:, 0], 23.5)
     assert samples["P3"]["meta.json"]["targets"] == {"soc": 4.0}
+
+
+def test_fourteen_band_patch_and_a_corrupt_one(tmp_path):
+    # The corrupt patch sorts first: the import still takes the channels from the readable one.
+    import rasterio
+    from pyproj import Transformer
+    from rasterio.transform import from_origin
+
+    images, climate = tmp_path / "images", tmp_path / "climate"
+    images.mkdir()
+    climate.mkdir()
+    lon, lat = 10.0, 48.0
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(lon, lat)
+    n, px = 110, 30.0
+    data = np.stack([np.full((n, n), 0.01 * (b + 1)) for b in range(14)]).astype(np.float64)
+    data[12] = 350.0  # elevation (m)
+    grid = from_origin(x - n * px / 2, y + n * px / 2, px, px)
+    with rasterio.open(images / "B_150301.tif", "w", driver="GTiff", width=n, height=n, count=14, dtype="float64",
+                       crs="EPSG:3857", transform=grid) as dst:  # fmt: skip
+        dst.write(data)
+        dst.descriptions = tuple(c.name for c in S.CHANNELS)
+    (images / "A_150302.tif").write_bytes(b"II*\x00" + b"\x00" * 32)
+    _climate_csv(climate / "aet.csv", ["B", "A"], "Point_ID", lambda i, k: 1)
+    points = tmp_path / "p.csv"
+    pd.DataFrame({"Point_ID": ["B", "A"], "lon": [lon, lon + 0.1], "lat": [lat, lat]}).to_csv(points, index=False)
+    out = tmp_path / "out"
+    run_cli(_args(images=str(images), climate=str(climate), points=str(points), out=str(out)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema"]["channels"] == [c.name for c in S.CHANNELS] and manifest["samples"] == 1
+    img = _samples(out)["B"]["image.npy"].astype(np.float32)
+    np.testing.assert_allclose(img[12], 350.0)
+    ledger = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == 1 and ledger[0]["id"] == "A" and ledger[0]["reason"] == "error"
+    assert "A_150302.tif" in ledger[0]["detail"]
