@@ -22,7 +22,6 @@ from pyproj import Transformer
 from rasterio.enums import Resampling
 from rasterio.transform import from_origin
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import transform_bounds
 
 from shards.sources.base import Patch, Rejected
 from soilnet import __version__
@@ -69,6 +68,13 @@ class RasterSource:
             self._to[key] = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
         return self._to[key]
 
+    def _between(self, a: str, b) -> Transformer:
+        """A cached pyproj transformer (rasterio's transform_bounds builds one per call: half of a patch's time)."""
+        key = f"{a}->{b}"
+        if key not in self._to:
+            self._to[key] = Transformer.from_crs(a, b, always_xy=True)
+        return self._to[key]
+
     def patch(self, lon: float, lat: float) -> Patch:
         """image: ``(C, H, W)`` float32 in the schema's channel order, on the point's local UTM grid."""
         s = self.schema
@@ -82,7 +88,9 @@ class RasterSource:
             if not wanted:
                 continue
             src = self._dataset(path)
-            left, bottom, right, top = transform_bounds(crs, src.crs, x - half, y - half, x + half, y + half)
+            left, bottom, right, top = self._between(crs, src.crs).transform_bounds(
+                x - half, y - half, x + half, y + half
+            )
             b = src.bounds
             if left < b.left or right > b.right or bottom < b.bottom or top > b.top:
                 raise Rejected("outside", f"footprint leaves {path.name}")
