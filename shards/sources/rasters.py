@@ -14,6 +14,7 @@ the packer records it in the ledger and goes on with the next point.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ class RasterSource:
             raise ValueError(f"source.rasters.climate: no file provides the variables {missing}")
         self._open: dict[Path, rasterio.DatasetReader] = {}
         self._to: dict[str, Transformer] = {}
+        self._band_index: dict[Path, list[int]] = {}
 
     def _dataset(self, path: Path):
         if path not in self._open:
@@ -107,6 +109,16 @@ class RasterSource:
         image = np.stack([layers[c] for c in s.channels]).astype(np.float32)
         return Patch(image=image, scene_date=self.scene_date, qa={"crs": crs})
 
+    def _bands(self, path: Path, src, first: str) -> list[int]:
+        """1-based band numbers of the schema's months in a monthly stack starting at ``first`` (cached)."""
+        if path not in self._band_index:
+            months = month_range(first, _add_months(first, src.count - 1))
+            missing = [m for m in self.schema.months if m not in months]
+            if missing:
+                raise OSError(f"{path}: {src.count} monthly bands from {first} miss the months {missing[:3]}")
+            self._band_index[path] = [months.index(m) + 1 for m in self.schema.months]
+        return self._band_index[path]
+
     def climate(self, lon: float, lat: float) -> np.ndarray:
         """``(T, F)`` float32: the schema's months x variables at the pixel containing the point."""
         s = self.schema
@@ -114,15 +126,12 @@ class RasterSource:
         for f, var in enumerate(s.climate_variables):
             path, first, scale = self.climate_files[var]
             src = self._dataset(path)
-            months = month_range(first, _add_months(first, src.count - 1))
-            missing = [m for m in s.months if m not in months]
-            if missing:
-                raise OSError(f"{path}: {src.count} monthly bands from {first} miss the months {missing[:3]}")
+            idx = self._bands(path, src, first)
             x, y = self._transformer(src.crs).transform(lon, lat)
-            row, col = src.index(x, y)
+            c, r = ~src.transform * (x, y)
+            row, col = math.floor(r), math.floor(c)
             if not (0 <= row < src.height and 0 <= col < src.width):
                 raise Rejected("outside", f"point outside {path.name}")
-            idx = [months.index(m) + 1 for m in s.months]
             try:
                 values = src.read(idx, window=((row, row + 1), (col, col + 1)), masked=True)[:, 0, 0]
             except rasterio.errors.RasterioError as err:
