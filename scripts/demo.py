@@ -80,10 +80,11 @@ def main() -> None:
     )  # fmt: skip
 
     metrics = json.loads((finetune / "metrics.json").read_text())
-    checkpoints = sorted(p for p in pretrain.rglob("*") if p.is_dir() and p.name.startswith("global_step"))
+    latest = pretrain / "checkpoints" / "latest"
+    checkpoint = pretrain / "checkpoints" / latest.read_text().strip() if latest.exists() else pretrain
     print("\n=== demo finished. Results:")
     print(f"  shards + manifest : {shards}/manifest.json")
-    print(f"  DeepSpeed ckpt    : {checkpoints[-1] if checkpoints else pretrain}")
+    print(f"  DeepSpeed ckpt    : {checkpoint}")
     print(f"  encoders          : {encoders}")
     print(f"  metrics           : {finetune / 'metrics.json'}")
     for png in sorted(finetune.rglob("*.png")):

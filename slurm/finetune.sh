@@ -15,7 +15,9 @@ set -euo pipefail
 
 CONFIG=${1:-configs/finetune/demo.yaml}
 [ $# -gt 0 ] && shift
-source "$(dirname "$(readlink -f "$0")")/common.sh"
+# Slurm runs a copy of this script from its spool folder, so shared code is found from the submit directory:
+# submit from the repository root.
+source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 
 set +e
 srun --kill-on-bad-exit=1 python -m soilnet.cli finetune --config "$CONFIG" "$@"

@@ -15,7 +15,9 @@ set -euo pipefail
 
 CONFIG=${1:-configs/preprocess/demo.yaml}
 [ $# -gt 0 ] && shift
-source "$(dirname "$(readlink -f "$0")")/common.sh"
+# Slurm runs a copy of this script from its spool folder, so shared code is found from the submit directory:
+# submit from the repository root.
+source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 
 if [ -n "${SLURM_ARRAY_TASK_COUNT:-}" ]; then
     # the packer reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT to take its part

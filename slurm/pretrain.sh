@@ -18,7 +18,9 @@ set -euo pipefail
 
 CONFIG=${1:-configs/pretrain/demo.yaml}
 [ $# -gt 0 ] && shift
-source "$(dirname "$(readlink -f "$0")")/common.sh"
+# Slurm runs a copy of this script from its spool folder, so shared code is found from the submit directory:
+# submit from the repository root.
+source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 
 # SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID give each task its rank; soilnet.distributed reads them.
 set +e

@@ -169,7 +169,7 @@ JobRequeue=1
 SlurmdTimeout=10
 SlurmctldTimeout=10
 InactiveLimit=0
-KillWait=5
+KillWait=20
 MinJobAge=600
 JobCompType=jobcomp/none
 """.strip().splitlines()
