@@ -137,6 +137,12 @@ class SlurmCluster:
                         pass
             self.procs.pop(name, None)
         for node in self.nodes:
+            pids = _run("ip", "netns", "pids", self.netns(node), check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             _run("ip", "netns", "del", self.netns(node), check=False)
         _run("ip", "link", "del", self.bridge, check=False)
 
@@ -196,6 +202,7 @@ def start_cluster(root: Path, n_nodes: int = 2, bridge: str = "snbr0", subnet: s
         for i, (node, ip) in enumerate(nodes.items()):
             ns, host_end = cluster.netns(node), f"{bridge}v{i}"
             _run("ip", "netns", "del", ns, check=False)
+            _run("ip", "link", "del", host_end, check=False)  # a pair left behind by a killed earlier run
             _run("ip", "netns", "add", ns)
             _run("ip", "link", "add", host_end, "type", "veth", "peer", "name", IFNAME, "netns", ns)
             _run("ip", "link", "set", host_end, "master", bridge)
@@ -228,8 +235,9 @@ def start_cluster(root: Path, n_nodes: int = 2, bridge: str = "snbr0", subnet: s
         for node in nodes:
             cluster.start_slurmd(node)
         cluster.wait_nodes_idle()
-    except Exception:
+    except Exception as err:
         logs = cluster.logs()
         cluster.stop()
-        raise RuntimeError(f"could not start the test cluster:\n{logs}") from None
+        detail = err.stderr if isinstance(err, subprocess.CalledProcessError) else ""
+        raise RuntimeError(f"could not start the test cluster: {err!r} {detail}\n{logs}") from err
     return cluster
