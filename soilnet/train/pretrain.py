@@ -443,8 +443,8 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
             ckpt.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last)
         if stop_now and step < t.steps:
             stopped = True
-            if info.rank == 0:
-                log.warning("stopped on a signal at step %d after saving; run again to resume", step)
+            # every rank says where it stopped: the ranks' logs show that they agreed
+            log.warning("rank %d: stopped on a signal at step %d after saving; run again to resume", info.rank, step)
             break
     if bar is not None:
         bar.close()

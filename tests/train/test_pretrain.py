@@ -173,7 +173,10 @@ def test_world_size_change_keeps_batchnorm_statistics(straight, shards, tmp_path
     assert tracked and all(int(v) == 6 for v in tracked.values())  # 3 restored + 3 new steps
 
 
-def test_signal_on_one_rank_stops_every_rank_at_the_same_step_after_saving(shards, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])
+def test_signal_on_one_rank_stops_every_rank_at_the_same_step_after_saving_and_the_rerun_resumes(
+    signum, shards, tmp_path
+):
     _needs_model()
     out = tmp_path / "run"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,13 +185,36 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_step_after_saving(shard
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
         assert time.time() < deadline and all(p.poll() is None for p in procs), log_of(out)
         time.sleep(0.05)
-    procs[1].send_signal(signal.SIGUSR2)  # as Slurm's --signal; only one rank sees it
+    procs[1].send_signal(signum)  # SIGUSR2 as Slurm's --signal, SIGTERM as scancel or a node drain; one rank only
     codes = wait(procs, out)
     assert codes == [75, 75], log_of(out)
-    tag = (out / "checkpoints" / "latest").read_text()
+    ck = out / "checkpoints"
+    tag = (ck / "latest").read_text()
     step = int(tag.split("_")[1])
     assert 0 < step < 400
-    assert {"rng_rank0.pt", "rng_rank1.pt"} <= {f.name for f in (out / "checkpoints" / tag).iterdir()}
+    assert [d.name for d in ck.iterdir() if d.is_dir()] == [tag]  # the only save is the one on the signal
+    # both ranks wrote their part of that checkpoint (ZeRO-1 optimizer partitions and RNG states) ...
+    names = {f.name for f in (ck / tag).iterdir()}
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= names
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names
+    # ... and each says it stopped after that very step; no step ran past it
+    for r in (0, 1):
+        assert f"rank {r}: stopped on a signal at step {step} after saving" in log_of(out, r), log_of(out, r)
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
+
+    # the rerun (as a requeue would start it) resumes there and continues the global sample sequence
+    assert run(out, shards, 2, f"train.steps={step + 2}") == [0, 0], log_of(out)
+    full_log = (out.parent / f"{out.name}.rank0.log").read_text(errors="replace")
+    assert f"resumed from {ck / tag} at step {step}" in full_log, log_of(out)
+    assert (ck / "latest").read_text() == f"step_{step + 2:08d}"
+    meta = json.loads((ck / f"step_{step + 2:08d}" / "soilnet.json").read_text())
+    assert meta["samples"] == (step + 2) * 16
+    seq = sample_sequence(out)
+    assert len(seq) == step + 2
+    from soilnet.data.order import batch_ids
+
+    seed = meta["loader"]["seed"]
+    assert seq == [batch_ids(seed, 64, 16, k).tolist() for k in range(step + 2)]
 
 
 def test_export_writes_plain_encoder_weights_with_schema_and_model_metadata(straight, tmp_path):
