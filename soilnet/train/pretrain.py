@@ -280,7 +280,16 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
                 f"{resume.path}: was trained with train.global_batch_size={resume.meta.get('global_batch_size')}, "
                 f"this run asks for {t.global_batch_size}; resume with the same global batch or use a new output_dir"
             )
-        universal = resume.meta.get("world_size") != info.world_size and resume.meta.get("zero_stage", 0) > 0
+        was = int(resume.meta.get("zero_stage", 0))
+        if was != stage and 0 in (was, stage):
+            # stage 0 keeps the whole optimizer state in mp_rank_00_model_states.pt, stages >= 1 in per-rank
+            # partitions; DeepSpeed converts neither layout into the other
+            raise ConfigError(
+                f"{resume.path}: was written under deepspeed.zero_optimization.stage={was}, this run asks for "
+                f"stage {stage}; resume with stage {was} or use a new output_dir"
+            )
+        # stage 0: every rank holds the whole state, which loads as it is on any world size
+        universal = resume.meta.get("world_size") != info.world_size and was > 0
         if info.rank == 0:
             ckpt.prune(root, cfg.checkpoint.keep_last)
         load_tag = ckpt.ensure_universal(resume, info.rank) if universal else resume.tag

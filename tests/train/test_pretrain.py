@@ -73,6 +73,12 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def weights_at(out: Path, tag: str) -> dict[str, torch.Tensor]:
+    from soilnet.train.export import encoder_state
+
+    return encoder_state(out / "checkpoints" / tag)[0]
+
+
 def sample_sequence(out: Path) -> list[list[int]]:
     rows = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
@@ -162,6 +168,41 @@ def test_world_size_change_1_to_2_continues_the_same_run(straight_flat, shards, 
     a, b = weights(one), weights(straight_flat)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+
+
+def test_world_size_change_under_zero_stage_0_loads_the_checkpoint_as_it_is_and_continues(shards, tmp_path):
+    """ZeRO stage 0 (LARS needs it): every rank holds the whole model and optimizer state, which DeepSpeed writes
+    once (``mp_rank_00_model_states.pt``), so a checkpoint loads on another world size (2 -> 1, 1 -> 2) without
+    conversion. Losing the LARS momentum on the way would move the weights by ~4e-4, far outside the tolerance."""
+    _needs_model()
+    lars = ("train.optimizer=lars", "deepspeed.zero_optimization.stage=0")
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert run(straight, shards, 2, *lars, flat=True) == [0, 0], log_of(straight)
+    assert not list((straight / "checkpoints" / "step_00000003").glob("zero_pp_rank_*"))  # no partitions
+    resume_from_step_3(straight, out)
+    # a ZeRO-1 run cannot take over a stage-0 checkpoint: refused by name before anything is loaded
+    assert run(out, shards, 1, "deepspeed.zero_optimization.stage=1", flat=True) == [2]
+    assert "was written under deepspeed.zero_optimization.stage=0, this run asks for stage 1" in log_of(out)
+    assert run(out, shards, 1, *lars, flat=True) == [0], log_of(out)
+    assert not (out / "checkpoints" / "step_00000003.universal").exists()
+    meta = json.loads((out / "checkpoints" / "step_00000006" / "soilnet.json").read_text())
+    assert meta["world_size"] == 1 and meta["zero_stage"] == 0
+    assert sample_sequence(out) == sample_sequence(straight)
+    a, b = weights(out), weights(straight)
+    fresh = weights_at(out, "step_00000003")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+    assert any(not torch.equal(a[k], fresh[k]) for k in a)  # the resumed steps did train
+
+    # 1 -> 2: one rank dies after step 4 (its checkpoint at 3 stands), two ranks both read the one state file
+    one = tmp_path / "one"
+    assert run(one, shards, 1, *lars, "debug.sigkill_after_step=4", flat=True) != [0]
+    assert run(one, shards, 2, *lars, flat=True) == [0, 0], log_of(one)
+    assert not (one / "checkpoints" / "step_00000003.universal").exists()
+    assert sample_sequence(one) == sample_sequence(straight)
+    c = weights(one)
+    for k in c:
+        assert torch.allclose(c[k], b[k], atol=1e-5, rtol=1e-4), (k, float((c[k] - b[k]).abs().max()))
 
 
 def test_world_size_change_keeps_batchnorm_statistics(straight, shards, tmp_path):
