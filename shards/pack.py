@@ -15,6 +15,8 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +88,9 @@ def make_source(cfg: PackConfig, schema: SampleSchema) -> Source:
         from shards.sources.rasters import from_config
 
         return from_config(schema, cfg.source.rasters)
-    raise ConfigError(f"source.kind: {cfg.source.kind!r} is not available in this build")
+    from shards.sources.earthengine import from_config as earthengine
+
+    return earthengine(schema, cfg.source.earthengine, cfg.output_dir)
 
 
 def _fsync_rename(tmp: str) -> None:
@@ -159,15 +163,22 @@ def pack_shard(k: int, points: Points, source: Source, cfg: PackConfig, out: Pat
     n = cfg.shard.max_samples
     schema = source.schema
     samples, rejected = [], []
-    for i in range(k * n, min((k + 1) * n, len(points))):
+
+    def acquire(i: int) -> dict:
         pid = str(points.ids[i])
         try:
-            samples.append(make_sample(source, schema, pid, points.lon[i], points.lat[i], cfg.shard.on_nonfinite))
+            return make_sample(source, schema, pid, points.lon[i], points.lat[i], cfg.shard.on_nonfinite)
         except Rejected as err:
-            rejected.append({"id": pid, "reason": err.reason, "detail": err.detail})
+            return {"id": pid, "reason": err.reason, "detail": err.detail}
         except Exception as err:  # a broken point must not stop the other 10 million; it is recorded
-            rejected.append({"id": pid, "reason": "error", "detail": f"{type(err).__name__}: {err}"})
-        progress.update(1)
+            return {"id": pid, "reason": "error", "detail": f"{type(err).__name__}: {err}"}
+
+    indices = range(k * n, min((k + 1) * n, len(points)))
+    threads = getattr(source, "concurrency", 1)  # remote sources wait on the network, not on this CPU
+    with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+        for result in pool.map(acquire, indices) if pool else map(acquire, indices):  # map keeps point order
+            (samples if "__key__" in result else rejected).append(result)
+            progress.update(1)
     name = f"shard-{k:06d}.tar"
     with wds.ShardWriter(str(out / "shard-%06d.tar.tmp"), maxcount=n + 1, start_shard=k, post=_fsync_rename,
                          verbose=0, mtime=0.0) as sink:  # fmt: skip
@@ -224,10 +235,10 @@ def pack(cfg: PackConfig, workers: Workers | None = None) -> dict | None:
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     if workers.rank == 0:
         save_resolved(cfg, out)
+    source = make_source(cfg, schema)  # first: a bad source (e.g. Earth Engine auth) fails before any work
     points = load_points(cfg)
     if len(points) == 0:
         raise ConfigError("sampling: no points to pack")
-    source = make_source(cfg, schema)
     n_shards = -(-len(points) // cfg.shard.max_samples)
     mine = [k for k in range(n_shards) if k % workers.world == workers.rank]
     todo = [k for k in mine if not (out / PARTS / f"shard-{k:06d}.tar.json").exists()]

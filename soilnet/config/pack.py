@@ -43,6 +43,30 @@ class RastersConfig(Section):
     scene_date: str | None = None
 
 
+class EarthEngineConfig(Section):
+    """Earth Engine (``source.kind: earthengine``): Landsat 8 C2 L2, Copernicus GLO-30 and TerraClimate.
+
+    Authentication: ``service_account_key`` (a JSON key file; or ``GOOGLE_APPLICATION_CREDENTIALS``) for headless
+    nodes, else the credentials of ``earthengine authenticate``. ``url``: null for Google's standard endpoint, or
+    ``https://earthengine-highvolume.googleapis.com`` for bulk ``computePixels``. ``max_in_flight`` requests at
+    once are shared by every worker that uses ``budget_dir`` (default ``<output_dir>/.ee_budget``; it must be on a
+    file system with POSIX locks across nodes, as Lustre with ``flock``, GPFS and NFSv4 have).
+    """
+
+    project: str | None = None
+    service_account_key: str | None = None
+    url: str | None = None
+    year: int = Field(2015, ge=2013)
+    winter_months: list[int] = [12, 1, 2]
+    min_clear_fraction: float = Field(0.8, ge=0.0, le=1.0)
+    max_scenes: int = Field(50, gt=0)
+    max_in_flight: int = Field(40, gt=0)
+    threads: int = Field(16, gt=0)
+    budget_dir: str | None = None
+    max_retries: int = Field(5, ge=0, lt=100)
+    timeout_s: float = Field(120.0, gt=0)
+
+
 class SourceConfig(Section):
     """Which acquisition backend fills a sample: ``synthetic``, ``rasters`` or ``earthengine``.
 
@@ -54,6 +78,7 @@ class SourceConfig(Section):
     seed: int = 0
     bbox: tuple[float, float, float, float] = (5.0, 45.0, 15.0, 55.0)
     rasters: RastersConfig | None = None
+    earthengine: EarthEngineConfig = EarthEngineConfig()
 
 
 class ShardConfig(Section):
