@@ -1,0 +1,292 @@
+"""A fake Earth Engine REST service for tests and benchmarks: the real ``earthengine-api`` client talks to it over
+HTTP, so the production code path is the one that talks to Google; only ``source.earthengine.url`` differs.
+
+It serves what the client needs and checks every request it is sent:
+
+- ``POST /token``: the OAuth2 JWT-bearer exchange of a service account; the assertion's signature is verified
+  against the test key, and an access token comes back (or ``invalid_grant`` when ``reject_auth`` is set);
+- ``GET /$discovery/rest``: the client library's own copy of the Earth Engine discovery document;
+- ``GET .../algorithms``: the client library's own copy of the algorithm list;
+- ``POST .../value:compute``: the scene table and TerraClimate series of a point;
+- ``POST .../image:computePixels``: the raw Landsat bands, elevation and slope on the requested grid, as NPY.
+
+Each API call must carry the access token. The expression graphs are walked: collection IDs, selected bands,
+date ranges, grid, scale and CRS are checked against what the packer's config implies, and any mismatch becomes
+a 400 answer and an entry in ``violations``. ``latency_s`` delays every API answer; ``faults`` is a queue of HTTP
+statuses (429, 503...) answered instead of the next calls; ``max_in_flight`` records the peak of concurrent
+``value:compute`` and ``computePixels`` calls.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import ee
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from google.auth import jwt
+from pyproj import Transformer
+
+EE_DIR = Path(ee.__file__).parent
+LANDSAT = "LANDSAT/LC08/C02/T1_L2"
+SR_BANDS = [f"SR_B{i}" for i in range(1, 8)]
+TOKEN = "fake-access-token"
+
+
+def make_service_account_key(path: Path, token_uri: str, email: str = "packer@soil-project.iam.gserviceaccount.com"):
+    """Write a service-account JSON key with a fresh RSA key; returns the PEM public key (to verify JWTs)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()  # fmt: skip
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()  # fmt: skip
+    path.write_text(json.dumps({"type": "service_account", "project_id": "soil-project", "private_key_id": "k1",
+                                "private_key": private, "client_email": email, "client_id": "1",
+                                "token_uri": token_uri}))  # fmt: skip
+    return public
+
+
+def expression_nodes(expression: dict) -> list[dict]:
+    """Every ``functionInvocationValue`` of a serialized expression graph (references resolved)."""
+    values, out, seen = expression["values"], [], set()
+
+    def visit(node):
+        if isinstance(node, dict):
+            if "valueReference" in node:
+                ref = node["valueReference"]
+                if ref not in seen:
+                    seen.add(ref)
+                    visit(values[ref])
+                return
+            if "functionInvocationValue" in node:
+                out.append(node["functionInvocationValue"])
+            if "functionDefinitionValue" in node:  # a mapped function's body is a key into ``values``
+                visit({"valueReference": node["functionDefinitionValue"]["body"]})
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v)
+
+    visit(values[expression["result"]])
+    return out
+
+
+def constant(node, values: dict):
+    """The plain value of an argument node (constant, reference to a constant, or array of them)."""
+    if "valueReference" in node:
+        return constant(values[node["valueReference"]], values)
+    if "constantValue" in node:
+        return node["constantValue"]
+    if "arrayValue" in node:
+        return [constant(v, values) for v in node["arrayValue"]["values"]]
+    if "functionInvocationValue" in node:
+        return node["functionInvocationValue"]
+    return node
+
+
+class FakeEarthEngine:
+    """Start with ``with FakeEarthEngine(...) as fake:``; ``fake.url`` goes into ``source.earthengine.url``."""
+
+    def __init__(self, public_key: str, year: int, months: tuple[str, ...], variables: tuple[str, ...],
+                 patch_size: int = 64, pixel_size_m: float = 30.0, latency_s: float = 0.0):  # fmt: skip
+        self.public_key, self.year, self.months, self.variables = public_key, year, months, variables
+        self.patch_size, self.pixel_size_m, self.latency_s = patch_size, pixel_size_m, latency_s
+        self.reject_auth = False
+        self.faults: list[int] = []
+        self.violations: list[str] = []
+        self.calls: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        self.tokens_issued = 0
+        self._lock = threading.Lock()
+        self.scenes_for = default_scenes
+        self.climate_for = default_climate
+        self.pixels_for = default_pixels
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> FakeEarthEngine:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                fake.handle(self, "GET")
+
+            def do_POST(self):
+                fake.handle(self, "POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- HTTP ------------------------------------------------------------------------------------------------
+
+    def handle(self, req: BaseHTTPRequestHandler, method: str) -> None:
+        url = urlparse(req.path)
+        body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
+        if url.path == "/token":
+            return self.token(req, body)
+        if url.path.endswith("/$discovery/rest"):
+            doc = json.loads((EE_DIR / "tests" / "cloud_api_discovery_document.json").read_text())
+            doc["rootUrl"] = doc["baseUrl"] = self.url + "/"
+            return reply(req, 200, json.dumps(doc).encode())
+        if req.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return reply(req, 401, error(401, "request without the issued access token"))
+        if url.path.endswith("/algorithms"):  # once per process, at ee.Initialize: not a packing request
+            return reply(req, 200, (EE_DIR / "tests" / "algorithms.json").read_bytes())
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            fault = self.faults.pop(0) if self.faults else None
+        try:
+            time.sleep(self.latency_s)
+            if fault is not None:
+                self.calls.append({"kind": "fault", "status": fault})
+                return reply(req, fault, error(fault, f"injected HTTP {fault}"))
+            try:
+                if url.path.endswith("/value:compute"):
+                    return reply(req, 200, json.dumps({"result": self.compute_value(json.loads(body))}).encode())
+                if url.path.endswith("/image:computePixels"):
+                    return reply(req, 200, self.compute_pixels(json.loads(body)), "application/octet-stream")
+            except AssertionError as err:
+                self.violations.append(str(err))
+                return reply(req, 400, error(400, f"fake Earth Engine refused the request: {err}"))
+            return reply(req, 404, error(404, f"no such endpoint {url.path}"))
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def token(self, req: BaseHTTPRequestHandler, body: bytes) -> None:
+        form = parse_qs(body.decode())
+        if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"] or self.reject_auth:
+            refusal = {"error": "invalid_grant", "error_description": "Invalid grant"}
+            return reply(req, 400, json.dumps(refusal).encode())
+        try:
+            claims = jwt.decode(
+                form["assertion"][0], certs=self.public_key, audience="https://oauth2.googleapis.com/token"
+            )
+        except ValueError as err:
+            return reply(req, 400, json.dumps({"error": "invalid_grant", "error_description": str(err)}).encode())
+        assert "earthengine" in claims.get("scope", ""), claims
+        self.tokens_issued += 1
+        return reply(req, 200, json.dumps({"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"}).encode())
+
+    # -- the two API calls -----------------------------------------------------------------------------------
+
+    def compute_value(self, body: dict) -> dict:
+        expr = body["expression"]
+        nodes = expression_nodes(expr)
+        loads = sorted({constant(n["arguments"]["id"], expr["values"]) for n in nodes
+                        if n["functionName"] == "ImageCollection.load"})  # fmt: skip
+        assert loads == sorted([LANDSAT, "IDAHO_EPSCOR/TERRACLIMATE"]), f"collections {loads}"
+        ranges = {tuple(constant(n["arguments"][k], expr["values"]) for k in ("start", "end"))
+                  for n in nodes if n["functionName"] == "DateRange"}  # fmt: skip
+        year = (f"{self.year}-01-01", f"{self.year + 1}-01-01")
+        y, m = (int(v) for v in self.months[-1].split("-"))
+        climate = (f"{self.months[0]}-01", f"{y + m // 12:04d}-{m % 12 + 1:02d}-01")
+        assert ranges == {year, climate}, f"date ranges {sorted(ranges)}, expected {year} and {climate}"
+        selected = [constant(n["arguments"]["bandSelectors"], expr["values"]) for n in nodes
+                    if n["functionName"] == "Image.select"]  # fmt: skip
+        assert list(self.variables) in selected, f"TerraClimate bands {selected}"
+        assert any(n["functionName"] == "Image.bitwiseAnd" for n in nodes), "no QA_PIXEL mask"
+        assert ["QA_PIXEL"] in selected and ["QA_RADSAT"] in selected, f"QA bands {selected}"
+        points = [constant(n["arguments"]["coordinates"], expr["values"]) for n in nodes
+                  if n["functionName"] == "GeometryConstructors.Point"]  # fmt: skip
+        assert points, "no point geometry"
+        lon, lat = points[0]
+        self.calls.append({"kind": "value", "lon": lon, "lat": lat})
+        return {"scenes": {"type": "FeatureCollection", "features": [
+                    {"type": "Feature", "geometry": None, "id": s["id"], "properties": s}
+                    for s in self.scenes_for(lon, lat, self.year)]},
+                "climate": self.climate_for(lon, lat, self.months, self.variables)}  # fmt: skip
+
+    def compute_pixels(self, body: dict) -> bytes:
+        expr, grid = body["expression"], body["grid"]
+        nodes = expression_nodes(expr)
+        assert body.get("fileFormat") == "NPY", f"fileFormat {body.get('fileFormat')}"
+        assert grid["dimensions"] == {"width": self.patch_size, "height": self.patch_size}, f"grid {grid}"
+        t = grid["affineTransform"]
+        assert (t["scaleX"], t.get("scaleY"), t.get("shearX", 0), t.get("shearY", 0)) == (
+            self.pixel_size_m, -self.pixel_size_m, 0, 0), f"affine transform {t}"  # fmt: skip
+        crs = grid["crsCode"]
+        half = self.patch_size * self.pixel_size_m / 2
+        lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(
+            t["translateX"] + half, t["translateY"] - half)  # fmt: skip
+        zone = min(int((lon + 180) // 6) + 1, 60)
+        assert crs == f"EPSG:{(32600 if lat >= 0 else 32700) + zone}", f"{crs} is not the UTM zone of {lon}, {lat}"
+        images = [constant(n["arguments"]["id"], expr["values"]) for n in nodes if n["functionName"] == "Image.load"]
+        scenes = [i for i in images if i.startswith(LANDSAT + "/")]
+        assert len(scenes) == 1, f"Landsat images {images}"
+        dem = [constant(n["arguments"]["id"], expr["values"]) for n in nodes
+               if n["functionName"] == "ImageCollection.load"]  # fmt: skip
+        assert dem == ["COPERNICUS/DEM/GLO30"], f"DEM collection {dem}"
+        assert any(n["functionName"] == "Terrain.slope" for n in nodes), "no slope"
+        bands = [*SR_BANDS, "QA_PIXEL", "QA_RADSAT", "elevation", "slope"]
+        assert body.get("bandIds") == bands, f"bandIds {body.get('bandIds')}"
+        scene = scenes[0].rsplit("/", 1)[1]
+        self.calls.append({"kind": "pixels", "lon": lon, "lat": lat, "scene": scene, "crs": crs})
+        buf = io.BytesIO()
+        np.save(buf, self.pixels_for(scene, lon, lat, self.patch_size))
+        return buf.getvalue()
+
+
+# -- default world: every point has a clear winter scene and a greener summer scene ------------------------------
+
+
+def default_scenes(lon: float, lat: float, year: int) -> list[dict]:
+    return [
+        {"id": f"LC08_195026_{year}0110", "date": f"{year}-01-10", "clear": 0.95, "ndvi": 0.30},
+        {"id": f"LC08_195026_{year}0702", "date": f"{year}-07-02", "clear": 1.0, "ndvi": 0.70},
+    ]
+
+
+def default_climate(lon: float, lat: float, months, variables) -> dict:
+    """Raw stored integers: ``100 * (month index + 1) + variable index``, and ``swe`` 0 (a true zero)."""
+    return {f"{m.replace('-', '')}_{v}": (0 if v == "swe" else 100 * (t + 1) + f)
+            for t, m in enumerate(months) for f, v in enumerate(variables)}  # fmt: skip
+
+
+PIXEL_DTYPE = np.dtype([*((b, "<u2") for b in SR_BANDS), ("QA_PIXEL", "<u2"), ("QA_RADSAT", "<u2"),
+                        ("elevation", "<f4"), ("slope", "<f4")])  # fmt: skip
+
+
+def default_pixels(scene: str, lon: float, lat: float, size: int) -> np.ndarray:
+    """DN ``10000 + 1000 * band`` everywhere; QA_PIXEL 21824 (clear, Landsat's value for clear land)."""
+    out = np.zeros((size, size), dtype=PIXEL_DTYPE)
+    for k, b in enumerate(SR_BANDS):
+        out[b] = 10000 + 1000 * k
+    out["QA_PIXEL"] = 21824
+    out["elevation"] = 250.0 + lat
+    out["slope"] = 3.5
+    return out
+
+
+def reply(req: BaseHTTPRequestHandler, status: int, body: bytes, ctype: str = "application/json") -> None:
+    req.send_response(status)
+    req.send_header("Content-Type", ctype)
+    req.send_header("Content-Length", str(len(body)))
+    req.end_headers()
+    req.wfile.write(body)
+
+
+def error(status: int, message: str) -> bytes:
+    return json.dumps({"error": {"code": status, "message": message, "status": "ERROR"}}).encode()
