@@ -19,7 +19,7 @@ Inputs (the layout of moienr/SoilNet):
   (LUCAS 2015: ``Point_ID``, ``long``, ``lat``, ``OC`` -> target ``soc``).
 
 Duplicated IDs keep their first row; they are listed on stderr and in the manifest's ``import.duplicates``.
-Points are packed by :func:`shards.pack.pack_shard` through :class:`ImportedTables` (a Source), so the shards,
+Points are packed by :func:`shards.pack.pack_shards` through :class:`ImportedTables` (a Source), so the shards,
 part records, statistics, ledger and manifest are the packer's own. Without ``--images`` the data set is
 climate-only: ``modalities`` is ``["climate"]`` and samples have no ``image.npy``.
 """
@@ -224,7 +224,7 @@ def _guess(columns, options, given, what, path):
 
 
 def run_cli(args) -> int:
-    from shards.pack import PARTS, Points, _atomic_json, pack_shard, write_manifest
+    from shards.pack import PARTS, Points, _atomic_json, pack_shards, write_manifest
     from soilnet.config.pack import PackConfig
 
     if not args.climate:
@@ -287,9 +287,9 @@ def run_cli(args) -> int:
     from tqdm import tqdm
 
     with tqdm(total=len(points), unit="sample", desc="import", file=sys.stderr, disable=None) as progress:
-        for k in range(n_shards):
-            if not (out / PARTS / f"shard-{k:06d}.tar.json").exists():
-                pack_shard(k, points, source, cfg, out, progress)
+        todo = [k for k in range(n_shards) if not (out / PARTS / f"shard-{k:06d}.tar.json").exists()]
+        for _ in pack_shards(todo, points, source, cfg, out, progress):
+            pass
     manifest = write_manifest(cfg, out, schema, n_shards, source)
     manifest["modalities"] = source.modalities
     if images is None:

@@ -15,8 +15,9 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,27 +159,46 @@ def _partial_stats(samples: list[dict], schema: SampleSchema) -> dict:
     return out
 
 
-def pack_shard(k: int, points: Points, source: Source, cfg: PackConfig, out: Path, progress: tqdm) -> dict:
-    """Write shard ``k`` and return its part record."""
+def acquire(source: Source, points: Points, i: int, on_nonfinite: str) -> dict:
+    """Point ``i`` as a shard sample, or its ledger record (``id``, ``reason``, ``detail``)."""
+    pid = str(points.ids[i])
+    try:
+        return make_sample(source, source.schema, pid, points.lon[i], points.lat[i], on_nonfinite)
+    except Rejected as err:
+        return {"id": pid, "reason": err.reason, "detail": err.detail}
+    except Exception as err:  # a broken point must not stop the other 10 million; it is recorded
+        return {"id": pid, "reason": "error", "detail": f"{type(err).__name__}: {err}"}
+
+
+def acquire_in_order(fn: Callable[[int], dict], indices: Iterable[int], threads: int) -> Iterator[dict]:
+    """``fn`` over ``indices``, results in order; ``threads > 1`` keeps that many calls running, across shard
+    boundaries, with a bounded look-ahead (a remote source waits on the network, not on this CPU)."""
+    if threads <= 1:
+        yield from map(fn, indices)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future] = deque()
+        for i in indices:
+            pending.append(pool.submit(fn, i))
+            if len(pending) >= 4 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def shard_points(k: int, n_points: int, max_samples: int) -> range:
+    return range(k * max_samples, min((k + 1) * max_samples, n_points))
+
+
+def pack_shard(k: int, results: Iterator[dict], count: int, cfg: PackConfig, schema: SampleSchema, out: Path,
+               progress: tqdm) -> dict:  # fmt: skip
+    """Write shard ``k`` from the next ``count`` results (its points) and return its part record."""
     n = cfg.shard.max_samples
-    schema = source.schema
     samples, rejected = [], []
-
-    def acquire(i: int) -> dict:
-        pid = str(points.ids[i])
-        try:
-            return make_sample(source, schema, pid, points.lon[i], points.lat[i], cfg.shard.on_nonfinite)
-        except Rejected as err:
-            return {"id": pid, "reason": err.reason, "detail": err.detail}
-        except Exception as err:  # a broken point must not stop the other 10 million; it is recorded
-            return {"id": pid, "reason": "error", "detail": f"{type(err).__name__}: {err}"}
-
-    indices = range(k * n, min((k + 1) * n, len(points)))
-    threads = getattr(source, "concurrency", 1)  # remote sources wait on the network, not on this CPU
-    with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
-        for result in pool.map(acquire, indices) if pool else map(acquire, indices):  # map keeps point order
-            (samples if "__key__" in result else rejected).append(result)
-            progress.update(1)
+    for _ in range(count):
+        result = next(results)
+        (samples if "__key__" in result else rejected).append(result)
+        progress.update(1)
     name = f"shard-{k:06d}.tar"
     with wds.ShardWriter(str(out / "shard-%06d.tar.tmp"), maxcount=n + 1, start_shard=k, post=_fsync_rename,
                          verbose=0, mtime=0.0) as sink:  # fmt: skip
@@ -196,6 +216,18 @@ def pack_shard(k: int, points: Points, source: Source, cfg: PackConfig, out: Pat
     }
     _atomic_json(out / PARTS / f"{name}.json", part)
     return part
+
+
+def pack_shards(todo: list[int], points: Points, source: Source, cfg: PackConfig, out: Path,
+                progress: tqdm) -> Iterator[dict]:  # fmt: skip
+    """Write the shards ``todo`` in order, yielding each part record; points are acquired in order on
+    ``source.concurrency`` threads (1 when the source does not say)."""
+    size = cfg.shard.max_samples
+    indices = (i for k in todo for i in shard_points(k, len(points), size))
+    results = acquire_in_order(lambda i: acquire(source, points, i, cfg.shard.on_nonfinite), indices,
+                               getattr(source, "concurrency", 1))  # fmt: skip
+    for k in todo:
+        yield pack_shard(k, results, len(shard_points(k, len(points), size)), cfg, source.schema, out, progress)
 
 
 def write_manifest(cfg: PackConfig, out: Path, schema: SampleSchema, n_shards: int, source: Source) -> dict | None:
@@ -251,8 +283,7 @@ def pack(cfg: PackConfig, workers: Workers | None = None) -> dict | None:
     packed = rejected = 0
     with tqdm(total=total, unit="sample", desc=f"pack[{workers.rank}/{workers.world}]", file=sys.stderr,
               disable=None, dynamic_ncols=True) as progress:  # fmt: skip
-        for k in todo:
-            part = pack_shard(k, points, source, cfg, out, progress)
+        for part in pack_shards(todo, points, source, cfg, out, progress):
             packed += part["samples"]
             rejected += len(part["rejected"])
     rate = (packed + rejected) / max(time.time() - start, 1e-9)
