@@ -19,6 +19,7 @@ statuses (429, 503...) answered instead of the next calls; ``max_in_flight`` rec
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import threading
@@ -105,6 +106,8 @@ class FakeEarthEngine:
         self.calls: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self.tokens_issued = 0
+        self.first_call_s = self.last_answer_s = None  # time.monotonic() of the first API call and last answer
+        self.answer_s = 0.0  # summed time from receiving an API call to answering it, injected latency included
         self._lock = threading.Lock()
         self.scenes_for = default_scenes
         self.climate_for = default_climate
@@ -145,6 +148,16 @@ class FakeEarthEngine:
         body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
         if url.path == "/token":
             return self.token(req, body)
+        if url.path == "/stats":  # for a benchmark that runs this fake in its own process
+            stats = {
+                "max_in_flight": self.max_in_flight,
+                "calls": len(self.calls),
+                "violations": self.violations,
+                "first_call_s": self.first_call_s,
+                "last_answer_s": self.last_answer_s,
+                "mean_answer_s": self.answer_s / max(1, len(self.calls)),
+            }
+            return reply(req, 200, json.dumps(stats).encode())
         if url.path.endswith("/$discovery/rest"):
             doc = json.loads((EE_DIR / "tests" / "cloud_api_discovery_document.json").read_text())
             doc["rootUrl"] = doc["baseUrl"] = self.url + "/"
@@ -153,10 +166,12 @@ class FakeEarthEngine:
             return reply(req, 401, error(401, "request without the issued access token"))
         if url.path.endswith("/algorithms"):  # once per process, at ee.Initialize: not a packing request
             return reply(req, 200, (EE_DIR / "tests" / "algorithms.json").read_bytes())
+        received = time.monotonic()
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             fault = self.faults.pop(0) if self.faults else None
+            self.first_call_s = self.first_call_s or time.monotonic()
         try:
             time.sleep(self.latency_s)
             if fault is not None:
@@ -174,6 +189,8 @@ class FakeEarthEngine:
         finally:
             with self._lock:
                 self.in_flight -= 1
+                self.last_answer_s = time.monotonic()
+                self.answer_s += self.last_answer_s - received
 
     def token(self, req: BaseHTTPRequestHandler, body: bytes) -> None:
         form = parse_qs(body.decode())
@@ -229,7 +246,7 @@ class FakeEarthEngine:
             self.pixel_size_m, -self.pixel_size_m, 0, 0), f"affine transform {t}"  # fmt: skip
         crs = grid["crsCode"]
         half = self.patch_size * self.pixel_size_m / 2
-        lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(
+        lon, lat = to_lonlat(crs).transform(
             t["translateX"] + half, t["translateY"] - half)  # fmt: skip
         zone = min(int((lon + 180) // 6) + 1, 60)
         assert crs == f"EPSG:{(32600 if lat >= 0 else 32700) + zone}", f"{crs} is not the UTM zone of {lon}, {lat}"
@@ -247,6 +264,11 @@ class FakeEarthEngine:
         buf = io.BytesIO()
         np.save(buf, self.pixels_for(scene, lon, lat, self.patch_size))
         return buf.getvalue()
+
+
+@functools.cache
+def to_lonlat(crs: str) -> Transformer:
+    return Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
 
 
 # -- default world: every point has a clear winter scene and a greener summer scene ------------------------------
@@ -290,3 +312,24 @@ def reply(req: BaseHTTPRequestHandler, status: int, body: bytes, ctype: str = "a
 
 def error(status: int, message: str) -> bytes:
     return json.dumps({"error": {"code": status, "message": message, "status": "ERROR"}}).encode()
+
+
+def main() -> None:
+    """Serve in this process until killed: ``--key`` gets a service-account key, stdout one line, the URL."""
+    import argparse
+
+    from soilnet.schema import SampleSchema
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--key", type=Path, required=True)
+    parser.add_argument("--latency-s", type=float, default=0.0)
+    args = parser.parse_args()
+    schema = SampleSchema()
+    with FakeEarthEngine(None, 2015, schema.months, schema.climate_variables, latency_s=args.latency_s) as fake:
+        fake.public_key = make_service_account_key(args.key, fake.url + "/token")
+        print(fake.url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
