@@ -13,6 +13,7 @@ import importlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +57,21 @@ def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
 
 
 def resolve_host(host: str) -> str:
-    """An IP for ``host``; gloo and nccl are happier with addresses than with names that may not resolve."""
+    """An IP for the Slurm node ``host``: its ``NodeAddr`` when Slurm knows one, else what the resolver says.
+
+    gloo and nccl are happier with addresses than with names, and a node's name need not resolve at all where
+    slurm.conf gives each node a ``NodeAddr`` (as slurm/common.sh also assumes).
+    """
+    addr = host
     try:
-        return socket.gethostbyname(host)
+        shown = subprocess.run(["scontrol", "show", "node", host, "-o"], capture_output=True, text=True, timeout=30)
+        addr = next((t.split("=", 1)[1] for t in shown.stdout.split() if t.startswith("NodeAddr=")), host)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return socket.gethostbyname(addr)
     except OSError:
-        return host
+        return addr
 
 
 def export_distributed_env() -> None:

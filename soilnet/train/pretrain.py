@@ -249,7 +249,16 @@ def run(cfg: PretrainConfig) -> dict:
     SIGUSR2/SIGTERM are caught from the start (a signal during start-up stops the run after its first step).
     """
     with stop_on_signals(StopFlag()) as flag:
-        return _run(cfg, flag)
+        try:
+            return _run(cfg, flag)
+        except RuntimeError as err:  # gloo and nccl report a dead peer (a crashed rank, a lost node) this way
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                last = ckpt.latest(Path(cfg.output_dir) / "checkpoints")
+                where = f"step {last.meta['step']} in {last.path}" if last else "none yet"
+                log.error("rank %d failed: %s. If another rank or its node was lost, resubmit the same command: it "
+                          "resumes from the last complete checkpoint (%s).", torch.distributed.get_rank(),
+                          str(err).splitlines()[0][:300], where)  # fmt: skip
+            raise
 
 
 def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:

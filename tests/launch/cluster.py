@@ -68,14 +68,14 @@ class SlurmCluster:
             raise RuntimeError(f"sbatch failed: {out.stderr}")
         return int(out.stdout.strip().split(";")[0])
 
-    def job_state(self, job_id: int) -> str:
+    def job_state(self, job_id: int | str) -> str:
         out = self.cmd("scontrol", "show", "job", str(job_id), "-o", check=False).stdout
         for token in out.split():
             if token.startswith("JobState="):
                 return token.split("=", 1)[1]
         return "UNKNOWN"
 
-    def wait(self, job_id: int, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout=300):
+    def wait(self, job_id: int | str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout=300):
         deadline = time.time() + timeout
         while time.time() < deadline:
             state = self.job_state(job_id)
@@ -107,6 +107,15 @@ class SlurmCluster:
         if proc and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+    def lose_node(self, node: str) -> None:
+        """Everything on ``node`` dies at once (slurmd, step daemons, tasks), as when a machine goes down."""
+        self.kill_slurmd(node)
+        for pid in _run("ip", "netns", "pids", self.netns(node), check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
 
     def resume_node(self, node: str) -> None:
         self.start_slurmd(node)

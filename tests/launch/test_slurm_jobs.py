@@ -6,6 +6,9 @@ requeued run must end with the very same weights.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +110,35 @@ def test_preempted_job_requeues_resumes_and_ends_with_the_same_weights(slurm_clu
         assert torch.equal(got[k], want[k]), f"{k} differs after preemption"
 
 
+def test_submitit_path_runs_the_same_job_on_the_same_cluster(slurm_cluster, shards, baseline, tmp_path):
+    out, logs = tmp_path / "submitit", tmp_path / "submitit-logs"
+    argv = [sys.executable, "-m", "launch.pretrain", "--config", CONFIG, "--cluster", "slurm", "--nodes", "2",
+            "--tasks-per-node", "1", "--time", "10", "--logs", str(logs), *overrides(out, shards)]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted job" in proc.stdout and f"logs in {logs}" in proc.stdout
+    job = int(proc.stdout.split("submitted job ")[1].split()[0])
+    state = slurm_cluster.wait(job)
+    assert state == "COMPLETED", f"{state}:\n" + "\n".join(f.read_text() for f in sorted(logs.rglob("*.err")))
+    assert latest(out / "checkpoints").meta["world_size"] == 2
+    got, want = weights(out), weights(baseline)
+    assert all(torch.equal(got[k], want[k]) for k in want)  # the same job as `sbatch slurm/pretrain.sh`
+
+
+def test_launch_pack_as_a_job_array_writes_the_same_shards_as_one_process(slurm_cluster, shards, tmp_path):
+    out = tmp_path / "array"
+    argv = [sys.executable, "-m", "launch.pack", "--config", "configs/preprocess/demo.yaml", "--cluster", "slurm",
+            "--array", "2", "--logs", str(tmp_path / "pack-logs"), f"output_dir={out}", "sampling.n=192",
+            "shard.max_samples=64"]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first = int(proc.stdout.split("submitted job ")[1].split()[0].split("_")[0])
+    for task in range(2):
+        assert slurm_cluster.wait(f"{first}_{task}") == "COMPLETED"
+    manifest, single = (json.loads((d / "manifest.json").read_text()) for d in (out, shards))
+    assert manifest["shards"] == single["shards"] and manifest["stats"] == single["stats"]
+
+
 def test_run_started_on_two_nodes_finishes_on_one(slurm_cluster, submit, shards, tmp_path):
     out = tmp_path / "shrink"
     first = submit("slurm/pretrain.sh", CONFIG, *overrides(out, shards, "debug.sigkill_after_step=10"))
@@ -119,3 +151,26 @@ def test_run_started_on_two_nodes_finishes_on_one(slurm_cluster, submit, shards,
     assert "resumed from" in log and "1 node(s)" in log
     ref = latest(out / "checkpoints")
     assert ref.meta["world_size"] == 1 and ref.meta["step"] == STEPS
+
+
+def test_a_node_lost_mid_run_fails_clearly_and_the_resubmitted_job_resumes(slurm_cluster, submit, shards, baseline,
+                                                                           tmp_path):  # fmt: skip
+    out = tmp_path / "lost"
+    job = submit("slurm/pretrain.sh", CONFIG, *overrides(out, shards))
+    wait_for_checkpoint(out)
+    slurm_cluster.lose_node("node2")
+    try:
+        state = slurm_cluster.wait(job, states=("FAILED", "NODE_FAIL", "CANCELLED", "PENDING", "COMPLETED"))
+        log = log_of(submit.logs, job)
+        assert state != "COMPLETED", log
+        assert "If another rank or its node was lost, resubmit the same command" in log, log
+    finally:
+        slurm_cluster.cmd("scancel", str(job), check=False)
+        slurm_cluster.resume_node("node2")
+    again = submit("slurm/pretrain.sh", CONFIG, *overrides(out, shards))
+    state = slurm_cluster.wait(again)
+    log = log_of(submit.logs, again)
+    assert state == "COMPLETED", f"{state}:\n{log}"
+    assert "resumed from" in log
+    got, want = weights(out), weights(baseline)
+    assert all(torch.equal(got[k], want[k]) for k in want)
