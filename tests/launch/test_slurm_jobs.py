@@ -110,6 +110,14 @@ def test_preempted_job_requeues_resumes_and_ends_with_the_same_weights(slurm_clu
         assert torch.equal(got[k], want[k]), f"{k} differs after preemption"
 
 
+def test_nccl_on_nodes_without_gpus_fails_with_a_clear_error_not_a_hang(slurm_cluster, submit, shards, tmp_path):
+    job = submit("slurm/pretrain.sh", CONFIG, *overrides(tmp_path / "nccl", shards, "distributed.backend=nccl"))
+    state = slurm_cluster.wait(job, timeout=180)
+    log = log_of(submit.logs, job)
+    assert state == "FAILED", f"{state}:\n{log}"
+    assert "distributed.backend is 'nccl' but no CUDA GPU is visible" in log
+
+
 def test_submitit_path_runs_the_same_job_on_the_same_cluster(slurm_cluster, shards, baseline, tmp_path):
     out, logs = tmp_path / "submitit", tmp_path / "submitit-logs"
     argv = [sys.executable, "-m", "launch.pretrain", "--config", CONFIG, "--cluster", "slurm", "--nodes", "2",
