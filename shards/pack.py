@@ -137,7 +137,8 @@ def make_sample(source: Source, schema: SampleSchema, pid: str, lon: float, lat:
     targets = source.targets(lon, lat, patch, climate)
     if targets:
         meta["targets"] = targets
-    sample = {"__key__": pid, "image.npy": image, "climate.npy": climate.astype(np.float32), "meta.json": meta}
+    climate = np.nan_to_num(climate, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    sample = {"__key__": pid, "image.npy": image, "climate.npy": climate, "meta.json": meta}
     if "image" not in getattr(source, "modalities", ("image",)):  # climate-only imports (e.g. RaCA)
         del sample["image.npy"]
     return sample

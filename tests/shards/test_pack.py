@@ -107,3 +107,43 @@ def test_two_mpi_ranks_give_the_same_shards_and_statistics_as_one(tmp_path):
     assert shard_contents(two) == shard_contents(one)
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
     assert m2["stats"] == m1["stats"] and m2["shards"] == m1["shards"]
+
+
+class NaNSource:
+    """A source whose patch has 3 NaN pixels and whose climate has one inf: the packer's policy decides."""
+
+    name = "nan-test"
+
+    def __init__(self):
+        from soilnet.schema import SampleSchema
+
+        self.schema = SampleSchema()
+
+    def patch(self, lon, lat):
+        from shards.sources.base import Patch
+
+        image = np.ones(self.schema.image_shape, dtype=np.float32)
+        image[0, 0, :3] = np.nan
+        return Patch(image=image)
+
+    def climate(self, lon, lat):
+        climate = np.ones(self.schema.climate_shape, dtype=np.float32)
+        climate[2, 1] = np.inf
+        return climate
+
+    def targets(self, lon, lat, patch, climate):
+        return {}
+
+
+def test_nan_and_inf_are_rejected_or_masked_to_zero_and_counted_as_configured():
+    from shards.pack import make_sample
+    from shards.sources.base import Rejected
+
+    source = NaNSource()
+    with pytest.raises(Rejected) as err:
+        make_sample(source, source.schema, "p1", 10.0, 50.0, "reject")
+    assert err.value.reason == "nonfinite" and "3 NaN/inf values in the image" in err.value.detail
+    sample = make_sample(source, source.schema, "p1", 10.0, 50.0, "mask")
+    assert sample["meta.json"]["qa"] == {"image_nonfinite": 3, "climate_nonfinite": 1}
+    assert (sample["image.npy"][0, 0, :3] == 0).all() and sample["image.npy"][0, 0, 3] == 1
+    assert sample["climate.npy"][2, 1] == 0 and np.isfinite(sample["climate.npy"]).all()
