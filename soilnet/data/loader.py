@@ -9,8 +9,10 @@ loop turns the counts into a fatal error above ``data.max_corrupt_fraction``.
 
 from __future__ import annotations
 
-import math
-import os
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,12 +20,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from soilnet.data.augment import AugmentSpec, augment_climate, augment_image, normalise
-from soilnet.data.npy import NpyLayout
+from soilnet.data.decode import CLIMATE, IMAGE, BatchDecoder, CorruptSample, RawRows, empty
 from soilnet.data.order import batch_ids, micro_batch, step_epoch
 from soilnet.data.shards import DataError, ShardSet
-from soilnet.data.tarindex import ShardIndexError, ShardReader
-
-IMAGE, CLIMATE = "image.npy", "climate.npy"
+from soilnet.data.tarindex import ShardReader
 
 
 @dataclass(frozen=True)
@@ -73,126 +73,6 @@ def climate_key(raw: np.ndarray) -> int:
     return int(climate_keys(np.asarray(raw)[None])[0])
 
 
-class CorruptSample(ValueError):
-    pass
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a DataLoader worker, in shared memory (as ``default_collate`` does), so that
-    handing the batch to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
-class BatchDecoder:
-    """Decodes the samples of a batch into preallocated rows, then converts and normalises the whole batch.
-
-    Per sample: one ``preadv`` of its adjacent members, the array bytes landing directly in a row of the
-    (b, C, H, W) raw image array (float16 or int16, as the manifest's ``image_encoding``) and the (b, T, F) raw
-    climate array; the ``.npy`` headers are checked against :class:`NpyLayout`. Pretraining reads nothing else,
-    so ``meta.json`` is not read. Per batch: one subset, one
-    float32 conversion and one ``x * scale + bias`` (decoding and normalising folded) for the images.
-    """
-
-    def __init__(self, shards: ShardSet):
-        self.shards = shards
-        enc = shards.image_encoding
-        self.layouts = {
-            IMAGE: NpyLayout(IMAGE, np.dtype(enc.get("dtype", "float16")), shards.available.image_shape),
-            CLIMATE: NpyLayout(CLIMATE, np.dtype(np.float32), shards.available.climate_shape),
-        }
-        # decoded = raw * enc_scale + enc_offset; normalised = (decoded - mean) / std = raw * scale + bias
-        enc_scale, enc_offset = float(enc.get("scale", 1.0)), float(enc.get("offset", 0.0))
-        std, mean = shards.image_std.astype(np.float64), shards.image_mean.astype(np.float64)
-        self.scale = torch.from_numpy((enc_scale / std).astype(np.float32)).view(-1, 1, 1)
-        self.bias = torch.from_numpy(((enc_offset - mean) / std).astype(np.float32)).view(-1, 1, 1)
-        n_ch, n_mo, n_var = shards.available.image_shape[0], *shards.available.climate_shape
-        ch = list(shards.channel_index)
-        self.channels = None if ch == list(range(n_ch)) else torch.tensor(ch, dtype=torch.int64)
-        mo, var = list(shards.month_index), list(shards.variable_index)
-        self.climate_cells = None if (mo, var) == (list(range(n_mo)), list(range(n_var))) else np.ix_(mo, var)
-        self._rows: dict[str, np.ndarray] = {}
-        self._row_views: dict[str, list[memoryview]] = {}
-        self._gap = memoryview(b"")  # scratch for the bytes between members; made on first use (picklable till then)
-
-    def rows(self, n: int) -> dict[str, np.ndarray]:
-        """The raw (n, ...) arrays of each ``.npy`` member, reused from batch to batch."""
-        if not self._rows or len(self._rows[IMAGE]) != n:
-            for suffix, lay in self.layouts.items():
-                a = np.empty((n, *lay.shape), dtype=lay.dtype)
-                self._rows[suffix] = a
-                self._row_views[suffix] = [memoryview(r) for r in a.reshape(n, -1).view(np.uint8)]
-            self._gap = memoryview(bytearray(1 << 12))
-        return self._rows
-
-    def read(self, reader: ShardReader, url: str, position: int, row: int) -> None:
-        """Sample ``position`` of shard ``url`` into row ``row``; raises :class:`CorruptSample` naming the sample
-        and shard (missing, truncated or malformed members, an unreadable shard)."""
-        try:
-            key, members = reader.entry(url, position)
-            fd = reader.fileno(url)
-        except ShardIndexError as err:
-            raise CorruptSample(str(err)) from err
-        where = f"sample '{key}' in shard {url}"
-        for suffix in self.layouts:
-            if suffix not in members:
-                raise CorruptSample(f"{where}: member '{suffix}' is missing")
-        # the members are adjacent in the tar: one preadv per run of them, the tar headers between into scratch
-        spans = sorted(((members[s][0], members[s][1], s) for s in self.layouts), key=lambda m: m[0])
-        start = cursor = spans[0][0]
-        bufs: list = []
-        headers: dict[str, bytearray] = {}
-        for offset, size, suffix in spans:
-            if offset - cursor > len(self._gap):
-                self._preadv(fd, bufs, start, cursor, where)
-                start = cursor = offset
-                bufs = []
-            if offset > cursor:
-                bufs.append(self._gap[: offset - cursor])
-            lay = self.layouts[suffix]
-            h = lay.header_size(size)
-            if h is None:
-                raise CorruptSample(f"{where}: member {suffix} of {size} bytes is no {lay.dtype} {lay.shape} array")
-            headers[suffix] = bytearray(h)
-            bufs += [headers[suffix], self._row_views[suffix][row]]
-            cursor = offset + size
-        self._preadv(fd, bufs, start, cursor, where)
-        for suffix, header in headers.items():
-            bad = self.layouts[suffix].check_header(header)
-            if bad is not None:
-                raise CorruptSample(f"{where}: member {suffix}: {bad}")
-
-    @staticmethod
-    def _preadv(fd: int, bufs: list, start: int, end: int, where: str) -> None:
-        try:
-            got = os.preadv(fd, bufs, start)
-        except OSError as err:
-            raise CorruptSample(f"{where}: {err}") from err
-        if got != end - start:
-            raise CorruptSample(f"{where}: truncated (read {got} of {end - start} bytes)")
-
-    def image(self, raw: np.ndarray) -> torch.Tensor:
-        """raw: (b, C_shards, H, W) as stored -> (b, C, H, W) float32 normalised (non-finite -> 0, the mean)."""
-        x = torch.from_numpy(raw)
-        if self.channels is not None:
-            x = x.index_select(1, self.channels)
-        out = _empty(tuple(x.shape), torch.float32)
-        out.copy_(x)
-        out.mul_(self.scale).add_(self.bias)
-        if not bool(torch.isfinite(out.sum())):  # one cheap reduction instead of a pass writing every value
-            torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0)
-        return out
-
-    def climate(self, raw: np.ndarray) -> np.ndarray:
-        """raw: (b, T_shards, F_shards) float32 -> (b, T, F) float32 in physical units, the run's subset (a view of
-        ``raw`` when the run reads every month and variable)."""
-        if self.climate_cells is None:
-            return raw
-        return raw[:, self.climate_cells[0], self.climate_cells[1]]
-
-
 class PretrainBatches(IterableDataset):
     """Batches of steps ``start_step, start_step + 1, ...`` (endless; the caller stops).
 
@@ -207,29 +87,34 @@ class PretrainBatches(IterableDataset):
         micro_batch(spec.global_batch, spec.world)
         self.decoder = BatchDecoder(shards)
 
-    def batch(self, reader: ShardReader, step: int) -> dict:
-        sp, sh, dec = self.spec, self.shards, self.decoder
+    def read(self, reader: ShardReader, step: int, rows: RawRows) -> RawBatch:
+        """Stage 1 of a batch: this rank's samples of ``step`` into ``rows``, corrupt ones noted."""
+        sp, sh = self.spec, self.shards
         ids = batch_ids(sp.seed, sh.samples, sp.global_batch, step, sp.rank, sp.world)
-        epoch = step_epoch(sh.samples, sp.global_batch, step)
-        n = len(ids)
         shard_no = np.searchsorted(sh.starts, ids, side="right") - 1
         positions = (ids - sh.starts[shard_no]).tolist()
-        rows = dec.rows(n)
-        good = np.zeros(n, dtype=bool)
+        good = np.zeros(len(ids), dtype=bool)
         corrupt: list[str] = []
         for i, (s, pos) in enumerate(zip(shard_no.tolist(), positions, strict=True)):
             try:
-                dec.read(reader, sh.urls[s], pos, i)
+                self.decoder.read(reader, sh.urls[s], pos, rows, i)
                 good[i] = True
             except CorruptSample as err:
                 corrupt.append(str(err))
+        return RawBatch(step, ids, rows, good, corrupt)
+
+    def finish(self, raw: RawBatch) -> dict:
+        """Stage 2: replace corrupt samples, convert, normalise, augment; the result shares no memory with
+        ``raw.rows``, which the next batch may reuse at once."""
+        sp, sh, dec = self.spec, self.shards, self.decoder
+        ids, rows, good, n = raw.ids, raw.rows, raw.good, len(raw.ids)
         if not good.any():
-            raise DataError(f"step {step}: every sample of this rank's batch is corrupt, e.g. {corrupt[0]}")
+            raise DataError(f"step {raw.step}: every sample of this rank's batch is corrupt, e.g. {raw.corrupt[0]}")
         # a corrupt sample's place is taken by the next good one (same climate key, so masking can exclude it)
         src = np.arange(n)
         for i in np.flatnonzero(~good):
             src[i] = next((i + d) % n for d in range(1, n) if good[(i + d) % n])
-            for a in rows.values():
+            for a in rows.arrays.values():
                 a[i] = a[src[i]]
         image = dec.image(rows[IMAGE])
         raw_climate = dec.climate(rows[CLIMATE])
@@ -237,9 +122,10 @@ class PretrainBatches(IterableDataset):
         climate = normalise(raw_climate, sh.climate_mean, sh.climate_std, axis=2)
         image2 = None
         if sp.augment.enabled:
+            epoch = step_epoch(sh.samples, sp.global_batch, raw.step)
             base = image.numpy()
-            image = _empty(tuple(base.shape), torch.float32)
-            image2 = _empty(tuple(base.shape), torch.float32) if sp.two_views else None
+            image = empty(tuple(base.shape), torch.float32)
+            image2 = empty(tuple(base.shape), torch.float32) if sp.two_views else None
             view1 = image.numpy()
             view2 = image2.numpy() if image2 is not None else None
             for i in range(n):
@@ -255,21 +141,71 @@ class PretrainBatches(IterableDataset):
             "climate": torch.from_numpy(climate),
             "ids": torch.from_numpy(np.asarray(ids, dtype=np.int64)),
             "climate_key": torch.from_numpy(keys),
-            "step": step,
-            "corrupt": corrupt,
+            "step": raw.step,
+            "corrupt": raw.corrupt,
         }
         if image2 is not None:
             out["image2"] = image2
         return out
 
+    def batch(self, reader: ShardReader, step: int) -> dict:
+        """The batch of ``step``, both stages in this thread."""
+        return self.finish(
+            self.read(reader, step, self.decoder.new_rows(micro_batch(self.spec.global_batch, self.spec.world)))
+        )
+
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from _pipelined(self, itertools.count(self.start_step + wid, nw))
+
+
+@dataclass
+class RawBatch:
+    """A batch after stage 1: ``ids`` (b,) int64 global sample ids, the raw ``rows``, ``good`` (b,) bool (False
+    for corrupt samples) and the ``corrupt`` messages."""
+
+    step: int
+    ids: np.ndarray
+    rows: RawRows
+    good: np.ndarray
+    corrupt: list[str]
+
+
+def _pipelined(batches: PretrainBatches, steps) -> Iterator[dict]:
+    """Finished batches of ``steps``, in order. A reader thread reads the next batch's samples (``preadv`` runs
+    without the GIL) while this thread converts and normalises the current one (torch also releases the GIL);
+    two sets of raw rows alternate between them."""
+    n = micro_batch(batches.spec.global_batch, batches.spec.world)
+    free: queue.Queue = queue.Queue()
+    ready: queue.Queue = queue.Queue()
+    for _ in range(2):
+        free.put(batches.decoder.new_rows(n))
+
+    def produce() -> None:
         reader = ShardReader()
-        step = self.start_step + wid
+        try:
+            for step in steps:
+                rows = free.get()
+                if rows is None:
+                    return
+                ready.put(batches.read(reader, step, rows))
+        except BaseException as err:  # handed to the consumer, which raises it in its own thread
+            ready.put(err)
+        finally:
+            reader.close()
+
+    threading.Thread(target=produce, name="soilnet-shard-reader", daemon=True).start()
+    try:
         while True:
-            yield self.batch(reader, step)
-            step += nw
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            out = batches.finish(item)
+            free.put(item.rows)
+            yield out
+    finally:
+        free.put(None)  # the reader stops at its next batch
 
 
 def build_loader(shards: ShardSet, spec: LoaderSpec, start_step: int = 0) -> DataLoader:

@@ -30,6 +30,8 @@ class ShardSet:
     ``available``: what the shards hold; ``schema``: the run's subset (by name). ``image_mean``/``image_std``:
     (C,) float32 of the run's channels; ``climate_mean``/``climate_std``: (F,) float32 of its variables, in the
     units of the shard members (reflectance unitless, elevation m, ...; climate in physical units).
+    ``image_finite``: the manifest's statistics count every pixel of the run's channels as finite, so the loader
+    need not look for NaN or infinity in the images.
     """
 
     manifest_file: Path
@@ -46,6 +48,7 @@ class ShardSet:
     channel_index: tuple[int, ...]
     variable_index: tuple[int, ...]
     month_index: tuple[int, ...]
+    image_finite: bool = False
 
     @property
     def samples(self) -> int:
@@ -67,6 +70,12 @@ def _stats(manifest: dict, kind: str, names: tuple[str, ...], where: Path) -> tu
     mean = np.array([table[n]["mean"] for n in names], dtype=np.float32)
     std = np.array([table[n]["std"] for n in names], dtype=np.float32)
     return mean, np.where(np.isfinite(std) & (std > 0), std, 1.0).astype(np.float32)
+
+
+def _all_finite(manifest: dict, kind: str, names: tuple[str, ...], values: int) -> bool:
+    """Whether stats.<kind> counts ``values`` finite values (statistics count finite values only) for each name."""
+    table = manifest["stats"][kind]
+    return all(int(table[n].get("count", -1)) == values for n in names)
 
 
 def open_shards(shards: str | Path, requested: SchemaConfig) -> ShardSet:
@@ -117,4 +126,5 @@ def open_shards(shards: str | Path, requested: SchemaConfig) -> ShardSet:
         channel_index=tuple(available.channel_indices(schema.channels)),
         variable_index=tuple(available.climate_indices(schema.climate_variables)),
         month_index=tuple(available.month_indices(schema.months)),
+        image_finite=_all_finite(manifest, "image", schema.channels, int(counts.sum()) * schema.patch_size**2),
     )

@@ -5,8 +5,10 @@ No DeepSpeed here: these run in a second or two.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,9 @@ import torch
 from soilnet.config.schema import SchemaConfig
 from soilnet.data import BatchSizeError, DataError, LoaderSpec, PretrainBatches, build_loader, micro_batch, open_shards
 from soilnet.data.augment import AugmentSpec
+from soilnet.data.loader import climate_key, climate_keys
 from soilnet.data.order import batch_ids, epoch_permutation
-from soilnet.data.tarindex import ShardReader
+from soilnet.data.tarindex import ShardIndexError, ShardReader, index_shard, index_shard_tarfile
 
 G = 16
 
@@ -153,3 +156,153 @@ def test_spectral_and_climate_jitter_are_options(shards):
     assert torch.equal(plain["ids"], jittered["ids"])
     assert not torch.equal(plain["climate"], jittered["climate"])
     assert 0 < float((plain["climate"] - jittered["climate"]).std()) < 0.2
+
+
+def test_batched_decode_equals_np_load_then_normalise(shards):
+    s = open_shards(shards, SchemaConfig(channels=["NDVI", "SR_B4", "elevation"], climate_variables=["pr", "tmmx"]))
+    plain = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=AugmentSpec(enabled=False))
+    b = next(iter(PretrainBatches(s, plain)))
+    reader = ShardReader()
+    for row, gid in enumerate(b["ids"].tolist()):
+        shard, pos = s.locate(gid)
+        _, members = reader.read(s.urls[shard], pos)
+        image = np.load(io.BytesIO(members["image.npy"])).astype(np.float32)[list(s.channel_index)]
+        climate = np.load(io.BytesIO(members["climate.npy"]))[np.ix_(list(s.month_index), list(s.variable_index))]
+        want_image = (image - s.image_mean[:, None, None]) / s.image_std[:, None, None]
+        want_climate = (climate - s.climate_mean) / s.climate_std
+        np.testing.assert_allclose(b["image"][row].numpy(), want_image, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b["climate"][row].numpy(), want_climate, rtol=1e-5, atol=1e-5)
+        assert int(b["climate_key"][row]) == climate_key(climate)
+
+
+def test_threaded_reading_gives_the_batches_of_a_plain_loop_without_sharing_memory(shards):
+    s = open_shards(shards, SchemaConfig())
+    pb = PretrainBatches(s, spec(two_views=True))
+    it = iter(pb)
+    threaded = [next(it) for _ in range(5)]  # held together: no batch may alias another's memory
+    reader = ShardReader()
+    for step, b in enumerate(threaded):
+        direct = pb.batch(reader, step)
+        assert b["step"] == step
+        for name in ("image", "image2", "climate", "ids", "climate_key"):
+            assert torch.equal(b[name], direct[name]), name
+
+
+def test_climate_keys_equal_for_equal_series_whatever_the_batch():
+    rng = np.random.default_rng(0)
+    series = rng.normal(size=(5, 61, 14)).astype(np.float32)
+    batch = series[[0, 1, 2, 0, 3, 4, 1]]
+    keys = climate_keys(batch)
+    assert keys.dtype == np.int64 and (keys >= 0).all()
+    assert keys[0] == keys[3] and keys[1] == keys[6]
+    assert len(set(keys[[0, 1, 2, 4, 5]].tolist())) == 5
+    assert climate_key(series[2]) == keys[2]  # alone or in a batch, at any position
+    nudged = series[2].copy()
+    nudged[30, 7] = np.nextafter(nudged[30, 7], np.float32(np.inf))
+    assert climate_key(nudged) != keys[2]  # one ulp in one month of one variable is another series
+
+
+def _npy_header(member: bytes) -> int:
+    """Bytes before the array data of a .npy member."""
+    f = io.BytesIO(member)
+    version = np.lib.format.read_magic(f)
+    (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+    return f.tell()
+
+
+def test_non_finite_pixels_become_zero_unless_the_manifest_proves_every_pixel_finite(shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    key, members = ShardReader().index(str(folder / "shard-000000.tar"))[5]
+    offset, size = members["image.npy"]
+    with open(folder / "shard-000000.tar", "rb") as f:
+        f.seek(offset)
+        header = _npy_header(f.read(size))
+    with open(folder / "shard-000000.tar", "r+b") as f:  # channel 0, pixel (2, 3) := NaN; channel 1, (0, 0) := inf
+        f.seek(offset + header + 2 * (2 * 64 + 3))
+        f.write(np.array([np.nan], dtype=np.float16).tobytes())
+        f.seek(offset + header + 2 * 64 * 64)
+        f.write(np.array([np.inf], dtype=np.float16).tobytes())
+    plain = LoaderSpec(seed=3, global_batch=64, rank=0, world=1, augment=AugmentSpec(enabled=False))
+
+    def row_of_sample_5(s):
+        b = next(iter(PretrainBatches(s, plain)))
+        return b["image"][b["ids"].tolist().index(5)]
+
+    assert open_shards(folder, SchemaConfig()).image_finite  # the copied manifest still claims every pixel finite
+    m = json.loads((folder / "manifest.json").read_text())
+    m["stats"]["image"]["SR_B1"]["count"] -= 1
+    m["stats"]["image"]["SR_B2"]["count"] -= 1
+    (folder / "manifest.json").write_text(json.dumps(m))
+    s = open_shards(folder, SchemaConfig())
+    assert not s.image_finite
+    image = row_of_sample_5(s)
+    assert bool(torch.isfinite(image).all())
+    assert float(image[0, 2, 3]) == 0.0 and float(image[1, 0, 0]) == 0.0
+
+
+def test_a_member_declaring_another_dtype_is_a_corrupt_sample_named(shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    shard = folder / "shard-000003.tar"
+    key, members = ShardReader().index(str(shard))[7]
+    offset, size = members["image.npy"]
+    with open(shard, "r+b") as f:  # same byte count, another dtype: the header says int16
+        f.seek(offset)
+        member = f.read(size)
+        head = member[: _npy_header(member)]
+        assert b"'<f2'" in head
+        f.seek(offset)
+        f.write(head.replace(b"'<f2'", b"'<i2'"))
+    s = open_shards(folder, SchemaConfig())
+    reports = [m for b in take(s, spec(), 0, 4) for m in b["corrupt"]]
+    assert len(reports) == 1 and key in reports[0] and "shard-000003.tar" in reports[0] and "int16" in reports[0]
+
+
+def _tar(path: Path, fmt: int, names: list[str]) -> Path:
+    with tarfile.open(path, "w", format=fmt) as tar:
+        d = tarfile.TarInfo("a-folder/sub")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for i, name in enumerate(names):
+            data = bytes([i % 251]) * (100 + 700 * i)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1.5 if fmt == tarfile.PAX_FORMAT else 1
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("a-link.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, names[0]
+        tar.addfile(link)
+    return path
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_fast_tar_index_equals_tarfile(shards, tmp_path, fmt):
+    for shard in sorted(shards.glob("shard-*.tar")):
+        assert index_shard(str(shard)) == index_shard_tarfile(str(shard))
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 90  # ustar: prefix field; others: long names
+    names = ["s1.image.npy", "s1.climate.npy", f"{long_dir}/s2.image.npy", f"{long_dir}/s2.meta.json", "s3.x.y.z"]
+    url = str(_tar(tmp_path / "t.tar", fmt, names))
+    got = index_shard(url)
+    assert got == index_shard_tarfile(url)
+    assert [k for k, _ in got] == ["s1", f"{long_dir}/s2", "s3"] and set(got[2][1]) == {"x.y.z"}
+
+
+def test_damaged_tar_headers_are_judged_by_tarfile(shards, tmp_path):
+    shard = tmp_path / "shard.tar"
+    shutil.copy(next(iter(sorted(shards.glob("shard-*.tar")))), shard)
+    _, members = index_shard_tarfile(str(shard))[2]
+    offset = members["image.npy"][0] - 512  # that member's ustar header: damage its name, not its checksum
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        f.write(b"X")
+    try:
+        want = index_shard_tarfile(str(shard))
+    except ShardIndexError:
+        with pytest.raises(ShardIndexError, match="shard.tar"):
+            index_shard(str(shard))
+    else:
+        assert index_shard(str(shard)) == want
+    (tmp_path / "garbage.tar").write_bytes(b"not a tar file" * 100)
+    with pytest.raises(ShardIndexError, match="garbage.tar"):
+        index_shard(str(tmp_path / "garbage.tar"))
