@@ -68,9 +68,9 @@ def load_points(cfg: PackConfig) -> Points:
             raise ConfigError(f"{path}: point ids may not contain dots (WebDataset keys), e.g. {bad[:3]}")
         return Points(ids, table["lon"].to_numpy(float), table["lat"].to_numpy(float))
     if s.region:
-        from shards.sample import sample_region
+        from shards.sample import filters_from_args, sample_region
 
-        table = sample_region(s.region, s.n, s.seed)
+        table = sample_region(s.region, s.n, s.seed, filters_from_args(s))
         return Points(table["id"].to_numpy(), table["lon"].to_numpy(float), table["lat"].to_numpy(float))
     if cfg.source.kind != "synthetic":
         raise ConfigError("sampling: set sampling.region or sampling.points (only the synthetic world has a bbox)")

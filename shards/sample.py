@@ -30,6 +30,7 @@ from soilnet.schema import PATCH_SIZE, PIXEL_SIZE_M
 EARTH_RADIUS_M = 6_371_008.8
 CLIMATE_CELLS_PER_DEGREE = 24  # TerraClimate's 1/24 degree grid
 CHUNK = 1 << 18  # candidates per draw: bounds memory, fixes the random stream
+GIVE_UP_AFTER = 20_000  # candidates in a row that fail the filters before the region is declared unusable
 
 
 def load_polygons(path: str | Path) -> list[shapely.Polygon]:
@@ -211,7 +212,7 @@ def iter_region(path: str | Path, n: int, seed: int, filters: list[Filter] = ())
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     polygons = load_polygons(path)
-    done = 0
+    done = rejected_in_a_row = 0
     for lon, lat in iter_candidates(polygons, seed):
         if done >= n:
             return
@@ -220,10 +221,15 @@ def iter_region(path: str | Path, n: int, seed: int, filters: list[Filter] = ())
             # Filters may read rasters per point: feed them only about as many candidates as are still needed.
             stop = start + (min(len(lon), max(2 * (n - done), 256)) if filters else len(lon))
             x, y = lon[start:stop], lat[start:stop]
-            start = stop
+            tried, start = len(x), stop
             for f in filters:
                 keep = f(x, y)
                 x, y = x[keep], y[keep]
+            rejected_in_a_row = 0 if len(x) else rejected_in_a_row + tried
+            if rejected_in_a_row >= GIVE_UP_AFTER:
+                raise ValueError(f"{path}: {rejected_in_a_row} candidates in a row failed the filters after {done} of "
+                                 f"{n} points; too little of the region passes them (no land? more points than "
+                                 "climate cells or the spacing allow?)")  # fmt: skip
             take = min(len(x), n - done)
             ids = [f"p{i:010d}" for i in range(done, done + take)]
             done += take

@@ -11,12 +11,22 @@ from soilnet.config.schema import SchemaConfig
 
 
 class SamplingConfig(Section):
-    """Random locations inside ``region`` (a GeoJSON file), or a ready point list in ``points``."""
+    """Random locations inside ``region`` (a GeoJSON file), or a ready point list in ``points``.
+
+    The filters are those of ``soilnet sample``: drop a point when more than ``max_excluded_fraction`` of its
+    patch lies in ``exclude_classes`` of ``exclude_raster`` (the seed: ESA WorldCover 50/80/90/95/100, 20 %);
+    keep at most one point per TerraClimate cell; keep ``min_spacing_m`` metres between points.
+    """
 
     region: str | None = None
     points: str | None = None
-    n: int = 1000
+    n: int = Field(1000, ge=0)
     seed: int = 0
+    exclude_raster: str | None = None
+    exclude_classes: list[int] = []
+    max_excluded_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    one_per_climate_cell: bool = False
+    min_spacing_m: float = Field(0.0, ge=0.0)
 
 
 class RasterImageFile(Section):

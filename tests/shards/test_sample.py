@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -121,3 +122,27 @@ def test_one_point_per_climate_cell_and_min_spacing(tmp_path):
     d = 6_371_008.8 * np.arccos(np.clip(xyz @ xyz.T, -1, 1))
     np.fill_diagonal(d, np.inf)
     assert len(p) == 60 and d.min() >= 3000.0
+
+
+def test_more_points_than_the_filters_allow_is_a_clear_error_not_a_endless_loop(tmp_path):
+    region = _write_region(tmp_path / "r.geojson", [_box(10.0, 50.0, 10.5, 50.5)])  # 144 climate cells
+    with pytest.raises(ValueError, match=r"failed the filters after 144 of 200 points"):
+        run_cli(_args(region=str(region), n=200, seed=0, out=str(tmp_path / "x.csv"), one_per_climate_cell=True))
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.csv.tmp").exists()
+
+
+def test_pack_config_applies_the_same_filters_as_soilnet_sample(tmp_path):
+    from shards.pack import load_points
+    from shards.sample import MinSpacing, OnePerCell
+    from soilnet.config import load_config
+    from soilnet.config.pack import PackConfig
+
+    region = _write_region(tmp_path / "r.geojson", [_box(10.0, 50.0, 10.5, 50.5)])
+    demo = Path(__file__).resolve().parents[2] / "configs" / "preprocess" / "demo.yaml"
+    cfg = load_config(PackConfig, demo,
+                      [f"sampling.region={region}", "sampling.n=50", "sampling.seed=4",
+                       "sampling.one_per_climate_cell=true", "sampling.min_spacing_m=2500"])  # fmt: skip
+    points = load_points(cfg)
+    expected = sample_region(region, 50, 4, [OnePerCell(), MinSpacing(2500.0)])
+    assert list(points.ids) == list(expected.id) and np.array_equal(points.lon, expected.lon.to_numpy())
+    assert len(np.unique(climate_cell(points.lon, points.lat))) == 50
