@@ -184,10 +184,11 @@ class BatchDecoder:
                 f"sample '{_key(url, position)}' in shard {url}: truncated (read {got} of {end - start} bytes)"
             )
 
-    def image(self, raw: np.ndarray) -> torch.Tensor:
-        """raw: (b, C_shards, H, W) as stored -> (b, C, H, W) float32 normalised (non-finite -> 0, the mean)."""
+    def image(self, raw: np.ndarray, selected: bool = False) -> torch.Tensor:
+        """raw: (b, C_shards, H, W) as stored (or (b, C, H, W) when ``selected``: the run's channels already)
+        -> (b, C, H, W) float32 normalised (non-finite -> 0, the mean)."""
         x = torch.from_numpy(raw)
-        if self.channels is not None:
+        if self.channels is not None and not selected:
             x = x.index_select(1, self.channels)
         out = empty(tuple(x.shape), torch.float32)
         out.copy_(x)

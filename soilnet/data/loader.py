@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from soilnet.data.augment import AugmentSpec, augment_climate, augment_image, normalise
-from soilnet.data.decode import CLIMATE, IMAGE, BatchDecoder, CorruptSample, RawRows, empty
+from soilnet.data.augment import AugmentSpec, apply_view, augment_climate, draw_view, normalise
+from soilnet.data.decode import CLIMATE, IMAGE, BatchDecoder, CorruptSample, RawRows
 from soilnet.data.order import batch_ids, micro_batch, step_epoch
 from soilnet.data.shards import DataError, ShardSet
 from soilnet.data.tarindex import ShardReader
@@ -86,6 +86,7 @@ class PretrainBatches(IterableDataset):
         self.shards, self.spec, self.start_step = shards, spec, start_step
         micro_batch(spec.global_batch, spec.world)
         self.decoder = BatchDecoder(shards)
+        self._work: dict[str, np.ndarray] = {}
 
     def read(self, reader: ShardReader, step: int, rows: RawRows) -> RawBatch:
         """Stage 1 of a batch: this rank's samples of ``step`` into ``rows``, corrupt ones noted."""
@@ -116,26 +117,31 @@ class PretrainBatches(IterableDataset):
             src[i] = next((i + d) % n for d in range(1, n) if good[(i + d) % n])
             for a in rows.arrays.values():
                 a[i] = a[src[i]]
-        image = dec.image(rows[IMAGE])
         raw_climate = dec.climate(rows[CLIMATE])
         keys = climate_keys(raw_climate)
         climate = normalise(raw_climate, sh.climate_mean, sh.climate_std, axis=2)
-        image2 = None
-        if sp.augment.enabled:
+        if not sp.augment.enabled:
+            image = dec.image(rows[IMAGE])
+            image2 = image.clone() if sp.two_views else None
+        else:  # views of the raw rows (half the bytes of float32), normalised after: the same values either way
             epoch = step_epoch(sh.samples, sp.global_batch, raw.step)
-            base = image.numpy()
-            image = empty(tuple(base.shape), torch.float32)
-            image2 = empty(tuple(base.shape), torch.float32) if sp.two_views else None
-            view1 = image.numpy()
-            view2 = image2.numpy() if image2 is not None else None
+            views = self._views(rows[IMAGE], 2 if sp.two_views else 1)
+            jitter = np.zeros((len(views), n, views[0].shape[1], 1, 1), dtype=np.float32)
+            chans = None if dec.channels is None else dec.channels.numpy()
             for i in range(n):
                 rng = np.random.default_rng([sp.seed, epoch, int(ids[src[i]])])
-                view1[i] = augment_image(base[i], sp.augment, rng)
-                if view2 is not None:
-                    view2[i] = augment_image(base[i], sp.augment, rng)
+                sample = rows[IMAGE][i] if chans is None else rows[IMAGE][i][chans]
+                for v, out in enumerate(views):
+                    view = draw_view(sp.augment, rng, *sample.shape)
+                    apply_view(sample, view, sp.augment.pad, out[i])
+                    if view.jitter is not None:
+                        jitter[v, i, :, 0, 0] = view.jitter
                 climate[i] = augment_climate(climate[i], sp.augment, rng)
-        elif sp.two_views:
-            image2 = image.clone()
+            out_views = [dec.image(x, selected=True) for x in views]
+            if sp.augment.spectral_jitter > 0:
+                for t, j in zip(out_views, jitter, strict=True):
+                    t.add_(torch.from_numpy(j))
+            image, image2 = out_views[0], (out_views[1] if sp.two_views else None)
         out = {
             "image": image,
             "climate": torch.from_numpy(climate),
@@ -147,6 +153,19 @@ class PretrainBatches(IterableDataset):
         if image2 is not None:
             out["image2"] = image2
         return out
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A work array of stage 2, reused from batch to batch (stage 2 runs in one thread)."""
+        a = self._work.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = self._work[name] = np.empty(shape, dtype=dtype)
+        return a
+
+    def _views(self, raw: np.ndarray, k: int) -> list[np.ndarray]:
+        """``k`` work arrays for views of raw images (b, C_shards, H, W), with the run's channels only."""
+        b, _, h, w = raw.shape
+        c = len(self.shards.channel_index)
+        return [self._scratch(f"view{v}", (b, c, h, w), raw.dtype) for v in range(k)]
 
     def batch(self, reader: ShardReader, step: int) -> dict:
         """The batch of ``step``, both stages in this thread."""

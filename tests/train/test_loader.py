@@ -6,6 +6,7 @@ No DeepSpeed here: these run in a second or two.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 import tarfile
@@ -17,7 +18,7 @@ import torch
 
 from soilnet.config.schema import SchemaConfig
 from soilnet.data import BatchSizeError, DataError, LoaderSpec, PretrainBatches, build_loader, micro_batch, open_shards
-from soilnet.data.augment import AugmentSpec
+from soilnet.data.augment import AugmentSpec, View, apply_view, augment_climate, augment_image
 from soilnet.data.loader import climate_key, climate_keys
 from soilnet.data.order import batch_ids, epoch_permutation
 from soilnet.data.tarindex import ShardIndexError, ShardReader, index_shard, index_shard_tarfile
@@ -306,3 +307,34 @@ def test_damaged_tar_headers_are_judged_by_tarfile(shards, tmp_path):
     (tmp_path / "garbage.tar").write_bytes(b"not a tar file" * 100)
     with pytest.raises(ShardIndexError, match="garbage.tar"):
         index_shard(str(tmp_path / "garbage.tar"))
+
+
+@pytest.mark.parametrize("channels", [None, ["NDVI", "SR_B4", "SR_B7"]])
+def test_batched_views_are_the_views_augment_image_draws_sample_by_sample(shards, channels):
+    s = open_shards(shards, SchemaConfig(channels=channels) if channels else SchemaConfig())
+    aug = AugmentSpec(pad=16, spectral_jitter=0.05, climate_jitter=0.05)
+    step = 5  # epoch 1 of 4 steps each
+    plain = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=AugmentSpec(enabled=False))
+    base = PretrainBatches(s, plain).batch(ShardReader(), step)
+    sp = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=aug, two_views=True)
+    got = PretrainBatches(s, sp).batch(ShardReader(), step)
+    assert torch.equal(got["ids"], base["ids"])
+    for row, gid in enumerate(base["ids"].tolist()):
+        rng = np.random.default_rng([3, 1, gid])  # the definition: seeded by (seed, epoch, sample id)
+        view1 = augment_image(base["image"][row].numpy(), aug, rng)
+        view2 = augment_image(base["image"][row].numpy(), aug, rng)
+        climate = augment_climate(base["climate"][row].numpy(), aug, rng)
+        np.testing.assert_allclose(got["image"][row].numpy(), view1, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got["image2"][row].numpy(), view2, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(got["climate"][row].numpy(), climate)
+
+
+def test_apply_view_is_the_crop_of_the_padded_flipped_turned_patch():
+    x = np.random.default_rng(0).normal(size=(2, 7, 7)).astype(np.float16)
+    for pad, flip_w, flip_h, turns in itertools.product((0, 1, 3, 6), (False, True), (False, True), range(4)):
+        padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+        turned = np.rot90(padded[:, :: -1 if flip_h else 1, :: -1 if flip_w else 1], k=turns, axes=(1, 2))
+        for top, left in itertools.product(range(2 * pad + 1), repeat=2):
+            out = np.empty_like(x)
+            apply_view(x, View(flip_w, flip_h, turns, top, left, None), pad, out)
+            np.testing.assert_array_equal(out, turned[:, top : top + 7, left : left + 7])
