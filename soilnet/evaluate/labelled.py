@@ -198,7 +198,8 @@ def load_labelled(
     seen_targets: set[str] = set()
     ids, lons, lats, images, climates, ys = [], [], [], [], [], []
     all_keys: set[str] = set()
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
+    # every process reads every shard: data-parallel fine-tuning keeps the whole labelled set on each rank
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode()
     for sample in dataset:
         counts["samples_in_shards"] += 1
         key = sample["__key__"]

@@ -4,6 +4,9 @@ same folds, split-conformal intervals, plots and a report. Fine-tuning calls :fu
 Per fold, the non-test points are carved into training, validation (early stopping and epoch choice) and
 calibration (conformal) parts; under a spatial split these are carved by whole blocks, like the test fold.
 The baseline trains on the training and validation parts; neither model sees calibration or test points.
+
+Launched as several processes (data-parallel fine-tuning, see :mod:`soilnet.train.finetune`), every rank runs
+the same folds in the same order, and only rank 0 fits the baseline and writes files.
 """
 
 from __future__ import annotations
@@ -86,7 +89,17 @@ def plan_split(cfg: FinetuneConfig, data: LabelledData) -> tuple[list[SP.Fold], 
     return folds, SP.spatial_blocks(data.lon, data.lat, sc.block_km), info
 
 
-def _load(cfg: FinetuneConfig, out: Path):
+def writes_outputs(cfg: FinetuneConfig) -> bool:
+    """Whether this process writes the job's files: a single process does, and of several only rank 0.
+
+    Joins the process group when there are several (:func:`soilnet.train.finetune.distributed_context`)."""
+    from soilnet.train import finetune as FT
+
+    info = FT.distributed_context(cfg.train.device)
+    return info is None or info.is_main
+
+
+def _load(cfg: FinetuneConfig, out: Path | None):
     from soilnet.train import finetune as FT
 
     mods = FT.modalities_of(cfg.modalities)
@@ -103,17 +116,21 @@ def _load(cfg: FinetuneConfig, out: Path):
 
 
 def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
-    """Cross-validate ``cfg`` and write metrics.json, predictions.csv, plots and report.md into ``out``."""
+    """Cross-validate ``cfg`` and write metrics.json, predictions.csv, plots and report.md into ``out``.
+
+    Of several processes, every rank trains its share and gets the metrics; only rank 0 writes and fits the
+    baseline (``baseline_rf`` is None on the others)."""
     from soilnet.train import finetune as FT
 
+    writes = writes_outputs(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    mods, data, export = _load(cfg, out)
+    mods, data, export = _load(cfg, out if writes else None)
     folds, blocks, split_info = plan_split(cfg, data)
     level, space = cfg.eval.conformal.level, cfg.eval.conformal.space
     cal_frac, val_frac = cfg.eval.conformal.calibration_fraction, cfg.train.val_fraction
     feats = None
-    if cfg.eval.baseline.enabled:
+    if cfg.eval.baseline.enabled and writes:
         feats, _ = B.summary_features(data.image, data.climate, data.schema.channels, data.schema.climate_variables)
 
     n = len(data)
@@ -208,7 +225,7 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
         "modalities": list(mods),
         "pretrained": cfg.pretrained,
     }
-    if data.missing_ids:
+    if data.missing_ids and writes:
         metrics["data"]["ground_truth_ids_not_in_shards_file"] = str(out / "ground_truth_ids_not_in_shards.txt")
 
     table = pd.DataFrame(
@@ -224,12 +241,13 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
             "baseline_rf": rf_pred,
         }
     )
+    if final_model:
+        metrics["final_model"] = _final_model(cfg, data, blocks, export, out, histories, writes)
+    if not writes:
+        return metrics
     tmp = out / "predictions.csv.tmp"
     table[tested].to_csv(tmp, index=False)
     tmp.replace(out / "predictions.csv")
-
-    if final_model:
-        metrics["final_model"] = _final_model(cfg, data, blocks, export, out, histories)
     if cfg.eval.plots:
         metrics["plots"] = _plots(data, tested, pred, rf_pred, metrics, histories, out)
     write_json(out / "metrics.json", metrics)
@@ -237,8 +255,9 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
     return metrics
 
 
-def _final_model(cfg, data, blocks, export, out: Path, histories: dict) -> dict:
-    """One model on every labelled point (minus its validation and calibration parts) for predict-map."""
+def _final_model(cfg, data, blocks, export, out: Path, histories: dict, writes: bool = True) -> dict:
+    """One model on every labelled point (minus its validation and calibration parts) for predict-map; saved
+    when ``writes``."""
     from soilnet.train import finetune as FT
 
     rng = np.random.default_rng(cfg.eval.split.seed * 1000 + 999)
@@ -255,7 +274,7 @@ def _final_model(cfg, data, blocks, export, out: Path, histories: dict) -> dict:
         "n_calibration": len(cal),
     }
     model_cfg = FT.apply_export_model(cfg.model, export[1], FT.modalities_of(cfg.modalities)) if export else cfg.model
-    path = FT.save_model(out, fitted, cfg, data, model_cfg, conformal)
+    path = FT.save_model(out, fitted, cfg, data, model_cfg, conformal) if writes else out / FT.MODEL_FILE
     return {
         "path": str(path),
         "n_train": len(train),
@@ -342,15 +361,22 @@ def evaluate_checkpoint(cfg: EvaluateConfig, out: Path) -> dict:
 
 
 def run(cfg: EvaluateConfig) -> int:
-    """``soilnet evaluate``: cross-validation (or, with ``checkpoint``, scoring a saved model)."""
+    """``soilnet evaluate``: cross-validation (or, with ``checkpoint``, scoring a saved model). Of several
+    processes, only rank 0 writes (and scores a checkpoint)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, out)
+    writes = writes_outputs(cfg)
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out)
     if cfg.checkpoint:
+        if not writes:
+            return 0  # scoring a saved model is one process's work
         metrics = evaluate_checkpoint(cfg, out)
     else:
         metrics = evaluate(cfg, out, final_model=cfg.final_model)
+    if not writes:
+        return 0
     m = metrics["model"]
     print(f"soilnet evaluate: model R2 {m['r2']:.3f} RMSE {m['rmse']:.3f} (n={m['n']}); metrics {out / 'metrics.json'}")
     for name, p in metrics.get("plots", {}).items():

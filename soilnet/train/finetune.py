@@ -1,13 +1,20 @@
 """Fine-tuning: regress a soil property from image patches and/or climate series, from scratch or from a
 pretrained encoder export, then evaluate honestly (:mod:`soilnet.evaluate`).
 
-Single-node plain PyTorch: fine-tuning sets hold thousands of points, so every labelled sample sits in memory
-(:mod:`soilnet.evaluate.labelled`) and one process trains each cross-validation fold in turn. Early stopping and
-the choice of epoch use the validation points only; test points are touched once, for the final predictions.
+Fine-tuning sets hold thousands of points, so every labelled sample sits in memory
+(:mod:`soilnet.evaluate.labelled`) and the job trains each cross-validation fold in turn. Early stopping and the
+choice of epoch use the validation points only; test points are touched once, for the final predictions.
+
+One process trains with plain PyTorch. When launched as one of several processes (``WORLD_SIZE`` > 1 from
+torchrun, ``launch/`` or ``srun``), every rank runs the same job and :func:`fit` trains data-parallel through a
+DeepSpeed engine (ZeRO stage 0): every rank draws the same global batches from the shared seed, takes its own
+contiguous slice, and the loss is taken over the gathered predictions of the whole global batch, so the update
+equals the single process's (up to float rounding) for models without batch statistics. Only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -17,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -26,6 +34,7 @@ from soilnet import schema as S
 from soilnet.config.base import save_resolved, to_plain
 from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig, TargetConfig
 from soilnet.config.model import ModelConfig
+from soilnet.distributed import DistInfo, environment, gather_with_grad, init_distributed
 from soilnet.evaluate.labelled import LabelledData
 
 log = logging.getLogger("soilnet.finetune")
@@ -154,13 +163,18 @@ class Normaliser:
         return cls(*(arr(d.get(k)) for k in ("image_mean", "image_std", "climate_mean", "climate_std")))
 
 
-def augment_image(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def draw_flips(n: int, gen: torch.Generator) -> torch.Tensor:
+    """``(n, 3)`` bool: horizontal flip, vertical flip, transpose, per sample."""
+    return torch.rand(n, 3, generator=gen) < 0.5
+
+
+def augment_image(x: torch.Tensor, gen: torch.Generator, flips: torch.Tensor | None = None) -> torch.Tensor:
     """Random element of the dihedral group per sample (flips and 90-degree turns keep soil physics intact).
 
-    x: ``(B, C, H, W)`` with H == W.
+    x: ``(B, C, H, W)``; the transpose applies only when H == W. flips: ``(B, 3)`` bool from :func:`draw_flips`
+    (a data-parallel rank passes its rows of the global batch's draw), or None to draw them from ``gen``.
     """
-    b = x.shape[0]
-    flips = torch.rand(b, 3, generator=gen) < 0.5
+    flips = draw_flips(x.shape[0], gen) if flips is None else flips
     x = torch.where(flips[:, 0, None, None, None], x.flip(-1), x)
     x = torch.where(flips[:, 1, None, None, None], x.flip(-2), x)
     if x.shape[-1] == x.shape[-2]:
@@ -333,6 +347,101 @@ class FitResult:
     history: dict[str, list[float]]
 
 
+# ------------------------------------------------------------------------------------------- data parallel
+
+
+@functools.cache
+def _join(backend: str) -> DistInfo:
+    # once per process: init_distributed also sets the CPU thread count, which the job's own setting must override
+    return init_distributed(backend)
+
+
+def distributed_context(device: str = "auto") -> DistInfo | None:
+    """This process's place when it is one of several (``WORLD_SIZE`` > 1 from torchrun or ``launch/``, or
+    ``SLURM_NTASKS`` > 1 under ``srun``), joining the process group on first call; None when alone."""
+    if int(environment()["WORLD_SIZE"]) <= 1:
+        return None
+    return _join("nccl" if pick_device(device).type == "cuda" else "gloo")
+
+
+def rank_rows(n: int, world: int, rank: int) -> tuple[slice, list[int]]:
+    """This rank's contiguous share of a global batch of ``n`` rows, and every rank's share size (they differ
+    by at most one row; rank order is batch order)."""
+    sizes = [n // world + (r < n % world) for r in range(world)]
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank]), sizes
+
+
+def gather_batch(pred: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """This rank's predictions ``(sizes[rank],)`` -> the global batch's ``(sum(sizes),)`` in batch order.
+
+    Differentiable: with the same loss on every rank, backward leaves on each rank the gradient of the global
+    loss through its own rows times the world size, which DeepSpeed's averaging over ranks cancels. all_gather
+    needs equal shapes, so each rank pads its share to the largest one.
+    """
+    m = max(sizes)
+    full = gather_with_grad(F.pad(pred, (0, m - pred.shape[0])))
+    keep = torch.cat([torch.arange(r * m, r * m + s) for r, s in enumerate(sizes)]).to(full.device)
+    return full[keep]
+
+
+def deepspeed_config(tc: FinetuneTrainConfig, world: int) -> dict:
+    """ZeRO stage 0 (plain data parallelism: every rank keeps the whole fp32 model and optimizer) with torch's
+    AdamW; each rank's micro batch is its share of ``train.batch_size``."""
+    if tc.batch_size % world:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} must be a multiple of the {world} ranks of this run (each rank "
+            "takes an equal share of every global batch)"
+        )
+    return {
+        "train_batch_size": tc.batch_size,
+        "train_micro_batch_size_per_gpu": tc.batch_size // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 0},
+        "gradient_clipping": 0.0,  # the single process does not clip; DeepSpeed's default (1.0) would
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": tc.lr, "weight_decay": tc.weight_decay, "torch_adam": True},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, tc: FinetuneTrainConfig, info: DistInfo):
+    """``model`` wrapped in a DeepSpeed engine; on GPUs its batch norms become SyncBatchNorm, so normalisation
+    uses the statistics of the whole global batch, as one process would (torch supports that on GPUs only)."""
+    import deepspeed
+
+    if info.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, tc), config=deepspeed_config(tc, info.world_size)
+    )
+    return engine
+
+
+def average_batchnorm_statistics(model: nn.Module, world: int) -> None:
+    """Average the running statistics of per-rank batch norms over ranks (SyncBatchNorm's agree already), so
+    every rank evaluates the same model."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+            for buf in (m.running_mean, m.running_var):
+                if buf is not None:
+                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                    buf.div_(world)
+
+
+def from_rank0(values: list[float], info: DistInfo) -> list[float]:
+    """Rank 0's ``values`` on every rank, so that every rank takes the same early-stopping decision."""
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+# -------------------------------------------------------------------------------------------------- fit
+
+
 def fit(
     cfg: FinetuneConfig,
     data: LabelledData,
@@ -346,9 +455,19 @@ def fit(
 
     Stops early after ``train.patience`` epochs without improvement. ``export``: (tensors, metadata) of a
     pretrained export, already checked against the data's schema.
+
+    Alone, this is plain PyTorch. As one of several processes (:func:`distributed_context`), every rank calls it
+    with the same arguments: the model trains in a DeepSpeed engine, every rank draws the same permutation and
+    augmentation from ``seed`` and takes its share of each global batch (:func:`rank_rows`); the loss is
+    computed on the gathered predictions of the whole global batch, so the update equals the single process's
+    up to float rounding (per-rank batch-norm statistics on CPUs are the exception, see :func:`build_engine`).
+    A global batch with fewer rows than ranks is skipped. Validation runs on every rank (each holds all data)
+    and rank 0's score decides, so all ranks stop at the same epoch.
     """
     tc = cfg.train
     mods = modalities_of(cfg.modalities)
+    info = distributed_context(tc.device)
+    world, rank = (info.world_size, info.rank) if info else (1, 0)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -356,12 +475,17 @@ def fit(
     model = build_model(model_cfg, data.schema, mods)
     if export:
         load_encoders(model, export[0], mods, str(cfg.pretrained))
-    device = pick_device(tc.device)
+    device = info.device if info else pick_device(tc.device)
     model.to(device)
     transform = TargetTransform.fit(cfg.target, data.y[train_idx], standardize=tc.loss != "rmsle")
     t_all = torch.from_numpy(transform.forward(data.y).astype(np.float32)).to(device)
     norm = Normaliser.of(data)
-    opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
+    engine, opt = None, None
+    if info:
+        engine = build_engine(model, tc, info)
+        model = engine.module
+    else:
+        opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
     criterion = loss_fn(tc.loss, tc.huber_delta)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_rmse": []}
     best = (math.inf, -1, None)
@@ -375,23 +499,37 @@ def fit(
         total, count = 0.0, 0
         for start in range(0, len(order), tc.batch_size):
             idx = order[start : start + tc.batch_size]
+            if world > 1 and len(idx) < world:
+                continue  # some rank would get no row; the samples come back next epoch
             if len(idx) < 2 and len(order) > 1:
                 continue  # a batch of one breaks batch-norm; the sample comes back next epoch
-            im, cl = _inputs(data, idx, norm, mods)
-            if im is not None and tc.augment:
-                im = augment_image(im, gen)
+            rows, sizes = rank_rows(len(idx), world, rank)
+            flips = draw_flips(len(idx), gen) if "image" in mods and tc.augment else None
+            im, cl = _inputs(data, idx[rows], norm, mods)
+            if im is not None and flips is not None:
+                im = augment_image(im, gen, flips[rows])
             im = im.to(device) if im is not None else None
             cl = cl.to(device) if cl is not None else None
-            pred = model(im, cl).reshape(-1)
-            loss = criterion(pred, t_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if engine is None:
+                pred = model(im, cl).reshape(-1)
+                loss = criterion(pred, t_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            else:
+                pred = engine(im, cl).reshape(-1)
+                loss = criterion(gather_batch(pred, sizes), t_all[idx])
+                engine.backward(loss)
+                engine.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
+        if info:
+            average_batchnorm_statistics(model, world)
         val_scaled = predict_scaled(model, data, val_idx, norm, mods)
         val_loss = float(criterion(torch.from_numpy(val_scaled).float().to(device), t_all[val_idx]))
         val_rmse = float(np.sqrt(np.mean((transform.inverse(val_scaled) - data.y[val_idx]) ** 2)))
+        if info:
+            val_loss, val_rmse = from_rank0([val_loss, val_rmse], info)
         history["train_loss"].append(total / max(count, 1))
         history["val_loss"].append(val_loss)
         history["val_rmse"].append(val_rmse)
@@ -497,15 +635,21 @@ def load_model(path: str | Path, device: str = "auto") -> Finetuned:
 
 def run(cfg: FinetuneConfig) -> int:
     """``soilnet finetune``: cross-validated evaluation (with the baseline and intervals), then a final model
-    on every labelled point for mapping. Writes metrics.json, report.md, plots and model.safetensors."""
-    from soilnet.evaluate.run import evaluate
+    on every labelled point for mapping. Writes metrics.json, report.md, plots and model.safetensors.
+
+    Launched as several processes, every rank trains data-parallel and only rank 0 writes and reports."""
+    from soilnet.evaluate.run import evaluate, writes_outputs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.time()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, out)
+    writes = writes_outputs(cfg)
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out)
     metrics = evaluate(cfg, out, final_model=cfg.final_model)
+    if not writes:
+        return 0
     m, rf = metrics["model"], metrics.get("baseline_rf") or {}
     print(
         f"soilnet finetune: model R2 {m['r2']:.3f} RMSE {m['rmse']:.3f} (n={m['n']}); "
