@@ -150,9 +150,28 @@ class StopFlag:
         self.signal = signum
 
 
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+@contextmanager
+def stop_signals_blocked():
+    """Block the stop signals while DataLoader workers are forked, so the workers inherit them blocked.
+
+    Slurm signals every process of a job step, workers included, and torch's workers die on a SIGTERM that is not
+    their parent's; the main process then fails on the dead worker instead of saving. A signal that arrives here
+    stays pending in the main process and is handled when the block is lifted. (Workers are forked: the default
+    multiprocessing context on Linux.)
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextmanager
 def stop_on_signals(flag: StopFlag):
-    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in previous:
         signal.signal(s, flag)
     try:
@@ -352,7 +371,8 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
     spec = LoaderSpec(
         d.seed, t.global_batch_size, info.rank, info.world_size, aug, cfg.loss.simclr_weight > 0, d.num_workers
     )
-    loader = iter(build_loader(shards, spec, start_step=step))
+    with stop_signals_blocked():  # workers start here
+        loader = iter(build_loader(shards, spec, start_step=step))
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     base = {"world_size": info.world_size, "global_batch_size": t.global_batch_size, "zero_stage": stage}
     corrupt = torch.zeros(2)  # [corrupt samples, samples read] on this rank since start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -21,3 +22,14 @@ def cpu_env(**extra: str) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (e.g. its DataLoader workers), from /proc."""
+    found = []
+    for f in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in f.read_text().split()]
+        except OSError:
+            pass
+    return found

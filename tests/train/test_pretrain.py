@@ -8,6 +8,7 @@ launcher sets them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_kit import cpu_env, free_port
+from pretrain_kit import children, cpu_env, free_port
 from safetensors import safe_open
 from toymodels import FLAT
 
@@ -221,12 +222,18 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_step_after_saving_and_t
     _needs_model()
     out = tmp_path / "run"
     out.parent.mkdir(parents=True, exist_ok=True)
-    procs = start(out, shards, 2, "train.steps=400", "checkpoint.every_steps=1000")
+    procs = start(out, shards, 2, "train.steps=400", "checkpoint.every_steps=1000", "data.num_workers=1")
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
         assert time.time() < deadline and all(p.poll() is None for p in procs), log_of(out)
         time.sleep(0.05)
-    procs[1].send_signal(signum)  # SIGUSR2 as Slurm's --signal, SIGTERM as scancel or a node drain; one rank only
+    # SIGUSR2 as Slurm's --signal, SIGTERM as scancel, preemption or the time limit: Slurm signals every process of
+    # the step, so rank 1's DataLoader worker gets it too (torch's workers die on a foreign SIGTERM unless it is
+    # blocked); rank 0 gets nothing
+    workers = children(procs[1].pid)
+    assert workers, "rank 1 has no DataLoader worker"
+    for pid in [*workers, procs[1].pid]:
+        os.kill(pid, signum)
     codes = wait(procs, out)
     assert codes == [75, 75], log_of(out)
     ck = out / "checkpoints"
