@@ -97,11 +97,31 @@ def _key(url: str, position: int) -> str:
         return f"#{position}"
 
 
-class BatchDecoder:
-    """Decodes the samples of a batch into reused raw rows, then converts and normalises the whole batch."""
+def affine(raw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """raw: (b, C, H, W) float16/int16 -> (b, C, H, W) float32 ``raw * scale + bias``, non-finite -> 0.
+    scale, bias: (C, 1, 1) float32."""
+    y = raw.float() * scale + bias
+    return torch.where(torch.isfinite(y), y, 0.0)  # inductor vectorises this, not nan_to_num
 
-    def __init__(self, shards: ShardSet):
-        self.shards = shards
+
+_compiled: dict[str, object] = {}
+
+
+def fused_affine():
+    """:func:`affine` compiled by inductor into one vectorised CPU loop (read float16, write float32), a third of
+    the eager ops' time; compiled once per process (about 25 s on 2 cold cores, cached on disk after)."""
+    if "affine" not in _compiled:
+        _compiled["affine"] = torch.compile(affine, dynamic=True)
+    return _compiled["affine"]
+
+
+class BatchDecoder:
+    """Decodes the samples of a batch into reused raw rows, then converts and normalises the whole batch.
+
+    ``fused``: normalise with :func:`fused_affine` instead of three eager torch ops."""
+
+    def __init__(self, shards: ShardSet, fused: bool = False):
+        self.shards, self.fused = shards, fused
         enc = shards.image_encoding
         self.layouts = [
             NpyLayout(IMAGE, np.dtype(enc.get("dtype", "float16")), shards.available.image_shape),
@@ -190,6 +210,8 @@ class BatchDecoder:
         x = torch.from_numpy(raw)
         if self.channels is not None and not selected:
             x = x.index_select(1, self.channels)
+        if self.fused:
+            return fused_affine()(x, self.scale, self.bias)
         out = empty(tuple(x.shape), torch.float32)
         out.copy_(x)
         out.mul_(self.scale).add_(self.bias)

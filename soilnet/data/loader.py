@@ -37,6 +37,7 @@ class LoaderSpec:
     augment: AugmentSpec
     two_views: bool = False  # a second, independently augmented image view (SimCLR term)
     num_workers: int = 0
+    fused_normalise: bool = False  # one compiled CPU kernel for decode + normalise (see decode.fused_affine)
 
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -85,7 +86,7 @@ class PretrainBatches(IterableDataset):
         super().__init__()
         self.shards, self.spec, self.start_step = shards, spec, start_step
         micro_batch(spec.global_batch, spec.world)
-        self.decoder = BatchDecoder(shards)
+        self.decoder = BatchDecoder(shards, fused=spec.fused_normalise)
         self._work: dict[str, np.ndarray] = {}
 
     def read(self, reader: ShardReader, step: int, rows: RawRows) -> RawBatch:

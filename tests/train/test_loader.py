@@ -338,3 +338,29 @@ def test_apply_view_is_the_crop_of_the_padded_flipped_turned_patch():
             out = np.empty_like(x)
             apply_view(x, View(flip_w, flip_h, turns, top, left, None), pad, out)
             np.testing.assert_array_equal(out, turned[:, top : top + 7, left : left + 7])
+
+
+def test_fused_normalise_gives_the_eager_batches(shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    key, members = ShardReader().index(str(folder / "shard-000000.tar"))[5]
+    offset, size = members["image.npy"]
+    with open(folder / "shard-000000.tar", "r+b") as f:  # channel 0, pixel (2, 3) := NaN
+        f.seek(offset)
+        f.seek(offset + _npy_header(f.read(size)) + 2 * (2 * 64 + 3))
+        f.write(np.array([np.nan], dtype=np.float16).tobytes())
+    m = json.loads((folder / "manifest.json").read_text())
+    m["stats"]["image"]["SR_B1"]["count"] -= 1
+    (folder / "manifest.json").write_text(json.dumps(m))
+    s = open_shards(folder, SchemaConfig(channels=["SR_B1", "SR_B4", "NDVI"]))
+    aug = AugmentSpec(spectral_jitter=0.05)
+    for augment in (AugmentSpec(enabled=False), aug):
+        eager = LoaderSpec(seed=3, global_batch=64, rank=0, world=1, augment=augment, two_views=True)
+        fused = LoaderSpec(seed=3, global_batch=64, rank=0, world=1, augment=augment, two_views=True,
+                           fused_normalise=True)  # fmt: skip
+        a, b = next(iter(PretrainBatches(s, eager))), next(iter(PretrainBatches(s, fused)))
+        for name in ("image", "image2"):
+            np.testing.assert_allclose(b[name].numpy(), a[name].numpy(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(a["climate"], b["climate"]) and bool(torch.isfinite(b["image"]).all())
+        if not augment.enabled:
+            assert float(b["image"][b["ids"].tolist().index(5), 0, 2, 3]) == 0.0
