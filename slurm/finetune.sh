@@ -1,10 +1,13 @@
 #!/bin/bash
-# Fine-tuning and evaluation on a Slurm cluster (one node; single-node runs use plain PyTorch):
+# Fine-tuning and evaluation on a Slurm cluster:
 #     sbatch slurm/finetune.sh [CONFIG] [key=value ...]
+#     sbatch --nodes=2 slurm/finetune.sh [CONFIG] [key=value ...]
+# One task per GPU (or per CPU node). One task trains with plain PyTorch; several (more nodes, or more tasks per
+# node) train data-parallel through DeepSpeed on the same global batches, and only rank 0 writes.
 #SBATCH --job-name=soilnet-finetune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-##SBATCH --gpus-per-node=1          # enable on GPU partitions
+##SBATCH --gpus-per-node=1          # enable on GPU partitions, and set --ntasks-per-node to the same number
 #SBATCH --cpus-per-task=2
 #SBATCH --time=01:00:00
 #SBATCH --signal=USR2@120
@@ -19,6 +22,7 @@ CONFIG=${1:-configs/finetune/demo.yaml}
 # submit from the repository root.
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 
+# SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID give each task its rank; soilnet.distributed reads them.
 set +e
 srun --kill-on-bad-exit=1 python -m soilnet.cli finetune --config "$CONFIG" "$@"
 rc=$?

@@ -363,9 +363,10 @@ def evaluate_checkpoint(cfg: EvaluateConfig, out: Path) -> dict:
 def run(cfg: EvaluateConfig) -> int:
     """``soilnet evaluate``: cross-validation (or, with ``checkpoint``, scoring a saved model). Of several
     processes, only rank 0 writes (and scores a checkpoint)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(cfg.output_dir)
     writes = writes_outputs(cfg)
+    # the other ranks compute what rank 0 logs; they only warn
+    logging.basicConfig(level=logging.INFO if writes else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     if writes:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out)

@@ -415,6 +415,14 @@ def build_engine(model: nn.Module, tc: FinetuneTrainConfig, info: DistInfo):
 
     if info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if info.is_main:
+        log.info(
+            "data parallel: DeepSpeed ZeRO stage 0 on %d ranks (%s), %d of the %d rows of each global batch per rank",
+            info.world_size,
+            info.backend,
+            tc.batch_size // info.world_size,
+            tc.batch_size,
+        )
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, tc), config=deepspeed_config(tc, info.world_size)
     )
@@ -640,10 +648,11 @@ def run(cfg: FinetuneConfig) -> int:
     Launched as several processes, every rank trains data-parallel and only rank 0 writes and reports."""
     from soilnet.evaluate.run import evaluate, writes_outputs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.time()
     out = Path(cfg.output_dir)
     writes = writes_outputs(cfg)
+    # the other ranks compute what rank 0 logs; they only warn
+    logging.basicConfig(level=logging.INFO if writes else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     if writes:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out)

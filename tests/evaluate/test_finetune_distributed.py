@@ -4,12 +4,15 @@ Ranks are started as plain processes with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR
 ``launch/`` or ``srun`` (through soilnet.distributed) set them. Each run is the real ``soilnet finetune`` on the
 demo config with small overrides.
 
-The model here has no batch statistics and no dropout (``vit_tiny`` with ``p=0`` and the GRU climate encoder):
-then the two ranks' update, computed from their halves of each global batch with the loss taken over the
-gathered global batch, equals the single process's up to float rounding, and so do the weights after every
-epoch, the validation scores, the early-stopping epoch and the saved model. With batch norm on CPUs, each rank
-would normalise with its own half-batch's statistics (torch's SyncBatchNorm needs GPUs), so the weights would
-only be close; that case is not asserted here.
+The main model here has no batch statistics and no dropout (``vit_tiny`` with ``p=0`` and the GRU climate
+encoder): then the two ranks' update, computed from their halves of each global batch with the loss taken over
+the gathered global batch, equals the single process's up to float rounding, and so do the weights after every
+epoch, the validation scores, the early-stopping epoch and the saved model.
+
+The demo's own image encoder has batch norm. On CPUs each rank normalises with its own half-batch's statistics
+(torch's SyncBatchNorm, which the job uses on GPUs, needs GPUs), so that run is a different, equally valid
+optimisation: its weights differ from the single process's by more than rounding, and the test asserts only that
+it completes, writes once, and scores close to the single process.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ SMALL = [
     "eval.split.buffer_km=20",
     "eval.baseline.n_estimators=10",
 ]
+# The demo's model (tiny CNN with batch norm, GRU), without plots.
+SMALL_BN = [*(o for o in SMALL if not o.startswith("model.")), "eval.plots=false"]
 
 
 def _free_port() -> int:
@@ -59,57 +64,53 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _start(shards: Path, out: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
+def _start(shards: Path, out: Path, log: Path, env: dict[str, str], overrides: list[str]) -> subprocess.Popen:
     args = [sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(DEMO), f"data.shards={shards}",
-            f"output_dir={out}", *SMALL]  # fmt: skip
+            f"output_dir={out}", *overrides]  # fmt: skip
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def _rank_env(rank: int, port: str) -> dict[str, str]:
+    return _env(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, kit):
-    """One process and two ranks on the same shards; each rank is given its own output_dir, so that anything
-    rank 1 wrote would show."""
+    """One process and two ranks on the same shards, for the model without batch statistics (``single``,
+    ``rank0``, ``rank1``) and for the demo's batch-norm model (``bn_single``, ``bn_rank0``, ``bn_rank1``), all at
+    once. Each rank is given its own output_dir, so that anything rank 1 wrote would show."""
     root = tmp_path_factory.mktemp("ft_dist")
     shards = kit.write_shards(root / "shards", n=120, seed=3, max_samples=40)
-    port = str(_free_port())
-    procs = {
-        "single": _start(shards, root / "single", root / "single.log", _env()),
-        **{
-            f"rank{r}": _start(
-                shards,
-                root / f"rank{r}",
-                root / f"rank{r}.log",
-                _env(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-            )
-            for r in range(WORLD)
-        },
-    }
+    procs = {}
+    for prefix, extra in (("", SMALL), ("bn_", SMALL_BN)):
+        port = str(_free_port())
+        procs[f"{prefix}single"] = _start(shards, root / f"{prefix}single", root / f"{prefix}single.log", _env(), extra)
+        for r in range(WORLD):
+            name = f"{prefix}rank{r}"
+            procs[name] = _start(shards, root / name, root / f"{name}.log", _rank_env(r, port), extra)
     codes = {name: p.wait(timeout=300) for name, p in procs.items()}
     logs = {name: (root / f"{name}.log").read_text(errors="replace") for name in procs}
-    return root, codes, logs
-
-
-def test_every_process_exits_cleanly(runs):
-    root, codes, logs = runs
     for name, code in codes.items():
         assert code == 0, f"{name} exited {code}:\n{logs[name][-4000:]}"
+    return root, logs
 
 
 def test_only_rank_0_writes(runs):
-    root, codes, logs = runs
-    assert codes == {"single": 0, "rank0": 0, "rank1": 0}
-    assert not (root / "rank1").exists(), sorted(p.name for p in (root / "rank1").iterdir())
-    written = {p.name for p in (root / "rank0").iterdir()}
-    assert written == {p.name for p in (root / "single").iterdir()}
-    assert {"metrics.json", "report.md", "model.safetensors", "config.yaml", "predictions.csv"} <= written
-    assert "soilnet finetune: metrics" in logs["rank0"] and "soilnet finetune: metrics" not in logs["rank1"]
+    root, logs = runs
+    for prefix in ("", "bn_"):
+        assert not (root / f"{prefix}rank1").exists(), sorted(p.name for p in (root / f"{prefix}rank1").iterdir())
+        written = {p.name for p in (root / f"{prefix}rank0").iterdir()}
+        assert written == {p.name for p in (root / f"{prefix}single").iterdir()}
+        assert {"metrics.json", "report.md", "model.safetensors", "config.yaml", "predictions.csv"} <= written
+        assert "soilnet finetune: metrics" in logs[f"{prefix}rank0"]
+        assert "soilnet finetune: metrics" not in logs[f"{prefix}rank1"]
+    assert "learning_curves.png" in {p.name for p in (root / "rank0").iterdir()}
 
 
 def test_two_ranks_train_the_single_process_model(runs):
     """Same global batches, same updates: the saved weights, the chosen epochs and the scores agree."""
-    root, codes, logs = runs
-    assert codes == {"single": 0, "rank0": 0, "rank1": 0}
-    assert "DeepSpeed" in logs["rank0"] or "deepspeed" in logs["rank0"]  # the two ranks ran through DeepSpeed
+    root, logs = runs
+    assert "data parallel: DeepSpeed ZeRO stage 0 on 2 ranks (gloo)" in logs["rank0"]
     single = load_file(str(root / "single" / "model.safetensors"))
     parallel = load_file(str(root / "rank0" / "model.safetensors"))
     assert single.keys() == parallel.keys()
@@ -122,3 +123,40 @@ def test_two_ranks_train_the_single_process_model(runs):
     assert m1["final_model"]["best_epoch"] == m2["final_model"]["best_epoch"]
     for key in ("rmse", "r2", "n"):
         assert m2["model"][key] == pytest.approx(m1["model"][key], rel=1e-4)
+
+
+def test_batch_norm_model_trains_on_two_ranks_close_to_one(runs):
+    """Per-rank batch statistics on CPUs (module docstring): the same folds and points, a close score."""
+    root, logs = runs
+    m1 = json.loads((root / "bn_single" / "metrics.json").read_text())
+    m2 = json.loads((root / "bn_rank0" / "metrics.json").read_text())
+    assert m2["model"]["n"] == m1["model"]["n"] == 120
+    assert [f["n_train"] for f in m2["folds"]] == [f["n_train"] for f in m1["folds"]]
+    assert m2["model"]["rmse"] == pytest.approx(m1["model"]["rmse"], rel=0.1)
+
+
+def test_rank_rows_cover_the_global_batch_in_order():
+    from soilnet.train.finetune import rank_rows
+
+    for n, world in ((16, 2), (7, 3), (5, 4)):
+        parts = [rank_rows(n, world, r) for r in range(world)]
+        rows = [i for sl, _ in parts for i in range(n)[sl]]
+        assert rows == list(range(n))
+        assert all(sizes == parts[0][1] and max(sizes) - min(sizes) <= 1 for _, sizes in parts)
+
+
+def test_deepspeed_config_splits_the_batch_and_adds_nothing_the_single_process_lacks():
+    from soilnet.config.finetune import FinetuneTrainConfig
+    from soilnet.train.finetune import deepspeed_config
+
+    tc = FinetuneTrainConfig(batch_size=64, lr=2e-3, weight_decay=1e-4)
+    ds = deepspeed_config(tc, 4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64,
+        16,
+        1,
+    )
+    assert ds["zero_optimization"] == {"stage": 0} and ds["gradient_clipping"] == 0.0
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 1e-4, "torch_adam": True}}
+    with pytest.raises(ValueError, match=r"train.batch_size=64 must be a multiple of the 3 ranks"):
+        deepspeed_config(tc, 3)
