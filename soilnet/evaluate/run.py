@@ -241,13 +241,15 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
             "baseline_rf": rf_pred,
         }
     )
+    if writes:
+        tmp = out / "predictions.csv.tmp"
+        table[tested].to_csv(tmp, index=False)
+        tmp.replace(out / "predictions.csv")
+
     if final_model:
         metrics["final_model"] = _final_model(cfg, data, blocks, export, out, histories, writes)
     if not writes:
         return metrics
-    tmp = out / "predictions.csv.tmp"
-    table[tested].to_csv(tmp, index=False)
-    tmp.replace(out / "predictions.csv")
     if cfg.eval.plots:
         metrics["plots"] = _plots(data, tested, pred, rf_pred, metrics, histories, out)
     write_json(out / "metrics.json", metrics)
