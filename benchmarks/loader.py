@@ -134,8 +134,9 @@ def bench_pipeline(
     from soilnet.data.augment import AugmentSpec
 
     shards = open_shards(shard_dir, SchemaConfig())
+    options = {"fused_normalise": True} if fused else {}  # only when asked: older loaders lack the option
     spec = LoaderSpec(seed=0, global_batch=batch_size, rank=0, world=1, augment=AugmentSpec(enabled=augment),
-                      num_workers=workers, fused_normalise=fused)  # fmt: skip
+                      num_workers=workers, **options)  # fmt: skip
     t0 = time.perf_counter()
     it = iter(build_loader(shards, spec))
     next(it)
