@@ -59,7 +59,9 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    """This environment without any rank of its own (a test run inside a Slurm job or torchrun has one)."""
+    placement = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+    env = {k: v for k, v in os.environ.items() if k not in placement}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
     return env
 
