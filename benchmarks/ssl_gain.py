@@ -14,7 +14,7 @@ patience are scaled by 1 / fraction (capped by ``--max-epochs``): every run sees
 
     .venv/bin/python benchmarks/ssl_gain.py                       # 3.5 minutes on the 2-core machine
     .venv/bin/python benchmarks/ssl_gain.py --pretrain-steps 1200 # longer pretraining, about 7 minutes
-    .venv/bin/python benchmarks/ssl_gain.py --budget epochs train.encoders=frozen   # a probe of frozen features
+    .venv/bin/python benchmarks/ssl_gain.py train.encoders=frozen   # a probe of frozen features
 
 ``--shards`` / ``--encoders`` reuse an existing world / export. Trailing ``key=value`` arguments override the
 fine-tuning config for both arms. Everything goes to ``--out``; the last line printed is one JSON object
