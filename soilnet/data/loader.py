@@ -195,18 +195,32 @@ class RawBatch:
 def _pipelined(batches: PretrainBatches, steps) -> Iterator[dict]:
     """Finished batches of ``steps``, in order. A reader thread reads the next batch's samples (``preadv`` runs
     without the GIL) while this thread converts and normalises the current one (torch also releases the GIL);
-    two sets of raw rows alternate between them."""
+    two sets of raw rows alternate between them.
+
+    The reader is not a daemon: at interpreter exit a daemon thread is killed wherever it is, and one killed
+    inside numpy's C++ code aborts the process ("terminate called without an active exception"). It stops when
+    this generator closes, or when the main thread has ended and it finds no rows to fill."""
     n = micro_batch(batches.spec.global_batch, batches.spec.world)
     free: queue.Queue = queue.Queue()
     ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
     for _ in range(2):
         free.put(batches.decoder.new_rows(n))
+
+    def next_rows() -> RawRows | None:
+        while not stop.is_set():
+            try:
+                return free.get(timeout=0.1)
+            except queue.Empty:
+                if not threading.main_thread().is_alive():
+                    return None
+        return None
 
     def produce() -> None:
         reader = ShardReader()
         try:
             for step in steps:
-                rows = free.get()
+                rows = next_rows()
                 if rows is None:
                     return
                 ready.put(batches.read(reader, step, rows))
@@ -215,7 +229,7 @@ def _pipelined(batches: PretrainBatches, steps) -> Iterator[dict]:
         finally:
             reader.close()
 
-    threading.Thread(target=produce, name="soilnet-shard-reader", daemon=True).start()
+    threading.Thread(target=produce, name="soilnet-shard-reader").start()
     try:
         while True:
             item = ready.get()
@@ -225,7 +239,7 @@ def _pipelined(batches: PretrainBatches, steps) -> Iterator[dict]:
             free.put(item.rows)
             yield out
     finally:
-        free.put(None)  # the reader stops at its next batch
+        stop.set()
 
 
 def build_loader(shards: ShardSet, spec: LoaderSpec, start_step: int = 0) -> DataLoader:

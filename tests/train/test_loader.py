@@ -9,6 +9,8 @@ import io
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -364,3 +366,21 @@ def test_fused_normalise_gives_the_eager_batches(shards, tmp_path):
         assert torch.equal(a["climate"], b["climate"]) and bool(torch.isfinite(b["image"]).all())
         if not augment.enabled:
             assert float(b["image"][b["ids"].tolist().index(5), 0, 2, 3]) == 0.0
+
+
+def test_a_process_left_holding_a_loader_mid_epoch_exits_cleanly(shards, repo_root):
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[2])\n"
+        "from soilnet.config.schema import SchemaConfig\n"
+        "from soilnet.data import build_loader, open_shards\n"
+        "from soilnet.data.loader import LoaderSpec\n"
+        "from soilnet.data.augment import AugmentSpec\n"
+        "spec = LoaderSpec(seed=3, global_batch=16, rank=0, world=1, augment=AugmentSpec())\n"
+        "it = iter(build_loader(open_shards(sys.argv[1], SchemaConfig()), spec))\n"
+        "batches = [next(it) for _ in range(3)]\n"  # the reader thread is busy with the next batches at exit
+    )
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", script, str(shards), str(repo_root)], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr
