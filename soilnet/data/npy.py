@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MAX_HEADER = 1 << 16  # numpy pads headers to 64 bytes; anything this long is not a header of our arrays
+MAX_HEADER = 1 << 12  # numpy pads headers to 64 bytes (ours are 128); anything longer is not a header of ours
 
 
 @dataclass
