@@ -7,6 +7,10 @@ Needs shards (``data.shards`` of the config; ``make demo`` packs outputs/demo/sh
 JSON object: ``deepspeed_overhead`` (DeepSpeed step time / plain-torch step time, one process; 1.10 = 10 % slower),
 ``scaling_2v1`` (samples/s with 2 processes / samples/s with 1, same global batch), ``allgather_share`` (time of
 the embeddings' all-gather forward + all-reduce backward / step time, 2 processes) and the raw figures.
+
+Every process runs one intra-op thread: the loader's reader thread needs the other core, and two OpenMP threads
+beside it on 2 cores made the GRU's many small kernels 10x slower (spin-waiting), which would measure the
+oversubscription rather than the training loop.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def pretrain(config: str, world: int, steps: int, out: Path, extra: list[str]) -
     procs = []
     for r in range(world):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))  # fmt: skip
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")  # fmt: skip
         procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     for p in procs:
         _, err = p.communicate()
@@ -120,7 +124,7 @@ def gather_seconds(micro_batch: int, dim: int, n: int = 50) -> float:
 
 
 def plain_in_subprocess(config: str, steps: int, extra: list[str]) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, __file__, "--plain", "--config", config, "--steps", str(steps), *extra]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -129,14 +133,16 @@ def plain_in_subprocess(config: str, steps: int, extra: list[str]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs/pretrain/demo.yaml"))
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--global-batch", type=int, default=256,
+                   help="the same for every run; at the demo's 32 the fixed per-step costs hide the model")  # fmt: skip
     p.add_argument("--repeats", type=int, default=2, help="alternate the three runs this often; medians are kept")
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    extra = ["deepspeed.zero_optimization.stage=0", *a.overrides]
+    extra = ["deepspeed.zero_optimization.stage=0", f"train.global_batch_size={a.global_batch}", *a.overrides]
     if a.plain:
         print(plain_torch_sps(a.config, a.steps, extra))
         return
