@@ -128,7 +128,7 @@ class RasterSource:
             src = self._dataset(path)
             idx = self._bands(path, src, first)
             x, y = self._transformer(src.crs).transform(lon, lat)
-            c, r = ~src.transform * (x, y)
+            c, r = ~src.transform @ (x, y)
             row, col = math.floor(r), math.floor(c)
             if not (0 <= row < src.height and 0 <= col < src.width):
                 raise Rejected("outside", f"point outside {path.name}")
