@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from soilnet.schema import CLIMATE_BY_NAME, SampleSchema, compute_indices
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_earthengine import SR_BANDS, FakeEarthEngine, default_pixels, make_service_account_key  # noqa: E402
+from shard_reader import shard_samples  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 EUROPE = REPO / "configs" / "preprocess" / "europe.yaml"
@@ -51,18 +51,6 @@ def overrides(fake, out: Path, points: Path, *extra: str) -> list[str]:
             "source.earthengine.project=soil-project", "shard.max_samples=4", *extra]  # fmt: skip
 
 
-def samples(out: Path) -> dict[str, dict]:
-    found = {}
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                data = tar.extractfile(m).read()
-                found.setdefault(key, {})[ext] = json.loads(data) if ext.endswith("json") else np.load(
-                    __import__("io").BytesIO(data))  # fmt: skip
-    return found
-
-
 def ledger(out: Path) -> dict[str, str]:
     return {r["id"]: r["reason"] for r in map(json.loads, (out / "ledger.jsonl").read_text().splitlines())}
 
@@ -77,7 +65,7 @@ def test_pack_through_the_real_client_gives_scaled_reflectance_indices_dem_and_c
     assert [c["kind"] for c in fake.calls].count("value") == 5 and [c["kind"] for c in fake.calls].count("pixels") == 5
     assert {c["crs"] for c in fake.calls if c["kind"] == "pixels"} == {"EPSG:32632", "EPSG:32630", "EPSG:32635",
                                                                        "EPSG:32633", "EPSG:32631"}  # fmt: skip
-    got = samples(out)["e0002"]  # 65.5 N: north of SRTM's reach, the DEM still answers
+    got = shard_samples(out)["e0002"]  # 65.5 N: north of SRTM's reach, the DEM still answers
     raw = default_pixels("", 25.0, 65.5, 64)
     reflectance = {b: raw[b].astype(np.float32) * 2.75e-5 - 0.2 for b in SR_BANDS}
     expected = {**reflectance, **compute_indices(reflectance, SCHEMA.channels), "elevation": raw["elevation"],
@@ -138,7 +126,7 @@ def test_clouds_are_masked_too_cloudy_no_scene_and_no_climate_are_rejected_with_
     assert fake.violations == []
     assert ledger(out) == {"e0000": "no_scene", "e0001": "nodata", "e0003": "cloud"}
     assert manifest["samples"] == 2
-    got = samples(out)
+    got = shard_samples(out)
     masked = got["e0002"]
     assert masked["meta.json"]["qa"]["image_nonfinite"] == 4 * 64 * SCHEMA.n_channels - 4 * 64 * 2  # not the DEM
     assert (masked["image.npy"][:5, :4] == 0).all() and (masked["image.npy"][:5, 4:] != 0).all()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import tarfile
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +13,9 @@ import pytest
 
 from shards.import_soilnet import run_cli, variable_of
 from soilnet import schema as S
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shard_reader import shard_samples  # noqa: E402
 
 SEED_ID = "40463116"
 
@@ -35,19 +38,6 @@ def _args(**kw):
                 lon_column=None, lat_column=None, out=None, max_samples=2)  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
-
-
-def _samples(out):
-    found = {}
-    for tar in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(tar) as t:
-            for m in t.getmembers():
-                key, member = m.name.split(".", 1)
-                data = t.extractfile(m).read()
-                found.setdefault(key, {})[member] = (
-                    np.load(io.BytesIO(data)) if member.endswith(".npy") else json.loads(data)
-                )
-    return found
 
 
 def test_variable_from_file_name(tmp_path):
@@ -76,7 +66,7 @@ def test_real_seed_patch_and_lucas(shared_data, tmp_path):
     assert manifest["schema"]["climate_variables"] == ["aet", "tmmx"]  # only the variables present
     assert manifest["schema"]["months"][0] == "2010-01" and len(manifest["schema"]["months"]) == 12
     assert manifest["schema"]["channels"] == [c.name for c in S.CHANNELS][:12]  # 12-band export: no DEM
-    samples = _samples(out)
+    samples = shard_samples(out)
     assert manifest["samples"] == 1 and list(samples) == [SEED_ID]
     s = samples[SEED_ID]
     assert s["image.npy"].shape == (12, 64, 64) and s["image.npy"].dtype == np.float16
@@ -112,7 +102,7 @@ def test_climate_only_raca_with_duplicates(tmp_path):
     assert manifest["schema"]["climate_variables"] == ["pr", "tmmn"]
     assert manifest["samples"] == 3 and manifest["targets"] == ["soc_stock"]
     assert manifest["import"]["duplicates"] == {"RaCA_pr.csv": ["C2"], "_tmmn_filled.csv": ["C2"]}
-    samples = _samples(out)
+    samples = shard_samples(out)
     assert set(samples) == {"C1", "C2", "C3"}
     assert all("image.npy" not in s for s in samples.values())
     np.testing.assert_allclose(samples["C2"]["climate.npy"][:, 0], [10 + k for k in range(12)])  # first C2 row
@@ -147,7 +137,7 @@ def test_rerun_resumes_and_physical_units_are_kept(tmp_path):
     again = json.loads((out / "manifest.json").read_text())
     assert again["shards"] == first["shards"] and again["samples"] == 5
     assert first["import"]["climate_units"] == "physical"
-    samples = _samples(out)
+    samples = shard_samples(out)
     np.testing.assert_allclose(samples["P3"]["climate.npy"][:, 0], 23.5)
     assert samples["P3"]["meta.json"]["targets"] == {"soc": 4.0}
 
@@ -179,7 +169,7 @@ def test_fourteen_band_patch_and_a_corrupt_one(tmp_path):
     run_cli(_args(images=str(images), climate=str(climate), points=str(points), out=str(out)))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema"]["channels"] == [c.name for c in S.CHANNELS] and manifest["samples"] == 1
-    img = _samples(out)["B"]["image.npy"].astype(np.float32)
+    img = shard_samples(out)["B"]["image.npy"].astype(np.float32)
     np.testing.assert_allclose(img[12], 350.0)
     ledger = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 1 and ledger[0]["id"] == "A" and ledger[0]["reason"] == "error"
