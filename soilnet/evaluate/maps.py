@@ -75,24 +75,10 @@ class Grid:
 
 
 def read_region(path: str | Path):
-    """The union of the (multi)polygons of a GeoJSON file, in lon/lat degrees."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"region file not found: {path}")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise MapError(f"{path}: not valid GeoJSON: {err}") from err
-    if doc.get("type") == "FeatureCollection":
-        geoms = [shapely.geometry.shape(f["geometry"]) for f in doc.get("features", []) if f.get("geometry")]
-    elif doc.get("type") == "Feature":
-        geoms = [shapely.geometry.shape(doc["geometry"])]
-    else:
-        geoms = [shapely.geometry.shape(doc)]
-    region = shapely.union_all([g for g in geoms if g.geom_type in ("Polygon", "MultiPolygon")])
-    if region.is_empty or region.area == 0:
-        raise MapError(f"{path}: no polygon with an area")
-    return region
+    """The union of the (multi)polygons of a GeoJSON file, in lon/lat degrees (parsed as ``soilnet sample`` does)."""
+    from shards.sample import load_polygons
+
+    return shapely.union_all(load_polygons(path))
 
 
 def plan_grid(region, resolution_m: float, tile_size: int = 256) -> tuple[Grid, object]:
