@@ -61,12 +61,10 @@ class InFlightBudget:
     def slot(self) -> Iterator[int]:
         """Hold one slot for the duration of the block (one request in flight)."""
         start = random.randrange(self.slots)
-        while True:
-            k = next((k for k in (start + j for j in range(self.slots)) if self._try(k % self.slots)), None)
-            if k is not None:
-                break
+        order = [(start + j) % self.slots for j in range(self.slots)]
+        while (k := next((k for k in order if self._try(k)), None)) is None:
             time.sleep(self.poll_s * (0.5 + random.random()))
         try:
-            yield k % self.slots
+            yield k
         finally:
-            self._release(k % self.slots)
+            self._release(k)

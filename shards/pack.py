@@ -279,7 +279,7 @@ def pack(cfg: PackConfig, workers: Workers | None = None) -> dict | None:
     for stale in out.glob("shard-*.tar.tmp"):  # a killed writer's leftovers; never listed anywhere
         if int(stale.name[6:12]) in todo:
             stale.unlink()
-    total = sum(min(cfg.shard.max_samples, len(points) - k * cfg.shard.max_samples) for k in todo)
+    total = sum(len(shard_points(k, len(points), cfg.shard.max_samples)) for k in todo)
     start = time.time()
     packed = rejected = 0
     with tqdm(total=total, unit="sample", desc=f"pack[{workers.rank}/{workers.world}]", file=sys.stderr,

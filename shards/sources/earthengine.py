@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import threading
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from shards.sources.base import Patch, Rejected
 from shards.sources.rasters import utm_crs
 from soilnet.config.base import ConfigError
 from soilnet.config.pack import EarthEngineConfig
-from soilnet.schema import CHANNELS_BY_NAME, CLIMATE_BY_NAME, LANDSAT_BANDS, SampleSchema, compute_indices
+from soilnet.schema import CLIMATE_BY_NAME, LANDSAT_BANDS, SampleSchema, compute_indices
 
 LANDSAT = "LANDSAT/LC08/C02/T1_L2"
 DEM = "COPERNICUS/DEM/GLO30"
@@ -44,6 +43,7 @@ TERRACLIMATE = "IDAHO_EPSCOR/TERRACLIMATE"
 SR_BANDS = tuple(LANDSAT_BANDS)
 SR_SCALE, SR_OFFSET = 2.75e-5, -0.2
 QA_BANDS = ("QA_PIXEL", "QA_RADSAT")
+TOPOGRAPHY = ("elevation", "slope")  # the band names the DEM and its slope get in the pixel request
 # QA_PIXEL bits: 0 fill, 1 dilated cloud, 3 cloud, 4 cloud shadow, 5 snow (Landsat 8 C2 L2 product guide).
 QA_NOT_CLEAR = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5)
 TERRACLIMATE_SCALE_M = 4638.3
@@ -100,9 +100,6 @@ class EarthEngineSource:
     def __init__(self, schema: SampleSchema, cfg: EarthEngineConfig, budget_dir: str | Path):
         self.schema = schema
         self.cfg = cfg
-        unknown = [c for c in schema.channels if CHANNELS_BY_NAME[c].kind == "topography" and c not in TOPOGRAPHY]
-        if unknown:
-            raise ConfigError(f"source.earthengine: no DEM product for the channels {unknown}")
         initialize(cfg)
         self.budget = InFlightBudget(budget_dir, cfg.max_in_flight)
         self.concurrency = cfg.threads
@@ -216,17 +213,10 @@ class EarthEngineSource:
     def targets(self, lon: float, lat: float, patch: Patch, climate: np.ndarray) -> dict[str, float]:
         return {}
 
-    @cached_property
-    def _versions(self) -> dict[str, str]:
+    def versions(self) -> dict[str, str]:
         import ee
 
         return {"earthengine-api": ee.__version__, "landsat": LANDSAT, "dem": DEM, "climate": TERRACLIMATE}
-
-    def versions(self) -> dict[str, str]:
-        return self._versions
-
-
-TOPOGRAPHY = ("elevation", "slope")
 
 
 def _clear(image):

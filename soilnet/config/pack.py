@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -67,7 +67,7 @@ class EarthEngineConfig(Section):
     service_account_key: str | None = None
     url: str | None = None
     year: int = Field(2015, ge=2013)
-    winter_months: list[int] = [12, 1, 2]
+    winter_months: list[Annotated[int, Field(ge=1, le=12)]] = [12, 1, 2]
     min_clear_fraction: float = Field(0.8, ge=0.0, le=1.0)
     max_scenes: int = Field(50, gt=0)
     max_in_flight: int = Field(40, gt=0)
