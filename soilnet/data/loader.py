@@ -13,14 +13,14 @@ import itertools
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from soilnet.data.augment import AugmentSpec, apply_view, augment_climate, draw_view, normalise
-from soilnet.data.decode import CLIMATE, IMAGE, BatchDecoder, CorruptSample, RawRows
+from soilnet.data.decode import CLIMATE, IMAGE, BatchDecoder, RawRows
 from soilnet.data.order import batch_ids, micro_batch, step_epoch
 from soilnet.data.shards import DataError, ShardSet
 from soilnet.data.tarindex import ShardReader
@@ -37,7 +37,12 @@ class LoaderSpec:
     augment: AugmentSpec
     two_views: bool = False  # a second, independently augmented image view (SimCLR term)
     num_workers: int = 0
-    fused_normalise: bool = False  # one compiled CPU kernel for decode + normalise (see decode.fused_affine)
+    threads: int | None = None  # threads building batches per process; None: 2 without augmentation, else 1
+
+    @property
+    def builder_threads(self) -> int:
+        # augmentation is per-sample Python under the GIL: a second thread waits for it instead of helping
+        return self.threads or (1 if self.augment.enabled else 2)
 
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -74,6 +79,19 @@ def climate_key(raw: np.ndarray) -> int:
     return int(climate_keys(np.asarray(raw)[None])[0])
 
 
+CHUNK = 16  # samples read and converted together: their raw rows (1.8 MB of 14 x 64 x 64 float16) stay in cache
+
+
+@dataclass
+class Stage:
+    """One builder thread's own working memory: its open shards, the raw rows of a chunk and, with augmentation,
+    work arrays for the chunk's views."""
+
+    reader: ShardReader
+    rows: RawRows
+    views: list[np.ndarray] = field(default_factory=list)
+
+
 class PretrainBatches(IterableDataset):
     """Batches of steps ``start_step, start_step + 1, ...`` (endless; the caller stops).
 
@@ -86,158 +104,132 @@ class PretrainBatches(IterableDataset):
         super().__init__()
         self.shards, self.spec, self.start_step = shards, spec, start_step
         micro_batch(spec.global_batch, spec.world)
-        self.decoder = BatchDecoder(shards, fused=spec.fused_normalise)
-        self._work: dict[str, np.ndarray] = {}
+        self.decoder = BatchDecoder(shards)
 
-    def read(self, reader: ShardReader, step: int, rows: RawRows) -> RawBatch:
-        """Stage 1 of a batch: this rank's samples of ``step`` into ``rows``, corrupt ones noted."""
-        sp, sh = self.spec, self.shards
+    def new_stage(self) -> Stage:
+        """A builder thread's working memory."""
+        n = micro_batch(self.spec.global_batch, self.spec.world)
+        return Stage(ShardReader(), self.decoder.new_rows(min(CHUNK, n)))
+
+    def batch(self, step: int, stage: Stage | None = None) -> dict:
+        """The batch of ``step``, built chunk by chunk in this thread: each chunk's samples are read into the
+        stage's raw rows, then converted, normalised and augmented into the batch while the rows are still in
+        cache. A corrupt sample's place is taken by the next good sample of the batch: the same values, the same
+        climate key (so that masking can exclude it) and the same augmentation, its own id."""
+        sp, sh, dec = self.spec, self.shards, self.decoder
+        stage = stage or self.new_stage()
         ids = batch_ids(sp.seed, sh.samples, sp.global_batch, step, sp.rank, sp.world)
         shard_no = np.searchsorted(sh.starts, ids, side="right") - 1
         positions = (ids - sh.starts[shard_no]).tolist()
-        good = np.zeros(len(ids), dtype=bool)
-        corrupt: list[str] = []
-        for i, (s, pos) in enumerate(zip(shard_no.tolist(), positions, strict=True)):
-            try:
-                self.decoder.read(reader, sh.urls[s], pos, rows, i)
-                good[i] = True
-            except CorruptSample as err:
-                corrupt.append(str(err))
-        return RawBatch(step, ids, rows, good, corrupt)
-
-    def finish(self, raw: RawBatch) -> dict:
-        """Stage 2: replace corrupt samples, convert, normalise, augment; the result shares no memory with
-        ``raw.rows``, which the next batch may reuse at once."""
-        sp, sh, dec = self.spec, self.shards, self.decoder
-        ids, rows, good, n = raw.ids, raw.rows, raw.good, len(raw.ids)
-        if not good.any():
-            raise DataError(f"step {raw.step}: every sample of this rank's batch is corrupt, e.g. {raw.corrupt[0]}")
-        # a corrupt sample's place is taken by the next good one (same climate key, so masking can exclude it)
-        src = np.arange(n)
-        for i in np.flatnonzero(~good):
-            src[i] = next((i + d) % n for d in range(1, n) if good[(i + d) % n])
-            for a in rows.arrays.values():
-                a[i] = a[src[i]]
-        raw_climate = dec.climate(rows[CLIMATE])
-        keys = climate_keys(raw_climate)
-        climate = normalise(raw_climate, sh.climate_mean, sh.climate_std, axis=2)
-        if not sp.augment.enabled:
-            image = dec.image(rows[IMAGE])
-            image2 = image.clone() if sp.two_views else None
-        else:  # views of the raw rows (half the bytes of float32), normalised after: the same values either way
-            epoch = step_epoch(sh.samples, sp.global_batch, raw.step)
-            views = self._views(rows[IMAGE], 2 if sp.two_views else 1)
-            jitter = np.zeros((len(views), n, views[0].shape[1], 1, 1), dtype=np.float32)
-            chans = None if dec.channels is None else dec.channels.numpy()
-            for i in range(n):
-                rng = np.random.default_rng([sp.seed, epoch, int(ids[src[i]])])
-                sample = rows[IMAGE][i] if chans is None else rows[IMAGE][i][chans]
+        samples = [(sh.urls[s], p) for s, p in zip(shard_no.tolist(), positions, strict=True)]
+        n, epoch = len(ids), step_epoch(sh.samples, sp.global_batch, step)
+        c, h, w = len(sh.channel_index), *sh.available.image_shape[1:]
+        images = [dec.new_image((n, c, h, w)) for _ in range(2 if sp.two_views else 1)]
+        climate = np.empty((n, len(sh.month_index), len(sh.variable_index)), dtype=np.float32)
+        keys = np.empty(n, dtype=np.int64)
+        corrupt: dict[int, str] = {}
+        for lo in range(0, n, len(stage.rows)):
+            hi = min(lo + len(stage.rows), n)
+            rows = stage.rows.head(hi - lo)
+            bad = dec.read(stage.reader, samples[lo:hi], rows, None if sp.augment.enabled else images[0][lo:hi])
+            corrupt.update((lo + i, msg) for i, msg in bad.items())
+            raw_climate = dec.climate(rows[CLIMATE])
+            keys[lo:hi] = climate_keys(raw_climate)
+            climate[lo:hi] = normalise(raw_climate, sh.climate_mean, sh.climate_std, axis=2)
+            if not sp.augment.enabled:
+                for out in images[1:]:
+                    out[lo:hi] = images[0][lo:hi]
+                continue
+            good = [i for i in range(hi - lo) if i not in bad]
+            jitter = np.zeros((len(images), hi - lo, c, 1, 1), dtype=np.float32)
+            views = self._views(stage, len(images), hi - lo)
+            for i in good:
+                rng = np.random.default_rng([sp.seed, epoch, int(ids[lo + i])])
+                sample = dec.select_channels(rows[IMAGE][i])
                 for v, out in enumerate(views):
                     view = draw_view(sp.augment, rng, *sample.shape)
                     apply_view(sample, view, sp.augment.pad, out[i])
                     if view.jitter is not None:
                         jitter[v, i, :, 0, 0] = view.jitter
-                climate[i] = augment_climate(climate[i], sp.augment, rng)
-            out_views = [dec.image(x, selected=True) for x in views]
-            if sp.augment.spectral_jitter > 0:
-                for t, j in zip(out_views, jitter, strict=True):
-                    t.add_(torch.from_numpy(j))
-            image, image2 = out_views[0], (out_views[1] if sp.two_views else None)
-        out = {
-            "image": image,
+                climate[lo + i] = augment_climate(climate[lo + i], sp.augment, rng)
+            for out, view, j in zip(images, views, jitter, strict=True):
+                dec.image_into(view, out[lo:hi], selected=True)
+                if sp.augment.spectral_jitter > 0:
+                    out[lo:hi].add_(torch.from_numpy(j))
+        if len(corrupt) == n:
+            raise DataError(f"step {step}: every sample of this rank's batch is corrupt, e.g. {corrupt[0]}")
+        for i in sorted(corrupt):
+            src = next((i + d) % n for d in range(1, n) if (i + d) % n not in corrupt)
+            for out in images:
+                out[i] = out[src]
+            climate[i], keys[i] = climate[src], keys[src]
+        batch = {
+            "image": images[0],
             "climate": torch.from_numpy(climate),
             "ids": torch.from_numpy(np.asarray(ids, dtype=np.int64)),
             "climate_key": torch.from_numpy(keys),
-            "step": raw.step,
-            "corrupt": raw.corrupt,
+            "step": step,
+            "corrupt": [corrupt[i] for i in sorted(corrupt)],
         }
-        if image2 is not None:
-            out["image2"] = image2
-        return out
+        if sp.two_views:
+            batch["image2"] = images[1]
+        return batch
 
-    def _scratch(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A work array of stage 2, reused from batch to batch (stage 2 runs in one thread)."""
-        a = self._work.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._work[name] = np.empty(shape, dtype=dtype)
-        return a
-
-    def _views(self, raw: np.ndarray, k: int) -> list[np.ndarray]:
-        """``k`` work arrays for views of raw images (b, C_shards, H, W), with the run's channels only."""
-        b, _, h, w = raw.shape
-        c = len(self.shards.channel_index)
-        return [self._scratch(f"view{v}", (b, c, h, w), raw.dtype) for v in range(k)]
-
-    def batch(self, reader: ShardReader, step: int) -> dict:
-        """The batch of ``step``, both stages in this thread."""
-        return self.finish(
-            self.read(reader, step, self.decoder.new_rows(micro_batch(self.spec.global_batch, self.spec.world)))
-        )
+    def _views(self, stage: Stage, k: int, n: int) -> list[np.ndarray]:
+        """``k`` work arrays (n, C, H, W) for views of the stage's raw rows, with the run's channels only."""
+        if len(stage.views) < k:
+            _, _, h, w = stage.rows[IMAGE].shape
+            shape = (len(stage.rows), len(self.shards.channel_index), h, w)
+            stage.views = [np.empty(shape, dtype=stage.rows[IMAGE].dtype) for _ in range(k)]
+        return [v[:n] for v in stage.views[:k]]
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        yield from _pipelined(self, itertools.count(self.start_step + wid, nw))
+        yield from _threaded(self, self.start_step + wid, nw, self.spec.builder_threads)
 
 
-@dataclass
-class RawBatch:
-    """A batch after stage 1: ``ids`` (b,) int64 global sample ids, the raw ``rows``, ``good`` (b,) bool (False
-    for corrupt samples) and the ``corrupt`` messages."""
+def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -> Iterator[dict]:
+    """The batches of steps ``first, first + stride, ...`` in order, built by ``threads`` threads: thread ``j``
+    builds every ``threads``-th of them, from the ``j``-th on. Reading (``preadv``) and converting (torch) run
+    without the GIL, so the threads share the cores; each holds at most one finished batch.
 
-    step: int
-    ids: np.ndarray
-    rows: RawRows
-    good: np.ndarray
-    corrupt: list[str]
-
-
-def _pipelined(batches: PretrainBatches, steps) -> Iterator[dict]:
-    """Finished batches of ``steps``, in order. A reader thread reads the next batch's samples (``preadv`` runs
-    without the GIL) while this thread converts and normalises the current one (torch also releases the GIL);
-    two sets of raw rows alternate between them.
-
-    The reader is not a daemon: at interpreter exit a daemon thread is killed wherever it is, and one killed
-    inside numpy's C++ code aborts the process ("terminate called without an active exception"). It stops when
-    this generator closes, or when the main thread has ended and it finds no rows to fill."""
-    n = micro_batch(batches.spec.global_batch, batches.spec.world)
-    free: queue.Queue = queue.Queue()
-    ready: queue.Queue = queue.Queue()
+    The threads are not daemons: at interpreter exit a daemon thread is killed wherever it is, and one killed
+    inside numpy's C++ code aborts the process ("terminate called without an active exception"). They stop when
+    this generator closes, or when the main thread has ended while they wait to hand over a batch."""
     stop = threading.Event()
-    for _ in range(2):
-        free.put(batches.decoder.new_rows(n))
+    queues = [queue.Queue(maxsize=1) for _ in range(threads)]
 
-    def next_rows() -> RawRows | None:
+    def hand_over(q: queue.Queue, item) -> bool:
         while not stop.is_set():
             try:
-                return free.get(timeout=0.1)
-            except queue.Empty:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
                 if not threading.main_thread().is_alive():
-                    return None
-        return None
+                    return False
+        return False
 
-    def produce() -> None:
-        reader = ShardReader()
+    def build(j: int) -> None:
+        stage = batches.new_stage()
         try:
-            for step in steps:
-                rows = next_rows()
-                if rows is None:
+            for m in itertools.count():
+                if not hand_over(queues[j], batches.batch(first + stride * (j + m * threads), stage)):
                     return
-                ready.put(batches.read(reader, step, rows))
         except BaseException as err:  # handed to the consumer, which raises it in its own thread
-            ready.put(err)
+            hand_over(queues[j], err)
         finally:
-            reader.close()
+            stage.reader.close()
 
-    threading.Thread(target=produce, name="soilnet-shard-reader").start()
+    for j in range(threads):
+        threading.Thread(target=build, args=(j,), name=f"soilnet-batch-builder-{j}").start()
     try:
-        while True:
-            item = ready.get()
+        for m in itertools.count():
+            item = queues[m % threads].get()
             if isinstance(item, BaseException):
                 raise item
-            out = batches.finish(item)
-            free.put(item.rows)
-            yield out
+            yield item
+            del item  # the batch's memory returns to the pool as soon as the consumer drops it
     finally:
         stop.set()
 

@@ -35,6 +35,17 @@ class NpyLayout:
         h = member_size - self.nbytes
         return h if 10 <= h <= MAX_HEADER else None
 
+    def check_headers(self, headers: np.ndarray) -> list[tuple[int, str]]:
+        """headers: (k, h) uint8, one header per row -> [(row, what it declares instead)] for the wrong ones.
+        One comparison for the whole batch; only rows unlike an accepted header are parsed."""
+        accepted = next((h for h in self.headers if len(h) == headers.shape[1]), None)
+        if accepted is None:
+            suspects = range(len(headers))
+        else:
+            suspects = np.flatnonzero((headers != np.frombuffer(accepted, dtype=np.uint8)).any(axis=1)).tolist()
+        checked = ((k, self.check_header(headers[k].tobytes())) for k in suspects)
+        return [(k, bad) for k, bad in checked if bad is not None]
+
     def check_header(self, header: bytes) -> str | None:
         """None if ``header`` declares this layout's array, else what it declares instead (for the error)."""
         header = bytes(header)
