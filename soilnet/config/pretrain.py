@@ -21,13 +21,16 @@ class DataConfig(Section):
 
     Augmentations follow the seed: reflect ``pad`` pixels, random flips and 90-degree rotations, random crop back
     to the patch size; jitters are Gaussian, in normalised units. ``seed`` fixes the global sample order and the
-    per-sample augmentations. ``max_corrupt_fraction``: above this fraction of corrupt samples read, the job stops.
+    per-sample augmentations. ``loader_threads``: threads building batches in each process (the training process
+    with ``num_workers: 0``, else each worker); unset: 2 without augmentation, 1 with it (see docs/benchmarks.md).
+    ``max_corrupt_fraction``: above this fraction of corrupt samples read, the job stops.
     ``log_sample_ids``: write every global batch's sample ids to ``output_dir/samples.jsonl``.
     """
 
     shards: str = "outputs/shards"
     schema_: SchemaConfig = Field(default_factory=SchemaConfig, alias="schema")
     num_workers: int = Field(0, ge=0)
+    loader_threads: int | None = Field(None, ge=1)
     augment: bool = True
     pad: int = Field(16, ge=0)
     flips: bool = True

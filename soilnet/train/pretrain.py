@@ -368,9 +368,9 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
 
     d = cfg.data
     aug = AugmentSpec(d.augment, d.pad, d.flips, d.rotate, d.spectral_jitter, d.climate_jitter)
-    spec = LoaderSpec(
-        d.seed, t.global_batch_size, info.rank, info.world_size, aug, cfg.loss.simclr_weight > 0, d.num_workers
-    )
+    two_views = cfg.loss.simclr_weight > 0
+    spec = LoaderSpec(d.seed, t.global_batch_size, info.rank, info.world_size, aug, two_views, d.num_workers,
+                      d.loader_threads)  # fmt: skip
     with stop_signals_blocked():  # workers start here
         loader = iter(build_loader(shards, spec, start_step=step))
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,16 @@ import pytest
 import torch
 
 from soilnet.config.schema import SchemaConfig
-from soilnet.data import BatchSizeError, DataError, LoaderSpec, PretrainBatches, build_loader, micro_batch, open_shards
+from soilnet.data import (
+    BatchSizeError,
+    DataError,
+    LoaderSpec,
+    PretrainBatches,
+    build_loader,
+    micro_batch,
+    native,
+    open_shards,
+)
 from soilnet.data.augment import AugmentSpec, View, apply_view, augment_climate, augment_image
 from soilnet.data.loader import climate_key, climate_keys
 from soilnet.data.order import batch_ids, epoch_permutation
@@ -183,9 +193,9 @@ def test_threaded_reading_gives_the_batches_of_a_plain_loop_without_sharing_memo
     pb = PretrainBatches(s, spec(two_views=True))
     it = iter(pb)
     threaded = [next(it) for _ in range(5)]  # held together: no batch may alias another's memory
-    reader = ShardReader()
+    stage = pb.new_stage()
     for step, b in enumerate(threaded):
-        direct = pb.batch(reader, step)
+        direct = pb.batch(step, stage)
         assert b["step"] == step
         for name in ("image", "image2", "climate", "ids", "climate_key"):
             assert torch.equal(b[name], direct[name]), name
@@ -317,9 +327,9 @@ def test_batched_views_are_the_views_augment_image_draws_sample_by_sample(shards
     aug = AugmentSpec(pad=16, spectral_jitter=0.05, climate_jitter=0.05)
     step = 5  # epoch 1 of 4 steps each
     plain = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=AugmentSpec(enabled=False))
-    base = PretrainBatches(s, plain).batch(ShardReader(), step)
+    base = PretrainBatches(s, plain).batch(step)
     sp = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=aug, two_views=True)
-    got = PretrainBatches(s, sp).batch(ShardReader(), step)
+    got = PretrainBatches(s, sp).batch(step)
     assert torch.equal(got["ids"], base["ids"])
     for row, gid in enumerate(base["ids"].tolist()):
         rng = np.random.default_rng([3, 1, gid])  # the definition: seeded by (seed, epoch, sample id)
@@ -342,7 +352,25 @@ def test_apply_view_is_the_crop_of_the_padded_flipped_turned_patch():
             np.testing.assert_array_equal(out, turned[:, top : top + 7, left : left + 7])
 
 
-def test_fused_normalise_gives_the_eager_batches(shards, tmp_path):
+@pytest.fixture
+def python_reads(monkeypatch):
+    """The loader without its C extension: ``os.preadv`` per sample and torch's conversion."""
+    assert native.available(), "the C extension is not built: run make setup (pip install -e .)"
+    monkeypatch.setattr(native, "LIB", None)
+
+
+def _batches(s, steps=2, **kw) -> list[dict]:
+    """The first ``steps`` batches of every augmentation setting, both views."""
+    specs = [AugmentSpec(enabled=False), AugmentSpec(spectral_jitter=0.05, climate_jitter=0.1)]
+    out = []
+    for augment in specs:
+        pb = PretrainBatches(s, LoaderSpec(seed=3, global_batch=32, rank=0, world=1, augment=augment, two_views=True))
+        stage = pb.new_stage()
+        out += [pb.batch(step, stage) for step in range(steps)]
+    return out
+
+
+def test_the_c_extension_gives_the_batches_of_python_reads_and_torch(shards, tmp_path, monkeypatch):
     folder = tmp_path / "shards"
     shutil.copytree(shards, folder)
     key, members = ShardReader().index(str(folder / "shard-000000.tar"))[5]
@@ -355,17 +383,37 @@ def test_fused_normalise_gives_the_eager_batches(shards, tmp_path):
     m["stats"]["image"]["SR_B1"]["count"] -= 1
     (folder / "manifest.json").write_text(json.dumps(m))
     s = open_shards(folder, SchemaConfig(channels=["SR_B1", "SR_B4", "NDVI"]))
-    aug = AugmentSpec(spectral_jitter=0.05)
-    for augment in (AugmentSpec(enabled=False), aug):
-        eager = LoaderSpec(seed=3, global_batch=64, rank=0, world=1, augment=augment, two_views=True)
-        fused = LoaderSpec(seed=3, global_batch=64, rank=0, world=1, augment=augment, two_views=True,
-                           fused_normalise=True)  # fmt: skip
-        a, b = next(iter(PretrainBatches(s, eager))), next(iter(PretrainBatches(s, fused)))
+    assert native.available()
+    fast = _batches(s)
+    monkeypatch.setattr(native, "LIB", None)
+    plain = _batches(s)
+    for a, b in zip(fast, plain, strict=True):
         for name in ("image", "image2"):
-            np.testing.assert_allclose(b[name].numpy(), a[name].numpy(), rtol=1e-6, atol=1e-6)
-        assert torch.equal(a["climate"], b["climate"]) and bool(torch.isfinite(b["image"]).all())
-        if not augment.enabled:
-            assert float(b["image"][b["ids"].tolist().index(5), 0, 2, 3]) == 0.0
+            np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=1e-6, atol=1e-6)
+        for name in ("climate", "ids", "climate_key"):
+            assert torch.equal(a[name], b[name]), name
+        assert bool(torch.isfinite(a["image"]).all())
+    row = fast[0]["ids"].tolist().index(5) if 5 in fast[0]["ids"].tolist() else None
+    if row is not None:
+        assert float(fast[0]["image"][row, 0, 2, 3]) == 0.0
+
+
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_a_shard_cut_short_after_indexing_gives_truncated_samples_named(shards, tmp_path, monkeypatch, path):
+    if path == "python":
+        monkeypatch.setattr(native, "LIB", None)
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    s = open_shards(folder, SchemaConfig())
+    pb = PretrainBatches(s, spec())
+    for url in s.urls:  # every shard indexed, as in a run that has read from each
+        pb.decoder.plan(url)
+    shard = folder / "shard-000001.tar"
+    os.truncate(shard, shard.stat().st_size // 2)
+    stage = pb.new_stage()
+    reports = [m for step in range(4) for m in pb.batch(step, stage)["corrupt"]]
+    assert reports and all("shard-000001.tar" in m and "truncated" in m for m in reports)
+    assert len(reports) >= 6  # about half of that shard's 16 samples
 
 
 def test_a_process_left_holding_a_loader_mid_epoch_exits_cleanly(shards, repo_root):
