@@ -76,7 +76,8 @@ def plain_torch_sps(config: str, steps: int, extra: list[str]) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     d = cfg.data  # the very loader settings of soilnet.train.pretrain, so only the training loop differs
     aug = AugmentSpec(d.augment, d.pad, d.flips, d.rotate, d.spectral_jitter, d.climate_jitter)
-    spec = LoaderSpec(d.seed, cfg.train.global_batch_size, 0, 1, aug, cfg.loss.simclr_weight > 0, d.num_workers)
+    two_views = cfg.loss.simclr_weight > 0
+    spec = LoaderSpec(d.seed, cfg.train.global_batch_size, 0, 1, aug, two_views, d.num_workers, d.loader_threads)
     it = iter(build_loader(shards, spec))
     times = []
     for _ in range(steps):
