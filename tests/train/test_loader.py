@@ -352,13 +352,6 @@ def test_apply_view_is_the_crop_of_the_padded_flipped_turned_patch():
             np.testing.assert_array_equal(out, turned[:, top : top + 7, left : left + 7])
 
 
-@pytest.fixture
-def python_reads(monkeypatch):
-    """The loader without its C extension: ``os.preadv`` per sample and torch's conversion."""
-    assert native.available(), "the C extension is not built: run make setup (pip install -e .)"
-    monkeypatch.setattr(native, "LIB", None)
-
-
 def _batches(s, steps=2, **kw) -> list[dict]:
     """The first ``steps`` batches of every augmentation setting, both views."""
     specs = [AugmentSpec(enabled=False), AugmentSpec(spectral_jitter=0.05, climate_jitter=0.1)]
@@ -383,7 +376,7 @@ def test_the_c_extension_gives_the_batches_of_python_reads_and_torch(shards, tmp
     m["stats"]["image"]["SR_B1"]["count"] -= 1
     (folder / "manifest.json").write_text(json.dumps(m))
     s = open_shards(folder, SchemaConfig(channels=["SR_B1", "SR_B4", "NDVI"]))
-    assert native.available()
+    assert native.available(), "the C extension is not built: run make setup (pip install -e .)"
     fast = _batches(s)
     monkeypatch.setattr(native, "LIB", None)
     plain = _batches(s)
