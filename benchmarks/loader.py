@@ -4,19 +4,21 @@ All three read the same samples, in the same run:
 
 - ``raw_tar``: a sequential read of the shard bytes (the I/O limit; no decoding);
 - ``pipeline``: :func:`soilnet.data.build_loader` from the shards (decode, normalise, augment, batch, both
-  modalities), by number of workers, with and without augmentation, in steady state: the first batch (worker
-  start, shard indexing) is timed apart as ``first_batch_s_w*``;
+  modalities), by number of workers and builder threads, with and without augmentation, in steady state: the
+  first batch (worker start, shard indexing) is timed apart as ``first_batch_s_*``;
 - ``seed``: the seed's layout of the same samples, one GeoTIFF per point read with rasterio plus a per-sample
   pandas filter in each per-variable climate CSV.
 
-    .venv/bin/python benchmarks/loader.py [--samples 1024] [--reads 4096] [--repeats 5] [--workers 0 1 2]
+    .venv/bin/python benchmarks/loader.py [--samples 1024] [--reads 4096] [--repeats 3] [--workers 0 1]
+                                          [--threads 1 2]
 
-Raw reads and pipelines cover ``--reads`` samples each (repeating epochs), best of ``--repeats`` interleaved runs,
-one intra-op thread per process (``OMP_NUM_THREADS``, default 1). ``cpu_us_*``: CPU time of the reading process
-per sample (with 0 workers: all the pipeline's work, both its threads), steadier than samples/s on a shared
-machine. The last line is one JSON object; ``vs_seed``
-and ``vs_raw_tar`` are ratios of samples/s of the best configuration (named by ``best`` and ``best_noaug``; the
-``fused_`` runs use ``LoaderSpec.fused_normalise``), ``vs_raw_tar_default`` that of the default loader.
+Raw reads and pipelines cover ``--reads`` samples each (repeating epochs); every pipeline run is paired with a
+raw read just before it, and ``--repeats`` rounds of all runs interleave. Rates are medians over the rounds, a
+ratio is the median of its pairs' ratios (the raw read's own rate moves by 2x between quiet minutes). One
+intra-op thread per process (``OMP_NUM_THREADS``, default 1). ``cpu_us_*``: CPU time of the reading process per
+sample (with 0 workers: all the pipeline's work, all its threads). The last line is one JSON object: ``vs_seed``
+is the best augmented configuration against the seed's approach, ``vs_raw_tar`` the best configuration without
+augmentation against the raw read (named by ``best`` and ``best_noaug``: ``w`` workers, ``t`` builder threads).
 """
 
 from __future__ import annotations
@@ -154,8 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1024, help="samples to pack")
     parser.add_argument("--reads", type=int, default=4096, help="samples each timed read covers (epochs repeat)")
-    parser.add_argument("--repeats", type=int, default=5, help="best of this many timings (a shared machine)")
-    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of interleaved runs (medians)")
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2], help="builder threads per process")
     args = parser.parse_args()
