@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import sys
@@ -124,7 +125,7 @@ def bench_raw_tar(shard_dir: Path, n: int, reads: int) -> tuple[float, float]:
 
 
 def bench_pipeline(
-    shard_dir: Path, reads: int, workers: int, augment: bool, batch_size: int, threads: int | None = None
+    shard_dir: Path, reads: int, workers: int, augment: bool, batch_size: int, threads: int = 0, dtype: str = ""
 ) -> tuple[float, float, float]:
     """The training input pipeline as pretraining builds it: decode, normalise, augment, batch, both modalities.
 
@@ -136,7 +137,11 @@ def bench_pipeline(
     from soilnet.data.augment import AugmentSpec
 
     shards = open_shards(shard_dir, SchemaConfig())
-    options = {"threads": threads} if threads else {}  # 0: the loader's default (older loaders lack the option)
+    options = {"threads": threads} if threads else {}  # 0 and "": the defaults (older loaders lack the options)
+    if dtype:
+        import torch
+
+        options["image_dtype"] = getattr(torch, dtype)
     spec = LoaderSpec(seed=0, global_batch=batch_size, rank=0, world=1, augment=AugmentSpec(enabled=augment),
                       num_workers=workers, **options)  # fmt: skip
     t0 = time.perf_counter()
@@ -160,6 +165,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2], help="builder threads per process")
+    parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], help="images handed over as")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -185,18 +191,17 @@ def main() -> None:
         cpu: dict[str, list[float]] = {}
         firsts: dict[str, list[float]] = {}
         for _ in range(args.repeats):
-            for w in args.workers:
-                for t in args.threads:
-                    for aug in (True, False):
-                        name = f"pipeline{'' if aug else '_noaug'}_w{w}_t{t}"
-                        raw, raw_cpu = bench_raw_tar(shard_dir, n, args.reads)
-                        rates.setdefault("raw_tar", []).append(raw)
-                        cpu.setdefault("raw_tar", []).append(raw_cpu)
-                        first, rate, cpu_us = bench_pipeline(shard_dir, args.reads, w, aug, args.batch_size, t)
-                        rates.setdefault(name, []).append(rate)
-                        rates.setdefault(f"ratio_{name}", []).append(rate / raw)
-                        cpu.setdefault(name, []).append(cpu_us)
-                        firsts.setdefault(f"w{w}_t{t}", []).append(first)
+            for w, t, dt, aug in itertools.product(args.workers, args.threads, args.dtypes, (True, False)):
+                tag = f"w{w}_t{t}" + (f"_{dt}" if dt else "")
+                name = f"pipeline{'' if aug else '_noaug'}_{tag}"
+                raw, raw_cpu = bench_raw_tar(shard_dir, n, args.reads)
+                rates.setdefault("raw_tar", []).append(raw)
+                cpu.setdefault("raw_tar", []).append(raw_cpu)
+                first, rate, cpu_us = bench_pipeline(shard_dir, args.reads, w, aug, args.batch_size, t, dt)
+                rates.setdefault(name, []).append(rate)
+                rates.setdefault(f"ratio_{name}", []).append(rate / raw)
+                cpu.setdefault(name, []).append(cpu_us)
+                firsts.setdefault(tag, []).append(first)
         med = {k: float(np.median(v)) for k, v in rates.items()}
         results.update({k: v for k, v in med.items() if not k.startswith("ratio_")})
         results.update({f"cpu_us_{k}": float(np.median(v)) for k, v in cpu.items() if "_w0_" in k or k == "raw_tar"})

@@ -4,6 +4,8 @@
  * Loaded with ctypes (soilnet/data/native.py), which releases the GIL for the whole call, as FFCV does with its
  * libffcv: per-sample Python around os.preadv held the GIL long enough that two builder threads ran at the
  * speed of one, and the image then crossed memory three more times (float32 conversion, scale, bias).
+ * The arithmetic is torch's, operation for operation (x * scale + bias, non-finite -> 0, + jitter, in float32,
+ * then round to nearest even for bfloat16), so the Python fallback gives the same values.
  * The module init below only lets setuptools build this file as an extension module. */
 #define _GNU_SOURCE
 #include <Python.h>
@@ -17,6 +19,23 @@
 #endif
 
 #define MAX_IOV 64
+
+/* Raw rows (k, C_stored, hw) of int16 or float16, row_bytes apart -> out (k, channels, hw) float32 or bfloat16:
+ * out[i, c] = row[i, channel[c]] * scale[c] + bias[c], non-finite -> 0, then + jitter[i, c]. Mirrored by
+ * native.Affine (ctypes.Structure): keep the two in step. */
+typedef struct {
+    const char *rows;
+    int64_t row_bytes;
+    int32_t is_int16;
+    int32_t out_bf16;
+    int64_t channels;
+    const int64_t *channel;
+    int64_t hw;
+    const float *scale;
+    const float *bias;
+    const float *jitter; /* (k, channels), or NULL */
+    void *out;
+} soilnet_affine;
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -39,65 +58,146 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-static inline float finite_or_zero(float y) { return y - y == 0.0f ? y : 0.0f; }
-
-static void affine_f16(const uint16_t *src, float *out, int64_t n, float s, float b) {
-    for (int64_t p = 0; p < n; p++) out[p] = finite_or_zero(half_to_float(src[p]) * s + b);
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even; f is finite here */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-static void affine_i16(const int16_t *src, float *out, int64_t n, float s, float b) {
-    for (int64_t p = 0; p < n; p++) out[p] = finite_or_zero((float)src[p] * s + b);
+static inline float affine1(float x, float s, float b, float j) {
+    float y = x * s + b; /* two roundings, as torch's mul_ then add_ */
+    return (y - y == 0.0f ? y : 0.0f) + j;
 }
 
-#if defined(__x86_64__)
-__attribute__((target("avx2,fma,f16c"))) static void affine_f16_avx2(const uint16_t *src, float *out, int64_t n,
-                                                                      float s, float b) {
-    const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b), zero = _mm256_setzero_ps();
-    int64_t p = 0;
-    for (; p + 8 <= n; p += 8) {
-        __m256 y = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + p))), vs, vb);
-        __m256 finite = _mm256_cmp_ps(_mm256_sub_ps(y, y), zero, _CMP_EQ_OQ);
-        _mm256_storeu_ps(out + p, _mm256_and_ps(y, finite));
+static void plane_scalar(const char *src, int is_int16, void *out, int out_bf16, int64_t n, float s, float b,
+                         float j) {
+    for (int64_t p = 0; p < n; p++) {
+        float x = is_int16 ? (float)((const int16_t *)src)[p] : half_to_float(((const uint16_t *)src)[p]);
+        float y = affine1(x, s, b, j);
+        if (out_bf16)
+            ((uint16_t *)out)[p] = float_to_bf16(y);
+        else
+            ((float *)out)[p] = y;
     }
-    affine_f16(src + p, out + p, n - p, s, b);
+}
+
+#if defined(__x86_64__)
+/* 8 raw values at src -> 8 floats x * s + b, non-finite -> 0, + j */
+#define AFFINE8(load)                                                                                        \
+    _mm256_add_ps(_mm256_and_ps(y0 = _mm256_add_ps(_mm256_mul_ps(load, vs), vb),                              \
+                                _mm256_cmp_ps(_mm256_sub_ps(y0, y0), zero, _CMP_EQ_OQ)),                      \
+                  vj)
+
+__attribute__((target("avx2,f16c"))) static inline __m128i bf16x8(__m256 y) {
+    const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    __m256i u = _mm256_castps_si256(y);
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))),
+                          16);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0xd8));
+}
+
+/* one loop per (input, output) pair: the compiler keeps no per-element branch */
+#define PLANE_AVX2(name, LOAD, STORE)                                                                           \
+    __attribute__((target("avx2,f16c"))) static int64_t name(const char *src, void *out, int64_t n, float s,       \
+                                                            float b, float j) {                                  \
+        const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b), vj = _mm256_set1_ps(j);                   \
+        const __m256 zero = _mm256_setzero_ps();                                                                 \
+        __m256 y0;                                                                                               \
+        int64_t p = 0;                                                                                           \
+        for (; p + 8 <= n; p += 8) {                                                                             \
+            __m128i raw = _mm_loadu_si128((const __m128i *)(src + 2 * p));                                     \
+            __m256 y = AFFINE8(LOAD(raw));                                                                       \
+            STORE;                                                                                               \
+        }                                                                                                        \
+        return p;                                                                                                \
+    }
+
+#define LOAD_F16(raw) _mm256_cvtph_ps(raw)
+#define LOAD_I16(raw) _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(raw))
+#define STORE_F32 _mm256_storeu_ps((float *)out + p, y)
+#define STORE_BF16 _mm_storeu_si128((__m128i *)((uint16_t *)out + p), bf16x8(y))
+
+PLANE_AVX2(f16_f32, LOAD_F16, STORE_F32)
+PLANE_AVX2(f16_bf16, LOAD_F16, STORE_BF16)
+PLANE_AVX2(i16_f32, LOAD_I16, STORE_F32)
+PLANE_AVX2(i16_bf16, LOAD_I16, STORE_BF16)
+
+/* AVX-512: 16 values a step, and vpmovdw packs 32 -> 16 bits without AVX2's lane shuffle */
+#define PLANE_AVX512(name, LOAD, STORE)                                                                         \
+    __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static int64_t name(                           \
+        const char *src, void *out, int64_t n, float s, float b, float j) {                                    \
+        const __m512 vs = _mm512_set1_ps(s), vb = _mm512_set1_ps(b), vj = _mm512_set1_ps(j);                  \
+        const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);                            \
+        int64_t p = 0;                                                                                           \
+        for (; p + 16 <= n; p += 16) {                                                                           \
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(src + 2 * p));                                  \
+            __m512 y = _mm512_add_ps(_mm512_mul_ps(LOAD(raw), vs), vb);                                          \
+            y = _mm512_add_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_sub_ps(y, y), _mm512_setzero_ps(),   \
+                                                                     _CMP_EQ_OQ),                                \
+                                                  y),                                                            \
+                              vj);                                                                               \
+            STORE;                                                                                               \
+        }                                                                                                        \
+        (void)half, (void)one;                                                                                   \
+        return p;                                                                                                \
+    }
+
+#define LOAD512_F16(raw) _mm512_cvtph_ps(raw)
+#define LOAD512_I16(raw) _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(raw))
+#define STORE512_F32 _mm512_storeu_ps((float *)out + p, y)
+#define STORE512_BF16                                                                                           \
+    do {                                                                                                         \
+        __m512i u = _mm512_castps_si512(y);                                                                      \
+        u = _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));       \
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16))); \
+    } while (0)
+
+PLANE_AVX512(f16_f32_512, LOAD512_F16, STORE512_F32)
+PLANE_AVX512(f16_bf16_512, LOAD512_F16, STORE512_BF16)
+PLANE_AVX512(i16_f32_512, LOAD512_I16, STORE512_F32)
+PLANE_AVX512(i16_bf16_512, LOAD512_I16, STORE512_BF16)
+
+typedef int64_t (*plane_fn)(const char *, void *, int64_t, float, float, float);
+
+/* the widest kernel this CPU runs, for (int16 input, bfloat16 output); NULL: scalar only */
+static plane_fn pick_plane(int is_int16, int out_bf16) {
+    static const plane_fn avx512[2][2] = {{f16_f32_512, f16_bf16_512}, {i16_f32_512, i16_bf16_512}};
+    static const plane_fn avx2[2][2] = {{f16_f32, f16_bf16}, {i16_f32, i16_bf16}};
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c"))
+        return avx512[is_int16][out_bf16];
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return avx2[is_int16][out_bf16];
+    return NULL;
 }
 #endif
 
-/* rows: k raw images (C_stored, hw) of int16 or float16, row_bytes apart -> out (k, channels, hw) float32,
- * out[i, c] = row[i, channel[c]] * scale[c] + bias[c], non-finite -> 0; rows with skip[i] != 0 are left alone. */
-void soilnet_affine_rows(int64_t k, const char *rows, int64_t row_bytes, int is_int16, int64_t channels,
-                         const int64_t *channel, int64_t hw, const float *scale, const float *bias, const uint8_t *skip,
-                         float *out) {
+static void convert_row(const soilnet_affine *a, int64_t i) {
+    plane_fn plane = NULL;
 #if defined(__x86_64__)
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    plane = pick_plane(a->is_int16, a->out_bf16);
 #endif
-    for (int64_t i = 0; i < k; i++) {
-        if (skip && skip[i]) continue;
-        for (int64_t c = 0; c < channels; c++) {
-            const char *src = rows + i * row_bytes + channel[c] * hw * 2;
-            float *dst = out + (i * channels + c) * hw;
-            if (is_int16) {
-                affine_i16((const int16_t *)src, dst, hw, scale[c], bias[c]);
-                continue;
-            }
-#if defined(__x86_64__)
-            if (avx2) {
-                affine_f16_avx2((const uint16_t *)src, dst, hw, scale[c], bias[c]);
-                continue;
-            }
-#endif
-            affine_f16((const uint16_t *)src, dst, hw, scale[c], bias[c]);
-        }
+    size_t out_size = a->out_bf16 ? 2 : 4;
+    for (int64_t c = 0; c < a->channels; c++) {
+        const char *src = a->rows + i * a->row_bytes + a->channel[c] * a->hw * 2;
+        char *dst = (char *)a->out + (i * a->channels + c) * a->hw * out_size;
+        float s = a->scale[c], b = a->bias[c], j = a->jitter ? a->jitter[i * a->channels + c] : 0.0f;
+        int64_t p = plane ? plane(src, dst, a->hw, s, b, j) : 0;
+        plane_scalar(src + 2 * p, a->is_int16, dst + p * out_size, a->out_bf16, a->hw - p, s, b, j);
     }
+}
+
+/* Every row i < k of a (rows with skip[i] != 0 are left alone; skip may be NULL). */
+void soilnet_affine_rows(int64_t k, const soilnet_affine *a, const uint8_t *skip) {
+    for (int64_t i = 0; i < k; i++)
+        if (!skip || !skip[i]) convert_row(a, i);
 }
 
 /* n_runs preadv calls, in row order: run r reads into iov[first[r] .. first[r] + count[r]) (pairs of address
- * and length) from fd[r] at offset[r]; got[r] is the byte count read, or -errno. When out is not NULL, each row
- * is converted by soilnet_affine_rows right after its last run, if every run of it read in full. */
+ * and length) from fd[r] at offset[r]; got[r] is the byte count read, or -errno. With a conversion (a not NULL),
+ * each row is converted right after its last run, if every run of it read in full. */
 void soilnet_read_runs(int64_t n_runs, const int32_t *fd, const int64_t *offset, const int64_t *first,
-                       const int32_t *count, const int64_t *row, const int64_t *iov, int64_t *got, const char *rows,
-                       int64_t row_bytes, int is_int16, int64_t channels, const int64_t *channel, int64_t hw,
-                       const float *scale, const float *bias, float *out) {
+                       const int32_t *count, const int64_t *row, const int64_t *iov, int64_t *got,
+                       const soilnet_affine *a) {
     struct iovec vec[MAX_IOV];
     int row_ok = 1;
     for (int64_t r = 0; r < n_runs; r++) {
@@ -112,11 +212,7 @@ void soilnet_read_runs(int64_t n_runs, const int32_t *fd, const int64_t *offset,
         got[r] = g < 0 ? -errno : g;
         row_ok = row_ok && g == want && n == count[r];
         if (r + 1 == n_runs || row[r + 1] != row[r]) {
-            if (out && row_ok) {
-                float *dst = out + row[r] * channels * hw;
-                soilnet_affine_rows(1, rows + row[r] * row_bytes, row_bytes, is_int16, channels, channel, hw, scale,
-                                    bias, NULL, dst);
-            }
+            if (a && row_ok) convert_row(a, row[r]);
             row_ok = 1;
         }
     }

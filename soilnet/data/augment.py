@@ -28,8 +28,12 @@ def normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray, axis: int) -> np
     """``(x - mean) / std`` along ``axis``; non-finite values (missing) become 0, the mean."""
     shape = [1] * x.ndim
     shape[axis] = -1
-    out = (x.astype(np.float32) - mean.reshape(shape)) / std.reshape(shape)
-    return np.where(np.isfinite(out), out, 0.0).astype(np.float32)
+    out = np.subtract(x, mean.reshape(shape), dtype=np.float32)
+    out /= std.reshape(shape)
+    missing = ~np.isfinite(out)
+    if missing.any():
+        out[missing] = 0.0
+    return out
 
 
 def augment_image(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np.ndarray:

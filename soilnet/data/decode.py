@@ -2,14 +2,17 @@
 
 Per sample: one ``preadv`` of its adjacent ``.npy`` members, the array bytes landing directly in a row of the
 raw (k, C, H, W) image array (float16 or int16, as the manifest's ``image_encoding``) and of the raw (k, T, F)
-climate array, the headers checked after the whole chunk against :class:`NpyLayout`. Per chunk of rows: one
-channel subset, one float32 conversion and one ``x * scale + bias`` (decoding and normalising folded) into the
-batch tensor, which comes from a :class:`TensorPool`. Pretraining reads nothing else, so ``meta.json`` is not
-read.
+climate array; the headers are checked after the whole chunk against :class:`NpyLayout`. Then each image is
+decoded and normalised in one pass (``raw * scale + bias``: the encoding and the manifest's statistics folded)
+into a row of the batch tensor, float32 or bfloat16, which comes from a :class:`TensorPool`. With the C
+extension (:mod:`soilnet.data.native`) a chunk's reads and conversions are one call without the GIL, each image
+converted right after its read; without it, ``os.preadv`` and torch do the same. Pretraining reads nothing else,
+so ``meta.json`` is not read.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import threading
@@ -23,11 +26,11 @@ from soilnet.data import native
 from soilnet.data.npy import NpyLayout
 from soilnet.data.pool import TensorPool
 from soilnet.data.shards import ShardSet
-from soilnet.data.tarindex import ShardIndexError, ShardReader, index_shard
+from soilnet.data.tarindex import ShardIndexError, index_shard
 
 IMAGE, CLIMATE = "image.npy", "climate.npy"
 GAP = 1 << 12  # members further apart than this (other members between them) are read by separate preadv calls
-PLAN_SAMPLES = 1 << 22  # read plans kept per reader: 10 bytes a sample, so every shard of a large set fits
+UNINDEXED, BAD = -1, -2  # SampleIndex.offset of a sample whose shard is not indexed yet, and of a corrupt one
 
 
 class CorruptSample(ValueError):
@@ -87,6 +90,89 @@ def plan_shard(url: str, layouts: list[NpyLayout]) -> ShardPlan:
     distinct, kind = np.unique(np.concatenate([start - base[:, None], header], axis=1), axis=0, return_inverse=True)
     structures = [(tuple(row[:m].tolist()), tuple(row[m:].tolist())) for row in distinct]
     return ShardPlan(url, base, kind.reshape(-1).astype(np.int16), structures, bad)
+
+
+class SampleIndex:
+    """Where every sample of the manifest lies, filled a shard at a time on first use and shared by the builder
+    threads of a process: ``offset`` (N,) int64 byte offset in its shard of the sample's first member
+    (:data:`UNINDEXED` until its shard is indexed, :data:`BAD` for a sample that cannot be read, with the reason
+    in ``bad``); ``kind`` (N,) int32 its entry in ``structures``. 12 bytes a sample: 120 MB for 10 M samples."""
+
+    def __init__(self, shards: ShardSet, layouts: list[NpyLayout]):
+        self.shards, self.layouts = shards, layouts
+        self.offset = np.full(shards.samples, UNINDEXED, dtype=np.int64)
+        self.kind = np.zeros(shards.samples, dtype=np.int32)
+        self.structures: list[Structure] = []
+        self.bad: dict[int, str] = {}
+        self._ids: dict[Structure, int] = {}
+        self._lock = threading.Lock()
+
+    def ensure(self, shard_numbers: list[int]) -> None:
+        """Index these shards (of the manifest's list); two threads may index one shard at once, to equal effect."""
+        for s in shard_numbers:
+            url, first = self.shards.urls[s], int(self.shards.starts[s])
+            end = int(self.shards.starts[s + 1]) if s + 1 < len(self.shards.starts) else self.shards.samples
+            promised = end - first
+            try:
+                plan = plan_shard(url, self.layouts)
+            except ShardIndexError as err:
+                self._mark_bad(range(first, first + promised), str(err))
+                continue
+            n = min(plan.samples, promised)
+            with self._lock:
+                for st in plan.structures:
+                    if st not in self._ids:
+                        self._ids[st] = len(self.structures)
+                        self.structures.append(st)
+                ids = [self._ids[st] for st in plan.structures]
+            self.kind[first : first + n] = np.asarray(ids, dtype=np.int32)[plan.kind[:n]]
+            offsets = plan.base[:n].copy()
+            for pos, msg in plan.bad.items():
+                if pos < n:
+                    self.bad[first + pos] = msg
+                    offsets[pos] = BAD
+            short = f"shard {url}: holds {plan.samples} samples, the manifest promises more"
+            for pos in range(n, promised):
+                self.bad[first + pos] = f"{short} (#{pos})"
+            self.offset[first + n : first + promised] = BAD
+            self.offset[first : first + n] = offsets  # last: a sample is indexed once its offset is set
+
+    def _mark_bad(self, ids: range, msg: str) -> None:
+        for i in ids:
+            self.bad[i] = msg
+        self.offset[ids.start : ids.stop] = BAD
+
+
+class OpenShards:
+    """One thread's open shard files, by shard number (``fd`` (S,) int32, -1 when closed); beyond ``limit``
+    the file opened first is closed."""
+
+    def __init__(self, urls: list[str], limit: int = 512):
+        self.urls, self.limit = urls, limit
+        self.fd = np.full(len(urls), -1, dtype=np.int32)
+        self._opened: collections.deque[int] = collections.deque()
+
+    def ensure(self, shard_numbers: list[int]) -> dict[int, str]:
+        """Open these shards; returns {shard number: message} for those that cannot be opened."""
+        errors = {}
+        for s in shard_numbers:
+            try:
+                self.fd[s] = os.open(self.urls[s], os.O_RDONLY)
+            except OSError as err:
+                errors[s] = f"shard {self.urls[s]}: cannot open it: {err}"
+                continue
+            self._opened.append(s)
+            while len(self._opened) > self.limit:
+                old = self._opened.popleft()
+                os.close(int(self.fd[old]))
+                self.fd[old] = -1
+        return errors
+
+    def close(self) -> None:
+        while self._opened:
+            s = self._opened.popleft()
+            os.close(int(self.fd[s]))
+            self.fd[s] = -1
 
 
 Run = tuple[int, list, int]  # one preadv: (offset from the sample's base, buffers, bytes)
@@ -174,7 +260,7 @@ def _key(url: str, position: int) -> str:
 
 class BatchDecoder:
     """Decodes the samples of a batch into reused raw rows, then converts and normalises them into a batch
-    tensor. One decoder serves every builder thread of a process: its read plans are shared (under a lock),
+    tensor. One decoder serves every builder thread of a process: its :class:`SampleIndex` is shared,
     the rows and open files are each thread's own."""
 
     def __init__(self, shards: ShardSet):
@@ -194,155 +280,138 @@ class BatchDecoder:
         self.channels = None if ch == list(range(n_ch)) else np.array(ch)
         mo, var = list(shards.month_index), list(shards.variable_index)
         self.climate_cells = None if (mo, var) == (list(range(n_mo)), list(range(n_var))) else np.ix_(mo, var)
-        self._plans: dict[str, ShardPlan] = {}
-        self._planned = 0
+        self.index = SampleIndex(shards, self.layouts)
         self.pool = TensorPool()
-        self._lock = threading.Lock()
-        self._affine = self._affine_selected = None
-        if native.available() and self.layouts[0].dtype in (np.float16, np.int16):
-            scale, bias, dtype = self.scale.numpy().ravel(), self.bias.numpy().ravel(), self.layouts[0].dtype
-            self._affine = native.Affine(np.asarray(ch), scale, bias, dtype)
-            self._affine_selected = native.Affine(np.arange(len(ch)), scale, bias, dtype)
+        self.channel_index = np.asarray(ch, dtype=np.int64)
+        self._native = native.available() and self.layouts[0].dtype in (np.float16, np.int16)
 
     def new_rows(self, n: int) -> RawRows:
         """Raw rows for a batch of ``n`` samples, to be filled by :meth:`read` and reused from batch to batch."""
         return RawRows({lay.suffix: np.empty((n, *lay.shape), dtype=lay.dtype) for lay in self.layouts})
 
-    def plan(self, url: str) -> ShardPlan:
-        """The read plan of shard ``url``, from the cache (the oldest planned shards leave it first)."""
-        p = self._plans.get(url)  # a dict read needs no lock; inserts and evictions take it
-        if p is not None:
-            return p
-        try:  # outside the lock: another thread may plan the same shard meanwhile, which costs only time
-            p = plan_shard(url, self.layouts)
-        except ShardIndexError as err:
-            raise CorruptSample(str(err)) from err
-        with self._lock:
-            if url not in self._plans:
-                self._planned += p.samples
-                self._plans[url] = p
-            while self._planned > PLAN_SAMPLES and len(self._plans) > 1:
-                self._planned -= self._plans.pop(next(iter(self._plans))).samples
-        return p
-
     def read(
-        self, reader: ShardReader, samples: list[tuple[str, int]], rows: RawRows, into: torch.Tensor | None = None
+        self, files: OpenShards, ids: np.ndarray, rows: RawRows, into: torch.Tensor | None = None
     ) -> dict[int, str]:
-        """Sample ``samples[i]`` (shard url, position in it) into row ``i`` of ``rows``, one ``preadv`` each,
-        and with ``into`` (k, C, H, W) float32, its image normalised into ``into[i]`` (see :meth:`image_into`).
+        """Global samples ``ids`` (k,) into rows ``0..k-1`` of ``rows``, one ``preadv`` each, and with ``into``
+        (k, C, H, W) float32 or bfloat16, their images normalised into ``into`` (see :meth:`image_into`).
 
         Returns {row: message} for the corrupt ones (missing, truncated or malformed members, an unreadable
-        shard), each message naming the sample and its shard; their rows hold anything."""
-        corrupt: dict[int, str] = {}
-        todo: list[tuple[int, int, int, Structure]] = []  # row, fd, base offset, structure
-        for row, (url, position) in enumerate(samples):
-            try:
-                p = self.plan(url)
-                if position >= p.samples:
-                    raise CorruptSample(f"shard {url}: holds {p.samples} samples, the manifest promises more "
-                                        f"(#{position})")  # fmt: skip
-                if position in p.bad:
-                    raise CorruptSample(p.bad[position])
-                todo.append((row, reader.fileno(url), int(p.base[position]), p.structures[p.kind[position]]))
-            except (CorruptSample, ShardIndexError) as err:
-                corrupt[row] = str(err)
-        native_into = into if self._affine is not None else None
-        got = self._read_native(todo, rows, native_into) if native.available() else self._read_python(todo, rows)
-        met: dict[Structure, list[int]] = {}
-        for (row, _, _, structure), (g, size) in zip(todo, got, strict=True):
-            url, position = samples[row]
-            if g < 0:
-                corrupt[row] = f"sample '{_key(url, position)}' in shard {url}: {os.strerror(-g)}"
-            elif g != size:
-                corrupt[row] = f"sample '{_key(url, position)}' in shard {url}: truncated (read {g} of {size} bytes)"
-            else:
-                met.setdefault(structure, []).append(row)
-        for structure, read in met.items():  # the .npy headers of the whole chunk, one comparison per layout
+        shard), each message naming the sample and its shard; their rows hold anything. No Python runs per
+        sample unless it is corrupt: the lookups are array operations, the reads one C call."""
+        sh, index = self.shards, self.index
+        shard = np.searchsorted(sh.starts, ids, side="right") - 1
+        index.ensure(np.unique(shard[index.offset[ids] == UNINDEXED]).tolist())
+        offset, kind = index.offset[ids], index.kind[ids]
+        corrupt = {i: index.bad[int(ids[i])] for i in np.flatnonzero(offset < 0).tolist()}
+        ok = offset >= 0
+        for s, err in files.ensure(np.unique(shard[ok & (files.fd[shard] < 0)]).tolist()).items():
+            for i in np.flatnonzero(ok & (shard == s)).tolist():
+                corrupt[i] = err
+            ok &= shard != s
+
+        def where(i: int) -> str:
+            url = sh.urls[shard[i]]
+            return f"sample '{_key(url, int(ids[i] - sh.starts[shard[i]]))}' in shard {url}"
+
+        todo = np.flatnonzero(ok)
+        fd, offset, kind = files.fd[shard[todo]], offset[todo], kind[todo]
+        groups = {index.structures[k]: np.flatnonzero(kind == k) for k in np.unique(kind).tolist()}
+        native_into = into if self._native and (into is None or into.dtype in native.OUT_DTYPES) else None
+        read = self._read_native if self._native else self._read_python
+        got, want = read(todo, fd, offset, groups, rows, native_into)
+        for j in np.flatnonzero(got != want).tolist():
+            what = os.strerror(-got[j]) if got[j] < 0 else f"truncated (read {got[j]} of {want[j]} bytes)"
+            corrupt[int(todo[j])] = f"{where(int(todo[j]))}: {what}"
+        for structure, js in groups.items():  # the .npy headers of the whole chunk, one comparison per layout
+            full = todo[js][got[js] == want[js]]
             for lay, heads in zip(self.layouts, rows.headers[structure], strict=True):
-                for k, bad in lay.check_headers(heads[read]):
-                    url, position = samples[read[k]]
-                    corrupt[read[k]] = f"sample '{_key(url, position)}' in shard {url}: member {lay.suffix}: {bad}"
+                for k, bad in lay.check_headers(heads[full]):
+                    corrupt[int(full[k])] = f"{where(int(full[k]))}: member {lay.suffix}: {bad}"
         if into is not None and native_into is None:
             self.image_into(rows[IMAGE], into)
         return corrupt
 
     @staticmethod
-    def _read_python(todo, rows: RawRows) -> list[tuple[int, int]]:
-        """(bytes read or -errno, bytes wanted) of each sample of ``todo``; the first short run ends a sample."""
-        out = []
-        for row, fd, base, structure in todo:
-            got = want = 0
-            for offset, bufs, size in rows.runs(structure)[row]:
-                try:
-                    g = os.preadv(fd, bufs, base + offset)
-                except OSError as err:
-                    g = -(err.errno or 5)
-                want += size
-                if g != size:
-                    got = g if g < 0 else got + g
-                    break
-                got += g
-            out.append((got, want))
-        return out
+    def _read_python(row, fd, offset, groups, rows: RawRows, into=None) -> tuple[np.ndarray, np.ndarray]:
+        """Samples into rows ``row`` (n,) from files ``fd`` (n,) at byte ``offset`` (n,); groups: structure ->
+        indexes into those arrays. Returns (n,) bytes read (or -errno) and (n,) bytes wanted; a sample's first
+        short run ends it."""
+        got, want = np.zeros(len(row), dtype=np.int64), np.zeros(len(row), dtype=np.int64)
+        for structure, js in groups.items():
+            runs = rows.runs(structure)
+            for j in js.tolist():
+                for run_offset, bufs, size in runs[row[j]]:
+                    try:
+                        g = os.preadv(int(fd[j]), bufs, int(offset[j]) + run_offset)
+                    except OSError as err:
+                        g = -(err.errno or 5)
+                    want[j] += size
+                    got[j] = g if g < 0 else got[j] + g
+                    if g != size:
+                        break
+        return got, want
 
-    def _read_native(self, todo, rows: RawRows, into: torch.Tensor | None) -> list[tuple[int, int]]:
+    def _read_native(self, row, fd, offset, groups, rows: RawRows, into: torch.Tensor | None):
         """:meth:`_read_python` in one call of ``_native.c`` without the GIL, converting each image into ``into``
         right after its reads."""
-        if not todo:
-            return []
-        by_structure: dict[Structure, list[int]] = {}
-        for k, (_, _, _, structure) in enumerate(todo):
-            by_structure.setdefault(structure, []).append(k)
-        todo_a = np.array([t[:3] for t in todo], dtype=np.int64)  # row, fd, base
-        runs, iov, sizes, order, n_iov = [], [], [], [], 0
-        for structure, ks in by_structure.items():
+        got, want = np.zeros(len(row), dtype=np.int64), np.zeros(len(row), dtype=np.int64)
+        if not len(row):
+            return got, want
+        runs, iov, n_iov = [], [], 0
+        for structure, js in groups.items():
             table, spec = rows.table(structure)  # (n, m, 2), (r, 4)
-            row, fd, base = todo_a[ks].T
             r, m = len(spec), table.shape[1]
-            block = np.empty((len(ks), r, 5), dtype=np.int64)  # fd, offset, first buffer, count, row
-            block[:, :, 0], block[:, :, 4] = fd[:, None], row[:, None]
-            block[:, :, 1] = base[:, None] + spec[:, 0]
-            block[:, :, 2] = n_iov + np.arange(len(ks))[:, None] * m + spec[:, 1]
+            block = np.empty((len(js), r, 5), dtype=np.int64)  # fd, offset, first buffer, count, row
+            block[:, :, 0], block[:, :, 4] = fd[js, None], row[js, None]
+            block[:, :, 1] = offset[js, None] + spec[:, 0]
+            block[:, :, 2] = n_iov + np.arange(len(js))[:, None] * m + spec[:, 1]
             block[:, :, 3] = spec[:, 2]
             runs.append(block.reshape(-1, 5))
-            iov.append(table[row].reshape(-1, 2))
-            sizes.append(np.broadcast_to(spec[:, 3], (len(ks), r)))
-            order += ks
-            n_iov += len(ks) * m
-        got = np.empty(sum(len(x) for x in runs), dtype=np.int64)
-        convert = None if into is None else self._affine.args(rows[IMAGE], into)
-        native.read_runs(np.concatenate(runs), np.concatenate(iov), got, convert, into)
-        out: list[tuple[int, int]] = [(0, 0)] * len(todo)
+            iov.append(table[row[js]].reshape(-1, 2))
+            want[js] = spec[:, 3].sum()
+            n_iov += len(js) * m
+        run_got = np.empty(sum(len(b) for b in runs), dtype=np.int64)  # a row's runs are adjacent, as C needs
+        convert = None if into is None else self._affine(rows[IMAGE], into, self.channel_index)
+        native.read_runs(np.concatenate(runs), np.concatenate(iov), run_got, convert)
         start = 0
-        for ks, size in zip(by_structure.values(), sizes, strict=True):
-            g = got[start : start + size.size].reshape(size.shape)
-            start += size.size
-            error = np.minimum(g, 0).min(axis=1)  # -errno of a sample's failed run, else 0
-            read = np.where(error < 0, error, np.maximum(g, 0).sum(axis=1))
-            for k, r_, w in zip(ks, read.tolist(), size.sum(axis=1).tolist(), strict=True):
-                out[k] = (r_, w)
-        return out
+        for js, block in zip(groups.values(), runs, strict=True):
+            g = run_got[start : start + len(block)].reshape(len(js), -1)
+            start += len(block)
+            error = g.min(axis=1)  # a failed run's -errno
+            got[js] = np.where(error < 0, error, np.maximum(g, 0).sum(axis=1))
+        return got, want
 
-    def new_image(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised (b, C, H, W) float32 batch tensor for :meth:`image_into`."""
-        return empty(shape, torch.float32, self.pool)
+    def new_image(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised (b, C, H, W) batch tensor for :meth:`image_into`, float32 or bfloat16."""
+        return empty(shape, dtype, self.pool)
 
     def select_channels(self, raw: np.ndarray) -> np.ndarray:
         """raw: (..., C_shards, H, W) as stored -> (..., C, H, W), the run's channels."""
         return raw if self.channels is None else raw[..., self.channels, :, :]
 
-    def image_into(self, raw: np.ndarray, out: torch.Tensor, selected: bool = False) -> None:
+    def _affine(self, raw: np.ndarray, out: torch.Tensor, channel: np.ndarray, jitter=None) -> native.Affine:
+        return native.affine(raw, channel, self.scale.numpy().ravel(), self.bias.numpy().ravel(), out, jitter)
+
+    def image_into(
+        self, raw: np.ndarray, out: torch.Tensor, selected: bool = False, jitter: np.ndarray | None = None
+    ) -> None:
         """raw: (b, C_shards, H, W) as stored (or (b, C, H, W) when ``selected``: the run's channels already)
-        -> ``out`` (b, C, H, W) float32 normalised (non-finite -> 0, the mean)."""
-        affine = self._affine_selected if selected else self._affine
-        if affine is not None:
-            affine(np.ascontiguousarray(raw), out)
+        -> ``out`` (b, C, H, W) float32 or bfloat16, normalised (non-finite -> 0, the mean), plus ``jitter``
+        (b, C) float32 in normalised units when given."""
+        if self._native and out.dtype in native.OUT_DTYPES:
+            channel = np.arange(len(self.channel_index)) if selected else self.channel_index
+            native.affine_rows(self._affine(np.ascontiguousarray(raw), out, channel, jitter), len(raw))
             return
-        out.copy_(torch.from_numpy(raw if selected else self.select_channels(raw)))
-        out.mul_(self.scale).add_(self.bias)
+        y = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
+        y.copy_(torch.from_numpy(raw if selected else self.select_channels(raw)))
+        y.mul_(self.scale).add_(self.bias)
         # the manifest's statistics may prove every value finite; else one reduction instead of a pass writing all
-        if not self.shards.image_finite and not bool(torch.isfinite(out.sum())):
-            torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0)
+        if not self.shards.image_finite and not bool(torch.isfinite(y.sum())):
+            torch.nan_to_num_(y, nan=0.0, posinf=0.0, neginf=0.0)
+        if jitter is not None:
+            y.add_(torch.from_numpy(np.asarray(jitter, dtype=np.float32)).view(*jitter.shape, 1, 1))
+        if y is not out:
+            out.copy_(y)
 
     def climate(self, raw: np.ndarray) -> np.ndarray:
         """raw: (b, T_shards, F_shards) float32 -> (b, T, F) float32 in physical units, the run's subset (a view of

@@ -2,9 +2,10 @@
 
 ``PretrainBatches`` is an ``IterableDataset`` of whole batches. With several DataLoader workers, worker ``w`` of
 ``n`` builds the batches of steps ``start + w, start + w + n, ...``; the DataLoader hands workers' outputs back
-round-robin, so the batches arrive in step order whatever ``n`` is. A corrupt sample is replaced by the next
-good sample of the same batch (the batch keeps its shape), counted, and reported in the batch; the training
-loop turns the counts into a fatal error above ``data.max_corrupt_fraction``.
+round-robin, so the batches arrive in step order whatever ``n`` is; within a process, builder threads split
+the steps the same way. A corrupt sample is replaced by the next good sample of the same batch (the batch keeps
+its shape), counted, and reported in the batch; the training loop turns the counts into a fatal error above
+``data.max_corrupt_fraction``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from soilnet.data.augment import AugmentSpec, apply_view, augment_climate, draw_view, normalise
-from soilnet.data.decode import CLIMATE, IMAGE, BatchDecoder, RawRows
+from soilnet.data.decode import CLIMATE, IMAGE, BatchDecoder, OpenShards, RawRows
 from soilnet.data.order import batch_ids, micro_batch, step_epoch
 from soilnet.data.shards import DataError, ShardSet
-from soilnet.data.tarindex import ShardReader
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class LoaderSpec:
     two_views: bool = False  # a second, independently augmented image view (SimCLR term)
     num_workers: int = 0
     threads: int | None = None  # threads building batches per process; None: 2 without augmentation, else 1
+    image_dtype: torch.dtype = torch.float32  # the batch's images: the model's compute dtype (bfloat16 on GPUs)
 
     @property
     def builder_threads(self) -> int:
@@ -79,7 +80,7 @@ def climate_key(raw: np.ndarray) -> int:
     return int(climate_keys(np.asarray(raw)[None])[0])
 
 
-CHUNK = 16  # samples read and converted together: their raw rows (1.8 MB of 14 x 64 x 64 float16) stay in cache
+CHUNK = 32  # samples read and converted together: few enough Python calls per sample, raw rows in L3
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Stage:
     """One builder thread's own working memory: its open shards, the raw rows of a chunk and, with augmentation,
     work arrays for the chunk's views."""
 
-    reader: ShardReader
+    files: OpenShards
     rows: RawRows
     views: list[np.ndarray] = field(default_factory=list)
 
@@ -95,7 +96,8 @@ class Stage:
 class PretrainBatches(IterableDataset):
     """Batches of steps ``start_step, start_step + 1, ...`` (endless; the caller stops).
 
-    Each batch: ``image`` (b, C, H, W) float32 normalised; ``image2`` the same shape when ``two_views``;
+    Each batch: ``image`` (b, C, H, W) normalised, of ``spec.image_dtype`` (float32 or bfloat16, rounded to
+    nearest even from float32 values); ``image2`` the same when ``two_views``;
     ``climate`` (b, T, F) float32 normalised; ``ids`` (b,) int64 global sample ids; ``climate_key`` (b,) int64;
     ``step`` int; ``corrupt`` list of messages about samples replaced in this batch.
     """
@@ -109,7 +111,7 @@ class PretrainBatches(IterableDataset):
     def new_stage(self) -> Stage:
         """A builder thread's working memory."""
         n = micro_batch(self.spec.global_batch, self.spec.world)
-        return Stage(ShardReader(), self.decoder.new_rows(min(CHUNK, n)))
+        return Stage(OpenShards(self.shards.urls), self.decoder.new_rows(min(CHUNK, n)))
 
     def batch(self, step: int, stage: Stage | None = None) -> dict:
         """The batch of ``step``, built chunk by chunk in this thread: each chunk's samples are read into the
@@ -119,43 +121,38 @@ class PretrainBatches(IterableDataset):
         sp, sh, dec = self.spec, self.shards, self.decoder
         stage = stage or self.new_stage()
         ids = batch_ids(sp.seed, sh.samples, sp.global_batch, step, sp.rank, sp.world)
-        shard_no = np.searchsorted(sh.starts, ids, side="right") - 1
-        positions = (ids - sh.starts[shard_no]).tolist()
-        samples = [(sh.urls[s], p) for s, p in zip(shard_no.tolist(), positions, strict=True)]
         n, epoch = len(ids), step_epoch(sh.samples, sp.global_batch, step)
         c, h, w = len(sh.channel_index), *sh.available.image_shape[1:]
-        images = [dec.new_image((n, c, h, w)) for _ in range(2 if sp.two_views else 1)]
-        climate = np.empty((n, len(sh.month_index), len(sh.variable_index)), dtype=np.float32)
-        keys = np.empty(n, dtype=np.int64)
+        images = [dec.new_image((n, c, h, w), sp.image_dtype) for _ in range(2 if sp.two_views else 1)]
+        raw_climate = np.empty((n, len(sh.month_index), len(sh.variable_index)), dtype=np.float32)
+        rngs: dict[int, np.random.Generator] = {}  # each sample's, after its views: the climate jitter comes next
         corrupt: dict[int, str] = {}
         for lo in range(0, n, len(stage.rows)):
             hi = min(lo + len(stage.rows), n)
             rows = stage.rows.head(hi - lo)
-            bad = dec.read(stage.reader, samples[lo:hi], rows, None if sp.augment.enabled else images[0][lo:hi])
+            bad = dec.read(stage.files, ids[lo:hi], rows, None if sp.augment.enabled else images[0][lo:hi])
             corrupt.update((lo + i, msg) for i, msg in bad.items())
-            raw_climate = dec.climate(rows[CLIMATE])
-            keys[lo:hi] = climate_keys(raw_climate)
-            climate[lo:hi] = normalise(raw_climate, sh.climate_mean, sh.climate_std, axis=2)
+            raw_climate[lo:hi] = dec.climate(rows[CLIMATE])
             if not sp.augment.enabled:
                 for out in images[1:]:
                     out[lo:hi] = images[0][lo:hi]
                 continue
-            good = [i for i in range(hi - lo) if i not in bad]
-            jitter = np.zeros((len(images), hi - lo, c, 1, 1), dtype=np.float32)
+            jitter = np.zeros((len(images), hi - lo, c), dtype=np.float32)
             views = self._views(stage, len(images), hi - lo)
-            for i in good:
-                rng = np.random.default_rng([sp.seed, epoch, int(ids[lo + i])])
+            for i in (i for i in range(hi - lo) if i not in bad):
+                rng = rngs[lo + i] = np.random.default_rng([sp.seed, epoch, int(ids[lo + i])])
                 sample = dec.select_channels(rows[IMAGE][i])
                 for v, out in enumerate(views):
                     view = draw_view(sp.augment, rng, *sample.shape)
                     apply_view(sample, view, sp.augment.pad, out[i])
                     if view.jitter is not None:
-                        jitter[v, i, :, 0, 0] = view.jitter
-                climate[lo + i] = augment_climate(climate[lo + i], sp.augment, rng)
+                        jitter[v, i] = view.jitter
             for out, view, j in zip(images, views, jitter, strict=True):
-                dec.image_into(view, out[lo:hi], selected=True)
-                if sp.augment.spectral_jitter > 0:
-                    out[lo:hi].add_(torch.from_numpy(j))
+                dec.image_into(view, out[lo:hi], selected=True, jitter=j if sp.augment.spectral_jitter > 0 else None)
+        keys = climate_keys(raw_climate)
+        climate = normalise(raw_climate, sh.climate_mean, sh.climate_std, axis=2)
+        for i, rng in rngs.items():
+            climate[i] = augment_climate(climate[i], sp.augment, rng)
         if len(corrupt) == n:
             raise DataError(f"step {step}: every sample of this rank's batch is corrupt, e.g. {corrupt[0]}")
         for i in sorted(corrupt):
@@ -191,8 +188,8 @@ class PretrainBatches(IterableDataset):
 
 def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -> Iterator[dict]:
     """The batches of steps ``first, first + stride, ...`` in order, built by ``threads`` threads: thread ``j``
-    builds every ``threads``-th of them, from the ``j``-th on. Reading (``preadv``) and converting (torch) run
-    without the GIL, so the threads share the cores; each holds at most one finished batch.
+    builds every ``threads``-th of them, from the ``j``-th on. Reading and converting (one C call, or ``preadv``
+    and torch) run without the GIL, so the threads share the cores; each holds at most one finished batch.
 
     The threads are not daemons: at interpreter exit a daemon thread is killed wherever it is, and one killed
     inside numpy's C++ code aborts the process ("terminate called without an active exception"). They stop when
@@ -219,7 +216,7 @@ def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -
         except BaseException as err:  # handed to the consumer, which raises it in its own thread
             hand_over(queues[j], err)
         finally:
-            stage.reader.close()
+            stage.files.close()
 
     for j in range(threads):
         threading.Thread(target=build, args=(j,), name=f"soilnet-batch-builder-{j}").start()

@@ -1,8 +1,8 @@
 """ctypes bindings of ``_native.c``: a chunk's reads and image conversion in one call without the GIL.
 
-``pip install -e .`` builds the extension. Without it (no C compiler, a source tree on ``PYTHONPATH``) the
-loader reads with ``os.preadv`` and converts with torch: the same batches, at about two thirds of the speed with
-two builder threads, which then mostly wait for each other's GIL (see docs/benchmarks.md).
+``pip install -e .`` builds the extension. Without it (no C compiler, a source tree on ``PYTHONPATH``) or with
+``SOILNET_NATIVE=0``, the loader reads with ``os.preadv`` and converts with torch: the same batches, at about two
+thirds of the speed with two builder threads, which then mostly wait for each other's GIL (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,66 +13,85 @@ import os
 import numpy as np
 import torch
 
+_p, _i32, _i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+
+
+class Affine(ctypes.Structure):
+    """``out[i, c] = raw[i, channel[c]] * scale[c] + bias[c]`` (non-finite -> 0) ``+ jitter[i, c]``, from raw
+    (k, C_stored, H, W) int16 or float16 rows into (k, C, H, W) float32 or bfloat16: ``soilnet_affine`` of
+    ``_native.c``. Build one with :func:`affine`; it keeps the arrays it points to alive."""
+
+    _fields_ = [
+        ("rows", _p),
+        ("row_bytes", _i64),
+        ("is_int16", _i32),
+        ("out_bf16", _i32),
+        ("channels", _i64),
+        ("channel", _p),
+        ("hw", _i64),
+        ("scale", _p),
+        ("bias", _p),
+        ("jitter", _p),
+        ("out", _p),
+    ]
+
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("SOILNET_NATIVE", "1") == "0":  # to compare or to rule it out
+    if os.environ.get("SOILNET_NATIVE", "1") == "0":  # to compare, or to rule it out
         return None
     try:
         from soilnet.data import _native
     except ImportError:
         return None
     lib = ctypes.CDLL(_native.__file__)  # a CDLL call releases the GIL
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    affine = [i64, p, i64, i32, i64, p, i64, p, p, p, p]
-    lib.soilnet_affine_rows.argtypes, lib.soilnet_affine_rows.restype = affine, None
-    lib.soilnet_read_runs.argtypes = [i64, p, p, p, p, p, p, p, *affine[1:9], p]
+    affine_p = ctypes.POINTER(Affine)
+    lib.soilnet_affine_rows.argtypes, lib.soilnet_affine_rows.restype = [_i64, affine_p, _p], None
+    lib.soilnet_read_runs.argtypes = [_i64, _p, _p, _p, _p, _p, _p, _p, affine_p]
     lib.soilnet_read_runs.restype = None
     return lib
 
 
 LIB = _load()
 
+OUT_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def available() -> bool:
     return LIB is not None
 
 
-class Affine:
-    """``out[i, c] = raw[i, channel[c]] * scale[c] + bias[c]`` (non-finite -> 0) from raw (k, C_stored, H, W)
-    int16 or float16 rows into (k, C, H, W) float32."""
-
-    def __init__(self, channel: np.ndarray, scale: np.ndarray, bias: np.ndarray, dtype: np.dtype):
-        if np.dtype(dtype) not in (np.dtype(np.float16), np.dtype(np.int16)):
-            raise ValueError(f"no native decoding of {dtype} images")
-        self.channel = np.ascontiguousarray(channel, dtype=np.int64)
-        self.scale = np.ascontiguousarray(scale, dtype=np.float32)
-        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
-        self.is_int16 = int(np.dtype(dtype) == np.int16)
-
-    def args(self, raw: np.ndarray, out: torch.Tensor) -> tuple:
-        """The conversion's arguments of ``_native.c`` for rows ``raw`` into ``out``."""
-        k, _, h, w = raw.shape
-        if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (k, len(self.channel), h, w):
-            raise ValueError(f"out must be a contiguous float32 tensor of {(k, len(self.channel), h, w)}")
-        if not raw.flags.c_contiguous:
-            raise ValueError("raw rows must be C-contiguous")
-        return (raw.ctypes.data, raw[0].nbytes if k else 0, self.is_int16, len(self.channel),
-                self.channel.ctypes.data, h * w, self.scale.ctypes.data, self.bias.ctypes.data)  # fmt: skip
-
-    def __call__(self, raw: np.ndarray, out: torch.Tensor) -> None:
-        LIB.soilnet_affine_rows(len(raw), *self.args(raw, out), None, out.data_ptr())
+def affine(raw: np.ndarray, channel, scale, bias, out: torch.Tensor, jitter: np.ndarray | None = None) -> Affine:
+    """The conversion of rows ``raw`` (k, C_stored, H, W) into ``out`` (k, C, H, W); ``channel`` (C,) int64
+    stored channel of each output channel, ``scale`` and ``bias`` (C,) float32, ``jitter`` (k, C) float32."""
+    k, _, h, w = raw.shape
+    want = (k, len(channel), h, w)
+    if out.dtype not in OUT_DTYPES or not out.is_contiguous() or tuple(out.shape) != want:
+        raise ValueError(f"out must be a contiguous float32 or bfloat16 tensor of {want}")
+    if raw.dtype not in (np.float16, np.int16) or not raw.flags.c_contiguous:
+        raise ValueError(f"raw rows must be C-contiguous float16 or int16, not {raw.dtype}")
+    keep = [np.ascontiguousarray(a, dtype=t) for a, t in ((channel, np.int64), (scale, np.float32), (bias, np.float32))]
+    if jitter is not None:
+        keep.append(np.ascontiguousarray(jitter, dtype=np.float32).reshape(k, len(channel)))
+    a = Affine(raw.ctypes.data, raw[0].nbytes if k else 0, int(raw.dtype == np.int16), int(out.dtype == torch.bfloat16),
+               len(channel), keep[0].ctypes.data, h * w, keep[1].ctypes.data, keep[2].ctypes.data,
+               keep[3].ctypes.data if jitter is not None else None, out.data_ptr())  # fmt: skip
+    a._keep = (keep, raw, out)
+    return a
 
 
-def read_runs(runs: np.ndarray, iov: np.ndarray, got: np.ndarray, convert: tuple | None, out: torch.Tensor | None):
+def affine_rows(a: Affine, k: int) -> None:
+    LIB.soilnet_affine_rows(k, ctypes.byref(a), None)
+
+
+def read_runs(runs: np.ndarray, iov: np.ndarray, got: np.ndarray, convert: Affine | None) -> None:
     """The ``preadv`` calls ``runs`` (n, 5) int64: fd, file offset, first buffer, buffer count, row; ``iov``
-    (m, 2) int64 buffer addresses and lengths; ``got`` (n,) int64 receives bytes read or -errno. With ``out``,
-    each fully read row is converted by ``convert`` (:meth:`Affine.args`) right after its reads."""
-    runs = np.ascontiguousarray(runs)
+    (m, 2) int64 buffer addresses and lengths; ``got`` (n,) int64 receives bytes read or -errno. With
+    ``convert``, each fully read row is converted right after its reads."""
     fd = np.ascontiguousarray(runs[:, 0], dtype=np.int32)
     count = np.ascontiguousarray(runs[:, 3], dtype=np.int32)
     offset, first, row = (np.ascontiguousarray(runs[:, j]) for j in (1, 2, 4))
-    conv = convert if out is not None else (None, 0, 0, 0, None, 0, None, None)
+    iov = np.ascontiguousarray(iov, dtype=np.int64)
     LIB.soilnet_read_runs(
         len(runs), fd.ctypes.data, offset.ctypes.data, first.ctypes.data, count.ctypes.data, row.ctypes.data,
-        iov.ctypes.data, got.ctypes.data, *conv, None if out is None else out.data_ptr(),
+        iov.ctypes.data, got.ctypes.data, None if convert is None else ctypes.byref(convert),
     )  # fmt: skip

@@ -8,6 +8,7 @@ before the next but one gets the same few arrays back, already mapped.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 
@@ -39,12 +40,12 @@ class TensorPool:
             free = self._free.setdefault(key, [])
             base = free.pop() if free else None
         if base is None:
-            base = np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+            base = np.empty(math.prod(shape) * dtype.itemsize, dtype=np.uint8)  # numpy has no bfloat16
         # torch keeps a reference to the array it wraps until its storage is freed; wrapping a view of ``base``
         # lets that view's finaliser tell when every tensor over the memory is gone
         handed = base.view()
         weakref.finalize(handed, self._release, key, base)
-        return torch.from_numpy(handed)
+        return torch.from_numpy(handed).view(dtype).view(shape)
 
     def _release(self, key: tuple, base: np.ndarray) -> None:
         with self._lock:

@@ -369,11 +369,12 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
     d = cfg.data
     aug = AugmentSpec(d.augment, d.pad, d.flips, d.rotate, d.spectral_jitter, d.climate_jitter)
     two_views = cfg.loss.simclr_weight > 0
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    # the loader hands images over in the compute dtype: half the bytes to write and to copy to the GPU in bf16
     spec = LoaderSpec(d.seed, t.global_batch_size, info.rank, info.world_size, aug, two_views, d.num_workers,
-                      d.loader_threads)  # fmt: skip
+                      d.loader_threads, image_dtype=dtype)  # fmt: skip
     with stop_signals_blocked():  # workers start here
         loader = iter(build_loader(shards, spec, start_step=step))
-    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     base = {"world_size": info.world_size, "global_batch_size": t.global_batch_size, "zero_stage": stage}
     corrupt = torch.zeros(2)  # [corrupt samples, samples read] on this rank since start
     stopped = False

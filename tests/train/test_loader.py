@@ -33,6 +33,7 @@ from soilnet.data import (
 from soilnet.data.augment import AugmentSpec, View, apply_view, augment_climate, augment_image
 from soilnet.data.loader import climate_key, climate_keys
 from soilnet.data.order import batch_ids, epoch_permutation
+from soilnet.data.pool import TensorPool
 from soilnet.data.tarindex import ShardIndexError, ShardReader, index_shard, index_shard_tarfile
 
 G = 16
@@ -352,12 +353,14 @@ def test_apply_view_is_the_crop_of_the_padded_flipped_turned_patch():
             np.testing.assert_array_equal(out, turned[:, top : top + 7, left : left + 7])
 
 
-def _batches(s, steps=2, **kw) -> list[dict]:
+def _batches(s, image_dtype=torch.float32, steps=2) -> list[dict]:
     """The first ``steps`` batches of every augmentation setting, both views."""
     specs = [AugmentSpec(enabled=False), AugmentSpec(spectral_jitter=0.05, climate_jitter=0.1)]
     out = []
     for augment in specs:
-        pb = PretrainBatches(s, LoaderSpec(seed=3, global_batch=32, rank=0, world=1, augment=augment, two_views=True))
+        sp = LoaderSpec(seed=3, global_batch=32, rank=0, world=1, augment=augment, two_views=True,
+                        image_dtype=image_dtype)  # fmt: skip
+        pb = PretrainBatches(s, sp)
         stage = pb.new_stage()
         out += [pb.batch(step, stage) for step in range(steps)]
     return out
@@ -377,18 +380,22 @@ def test_the_c_extension_gives_the_batches_of_python_reads_and_torch(shards, tmp
     (folder / "manifest.json").write_text(json.dumps(m))
     s = open_shards(folder, SchemaConfig(channels=["SR_B1", "SR_B4", "NDVI"]))
     assert native.available(), "the C extension is not built: run make setup (pip install -e .)"
-    fast = _batches(s)
+    fast = {dtype: _batches(s, dtype) for dtype in (torch.float32, torch.bfloat16)}
     monkeypatch.setattr(native, "LIB", None)
-    plain = _batches(s)
-    for a, b in zip(fast, plain, strict=True):
-        for name in ("image", "image2"):
-            np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=1e-6, atol=1e-6)
-        for name in ("climate", "ids", "climate_key"):
-            assert torch.equal(a[name], b[name]), name
-        assert bool(torch.isfinite(a["image"]).all())
-    row = fast[0]["ids"].tolist().index(5) if 5 in fast[0]["ids"].tolist() else None
-    if row is not None:
-        assert float(fast[0]["image"][row, 0, 2, 3]) == 0.0
+    plain = {dtype: _batches(s, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    for dtype in fast:
+        for a, b in zip(fast[dtype], plain[dtype], strict=True):
+            for name in ("image", "image2"):  # the same float32 operations, the same rounding to bfloat16
+                assert a[name].dtype == dtype and torch.equal(a[name], b[name]), (dtype, name)
+            for name in ("climate", "ids", "climate_key"):
+                assert torch.equal(a[name], b[name]), name
+            assert bool(torch.isfinite(a["image"]).all())
+    for f32, bf16 in zip(fast[torch.float32], fast[torch.bfloat16], strict=True):
+        assert torch.equal(f32["image"].to(torch.bfloat16), bf16["image"])  # handing over bf16 = casting later
+    assert any(5 in b["ids"].tolist() for b in fast[torch.float32])  # the NaN sample was read
+    for b in fast[torch.float32][:2]:  # no augmentation: the NaN pixel is the mean
+        if 5 in b["ids"].tolist():
+            assert float(b["image"][b["ids"].tolist().index(5), 0, 2, 3]) == 0.0
 
 
 @pytest.mark.parametrize("path", ["c", "python"])
@@ -399,8 +406,7 @@ def test_a_shard_cut_short_after_indexing_gives_truncated_samples_named(shards, 
     shutil.copytree(shards, folder)
     s = open_shards(folder, SchemaConfig())
     pb = PretrainBatches(s, spec())
-    for url in s.urls:  # every shard indexed, as in a run that has read from each
-        pb.decoder.plan(url)
+    pb.decoder.index.ensure(list(range(len(s.urls))))  # every shard indexed, as in a run that has read from each
     shard = folder / "shard-000001.tar"
     os.truncate(shard, shard.stat().st_size // 2)
     stage = pb.new_stage()
@@ -425,3 +431,18 @@ def test_a_process_left_holding_a_loader_mid_epoch_exits_cleanly(shards, repo_ro
                               text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         assert "terminate called" not in done.stderr
+
+
+def test_pooled_batch_memory_returns_only_after_its_last_view_is_freed():
+    pool = TensorPool()
+    a = pool.tensor((4, 3), torch.bfloat16)
+    view, storage = a[1:], a.untyped_storage()
+    del a
+    assert pool.pooled() == 0  # a view and a storage still hold the memory
+    b = pool.tensor((4, 3), torch.bfloat16)
+    assert b.data_ptr() != view.data_ptr() - view.storage_offset() * view.element_size()
+    del view, storage
+    assert pool.pooled() == 1
+    c = pool.tensor((4, 3), torch.bfloat16)  # the freed array again, not a new one
+    assert pool.pooled() == 0 and c.dtype == torch.bfloat16 and c.shape == (4, 3)
+    assert pool.tensor((2, 3), torch.float32).shape == (2, 3)  # another shape or dtype: its own arrays
