@@ -107,6 +107,12 @@ class SampleIndex:
         self._ids: dict[Structure, int] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # DataLoader workers started by spawn get a pickled copy; a lock is not sent
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def ensure(self, shard_numbers: list[int]) -> None:
         """Index these shards (of the manifest's list); two threads may index one shard at once, to equal effect."""
         for s in shard_numbers:
