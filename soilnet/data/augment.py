@@ -28,8 +28,9 @@ def normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray, axis: int) -> np
     """``(x - mean) / std`` along ``axis``; non-finite values (missing) become 0, the mean."""
     shape = [1] * x.ndim
     shape[axis] = -1
-    out = np.subtract(x, mean.reshape(shape), dtype=np.float32)
-    out /= std.reshape(shape)
+    with np.errstate(invalid="ignore", over="ignore"):  # missing values (and corrupt rows) are not finite
+        out = np.subtract(x, mean.reshape(shape), dtype=np.float32)
+        out /= std.reshape(shape)
     missing = ~np.isfinite(out)
     if missing.any():
         out[missing] = 0.0
