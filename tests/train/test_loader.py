@@ -446,3 +446,26 @@ def test_pooled_batch_memory_returns_only_after_its_last_view_is_freed():
     c = pool.tensor((4, 3), torch.bfloat16)  # the freed array again, not a new one
     assert pool.pooled() == 0 and c.dtype == torch.bfloat16 and c.shape == (4, 3)
     assert pool.tensor((2, 3), torch.float32).shape == (2, 3)  # another shape or dtype: its own arrays
+
+
+@pytest.mark.parametrize("raw_dtype", [np.float16, np.int16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_c_conversion_is_torchs_arithmetic_for_each_input_and_output_type(raw_dtype, out_dtype):
+    assert native.available(), "the C extension is not built: run make setup (pip install -e .)"
+    rng = np.random.default_rng(0)
+    k, c, h, w = 3, 4, 7, 9  # 63 pixels a plane: the vector loops and their scalar tails both run
+    if raw_dtype == np.int16:
+        raw = rng.integers(-30000, 30000, size=(k, c, h, w)).astype(np.int16)
+    else:
+        raw = (rng.normal(size=(k, c, h, w)) * 100).astype(np.float16)
+        raw[0, 1, 2, 3], raw[1, 0, 0, 0], raw[2, 3, 6, 8] = np.nan, np.inf, 6e-8  # missing, overflow, subnormal
+    channel = np.array([2, 0, 3])
+    scale = rng.uniform(0.001, 2, size=3).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    jitter = rng.normal(size=(k, 3)).astype(np.float32)
+    out = torch.empty((k, 3, h, w), dtype=out_dtype)
+    native.affine_rows(native.affine(raw, channel, scale, bias, out, jitter), k)
+    y = torch.from_numpy(raw[:, channel].astype(np.float32))
+    y = y * torch.from_numpy(scale).view(1, 3, 1, 1) + torch.from_numpy(bias).view(1, 3, 1, 1)
+    y = torch.where(torch.isfinite(y), y, 0.0) + torch.from_numpy(jitter).view(k, 3, 1, 1)
+    assert torch.equal(out, y.to(out_dtype))
