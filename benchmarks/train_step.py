@@ -63,10 +63,10 @@ def plain_torch_sps(config: str, steps: int, extra: list[str]) -> float:
 
     from soilnet.config.base import load_config
     from soilnet.config.pretrain import PretrainConfig
-    from soilnet.data import LoaderSpec, build_loader, open_shards
-    from soilnet.data.augment import AugmentSpec
+    from soilnet.data import build_loader, open_shards
     from soilnet.losses import ContrastiveLoss
     from soilnet.models import build_contrastive_model
+    from soilnet.train.pretrain import loader_spec
 
     cfg = load_config(PretrainConfig, config, extra)
     shards = open_shards(cfg.data.shards, cfg.data.schema_)
@@ -74,11 +74,7 @@ def plain_torch_sps(config: str, steps: int, extra: list[str]) -> float:
     model = build_contrastive_model(cfg.model, shards.schema)
     loss_fn = ContrastiveLoss(cfg.loss.temperature)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    d = cfg.data  # the very loader settings of soilnet.train.pretrain, so only the training loop differs
-    aug = AugmentSpec(d.augment, d.pad, d.flips, d.rotate, d.spectral_jitter, d.climate_jitter)
-    two_views = cfg.loss.simclr_weight > 0
-    spec = LoaderSpec(d.seed, cfg.train.global_batch_size, 0, 1, aug, two_views, d.num_workers, d.loader_threads)
-    it = iter(build_loader(shards, spec))
+    it = iter(build_loader(shards, loader_spec(cfg, 0, 1)))  # pretraining's loader: only the training loop differs
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

@@ -35,6 +35,7 @@ typedef struct {
     const float *bias;
     const float *jitter; /* (k, channels), or NULL */
     void *out;
+    int32_t max_isa; /* the widest kernels to use: 2 AVX-512, 1 AVX2, 0 scalar (to compare, or to rule one out) */
 } soilnet_affine;
 
 static float half_to_float(uint16_t h) {
@@ -82,12 +83,6 @@ static void plane_scalar(const char *src, int is_int16, void *out, int out_bf16,
 }
 
 #if defined(__x86_64__)
-/* 8 raw values at src -> 8 floats x * s + b, non-finite -> 0, + j */
-#define AFFINE8(load)                                                                                        \
-    _mm256_add_ps(_mm256_and_ps(y0 = _mm256_add_ps(_mm256_mul_ps(load, vs), vb),                              \
-                                _mm256_cmp_ps(_mm256_sub_ps(y0, y0), zero, _CMP_EQ_OQ)),                      \
-                  vj)
-
 __attribute__((target("avx2,f16c"))) static inline __m128i bf16x8(__m256 y) {
     const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
     __m256i u = _mm256_castps_si256(y);
@@ -102,11 +97,12 @@ __attribute__((target("avx2,f16c"))) static inline __m128i bf16x8(__m256 y) {
                                                             float b, float j) {                                  \
         const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b), vj = _mm256_set1_ps(j);                   \
         const __m256 zero = _mm256_setzero_ps();                                                                 \
-        __m256 y0;                                                                                               \
         int64_t p = 0;                                                                                           \
         for (; p + 8 <= n; p += 8) {                                                                             \
             __m128i raw = _mm_loadu_si128((const __m128i *)(src + 2 * p));                                     \
-            __m256 y = AFFINE8(LOAD(raw));                                                                       \
+            __m256 y = _mm256_add_ps(_mm256_mul_ps(LOAD(raw), vs), vb);                                          \
+            __m256 finite = _mm256_cmp_ps(_mm256_sub_ps(y, y), zero, _CMP_EQ_OQ);                                \
+            y = _mm256_add_ps(_mm256_and_ps(y, finite), vj);                                                     \
             STORE;                                                                                               \
         }                                                                                                        \
         return p;                                                                                                \
@@ -159,14 +155,15 @@ PLANE_AVX512(i16_bf16_512, LOAD512_I16, STORE512_BF16)
 
 typedef int64_t (*plane_fn)(const char *, void *, int64_t, float, float, float);
 
-/* the widest kernel this CPU runs, for (int16 input, bfloat16 output); NULL: scalar only */
-static plane_fn pick_plane(int is_int16, int out_bf16) {
+/* the widest kernel this CPU runs, up to max_isa, for (int16 input, bfloat16 output); NULL: scalar only */
+static plane_fn pick_plane(int is_int16, int out_bf16, int max_isa) {
     static const plane_fn avx512[2][2] = {{f16_f32_512, f16_bf16_512}, {i16_f32_512, i16_bf16_512}};
     static const plane_fn avx2[2][2] = {{f16_f32, f16_bf16}, {i16_f32, i16_bf16}};
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    if (max_isa >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c"))
         return avx512[is_int16][out_bf16];
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return avx2[is_int16][out_bf16];
+    if (max_isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        return avx2[is_int16][out_bf16];
     return NULL;
 }
 #endif
@@ -174,7 +171,7 @@ static plane_fn pick_plane(int is_int16, int out_bf16) {
 static void convert_row(const soilnet_affine *a, int64_t i) {
     plane_fn plane = NULL;
 #if defined(__x86_64__)
-    plane = pick_plane(a->is_int16, a->out_bf16);
+    plane = pick_plane(a->is_int16, a->out_bf16, a->max_isa);
 #endif
     size_t out_size = a->out_bf16 ? 2 : 4;
     for (int64_t c = 0; c < a->channels; c++) {
@@ -186,10 +183,9 @@ static void convert_row(const soilnet_affine *a, int64_t i) {
     }
 }
 
-/* Every row i < k of a (rows with skip[i] != 0 are left alone; skip may be NULL). */
-void soilnet_affine_rows(int64_t k, const soilnet_affine *a, const uint8_t *skip) {
-    for (int64_t i = 0; i < k; i++)
-        if (!skip || !skip[i]) convert_row(a, i);
+/* Every row i < k of a. */
+void soilnet_affine_rows(int64_t k, const soilnet_affine *a) {
+    for (int64_t i = 0; i < k; i++) convert_row(a, i);
 }
 
 /* n_runs preadv calls, in row order: run r reads into iov[first[r] .. first[r] + count[r]) (pairs of address
@@ -218,6 +214,6 @@ void soilnet_read_runs(int64_t n_runs, const int32_t *fd, const int64_t *offset,
     }
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_native", .m_size = -1};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -155,7 +155,7 @@ class BatchDecoder:
         shard), each message naming the sample and its shard; their rows hold anything. No Python runs per
         sample unless it is corrupt: the lookups are array operations, the reads one C call."""
         sh, index = self.shards, self.index
-        shard = np.searchsorted(sh.starts, ids, side="right") - 1
+        shard, position = sh.locate(ids)
         index.ensure(np.unique(shard[index.offset[ids] == UNINDEXED]).tolist())
         offset, kind = index.offset[ids], index.kind[ids]
         corrupt = {i: index.bad[int(ids[i])] for i in np.flatnonzero(offset < 0).tolist()}
@@ -167,14 +167,16 @@ class BatchDecoder:
 
         def where(i: int) -> str:
             url = sh.urls[shard[i]]
-            return f"sample '{sample_key(url, int(ids[i] - sh.starts[shard[i]]))}' in shard {url}"
+            return f"sample '{sample_key(url, int(position[i]))}' in shard {url}"
 
         todo = np.flatnonzero(ok)
         fd, offset, kind = files.fd[shard[todo]], offset[todo], kind[todo]
         groups = {index.structures[k]: np.flatnonzero(kind == k) for k in np.unique(kind).tolist()}
-        native_into = into if self._native and (into is None or into.dtype in native.OUT_DTYPES) else None
-        read = self._read_native if self._native else self._read_python
-        got, want = read(todo, fd, offset, groups, rows, native_into)
+        native_into = into if self._native and into is not None and into.dtype in native.OUT_DTYPES else None
+        if self._native:
+            got, want = self._read_native(todo, fd, offset, groups, rows, native_into)
+        else:
+            got, want = self._read_python(todo, fd, offset, groups, rows)
         for j in np.flatnonzero(got != want).tolist():
             what = os.strerror(-got[j]) if got[j] < 0 else f"truncated (read {got[j]} of {want[j]} bytes)"
             corrupt[int(todo[j])] = f"{where(int(todo[j]))}: {what}"
@@ -188,7 +190,7 @@ class BatchDecoder:
         return corrupt
 
     @staticmethod
-    def _read_python(row, fd, offset, groups, rows: RawRows, into=None) -> tuple[np.ndarray, np.ndarray]:
+    def _read_python(row, fd, offset, groups, rows: RawRows) -> tuple[np.ndarray, np.ndarray]:
         """Samples into rows ``row`` (n,) from files ``fd`` (n,) at byte ``offset`` (n,); groups: structure ->
         indexes into those arrays. Returns (n,) bytes read (or -errno) and (n,) bytes wanted; a sample's first
         short run ends it."""

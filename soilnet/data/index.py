@@ -92,9 +92,7 @@ class SampleIndex:
     def ensure(self, shard_numbers: list[int]) -> None:
         """Index these shards (of the manifest's list); two threads may index one shard at once, to equal effect."""
         for s in shard_numbers:
-            url, first = self.shards.urls[s], int(self.shards.starts[s])
-            end = int(self.shards.starts[s + 1]) if s + 1 < len(self.shards.starts) else self.shards.samples
-            promised = end - first
+            url, first, promised = self.shards.urls[s], int(self.shards.starts[s]), int(self.shards.counts[s])
             try:
                 plan = plan_shard(url, self.layouts)
             except ShardIndexError as err:

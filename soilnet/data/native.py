@@ -3,6 +3,8 @@
 ``pip install -e .`` builds the extension. Without it (no C compiler, a source tree on ``PYTHONPATH``) or with
 ``SOILNET_NATIVE=0``, the loader reads with ``os.preadv`` and converts with torch: the same batches, at about two
 thirds of the speed with two builder threads, which then mostly wait for each other's GIL (docs/benchmarks.md).
+The conversion uses the widest kernels the CPU has (AVX-512, AVX2 with F16C, else scalar);
+``SOILNET_NATIVE_ISA=avx2`` or ``scalar`` caps them, as the tests do to check each against torch.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Affine(ctypes.Structure):
         ("bias", _p),
         ("jitter", _p),
         ("out", _p),
+        ("max_isa", _i32),
     ]
 
 
@@ -45,7 +48,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     lib = ctypes.CDLL(_native.__file__)  # a CDLL call releases the GIL
     affine_p = ctypes.POINTER(Affine)
-    lib.soilnet_affine_rows.argtypes, lib.soilnet_affine_rows.restype = [_i64, affine_p, _p], None
+    lib.soilnet_affine_rows.argtypes, lib.soilnet_affine_rows.restype = [_i64, affine_p], None
     lib.soilnet_read_runs.argtypes = [_i64, _p, _p, _p, _p, _p, _p, _p, affine_p]
     lib.soilnet_read_runs.restype = None
     return lib
@@ -54,6 +57,8 @@ def _load() -> ctypes.CDLL | None:
 LIB = _load()
 
 OUT_DTYPES = (torch.float32, torch.bfloat16)
+ISAS = {"avx512": 2, "avx2": 1, "scalar": 0}
+MAX_ISA = ISAS[os.environ.get("SOILNET_NATIVE_ISA", "avx512")]  # the widest kernels to use, if the CPU has them
 
 
 def available() -> bool:
@@ -74,13 +79,13 @@ def affine(raw: np.ndarray, channel, scale, bias, out: torch.Tensor, jitter: np.
         keep.append(np.ascontiguousarray(jitter, dtype=np.float32).reshape(k, len(channel)))
     a = Affine(raw.ctypes.data, raw[0].nbytes if k else 0, int(raw.dtype == np.int16), int(out.dtype == torch.bfloat16),
                len(channel), keep[0].ctypes.data, h * w, keep[1].ctypes.data, keep[2].ctypes.data,
-               keep[3].ctypes.data if jitter is not None else None, out.data_ptr())  # fmt: skip
+               keep[3].ctypes.data if jitter is not None else None, out.data_ptr(), MAX_ISA)  # fmt: skip
     a._keep = (keep, raw, out)
     return a
 
 
 def affine_rows(a: Affine, k: int) -> None:
-    LIB.soilnet_affine_rows(k, ctypes.byref(a), None)
+    LIB.soilnet_affine_rows(k, ctypes.byref(a))
 
 
 def read_runs(runs: np.ndarray, iov: np.ndarray, got: np.ndarray, convert: Affine | None) -> None:

@@ -54,10 +54,11 @@ class ShardSet:
     def samples(self) -> int:
         return int(self.counts.sum())
 
-    def locate(self, gid: int) -> tuple[int, int]:
-        """(shard number, position in that shard) of global sample id ``gid``."""
-        s = int(np.searchsorted(self.starts, gid, side="right") - 1)
-        return s, int(gid - self.starts[s])
+    def locate(self, gid):
+        """(shard number, position in that shard) of global sample id ``gid``: ints, or (k,) int64 arrays for
+        (k,) ids."""
+        s = np.searchsorted(self.starts, gid, side="right") - 1
+        return s, gid - self.starts[s]
 
 
 def _stats(manifest: dict, kind: str, names: tuple[str, ...], where: Path) -> tuple[np.ndarray, np.ndarray]:

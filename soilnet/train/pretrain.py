@@ -280,6 +280,14 @@ def run(cfg: PretrainConfig) -> dict:
             raise
 
 
+def loader_spec(cfg: PretrainConfig, rank: int, world: int, image_dtype: torch.dtype = torch.float32) -> LoaderSpec:
+    """What ``rank`` of ``world`` reads under ``cfg``: the data section's order, augmentation and threads."""
+    d = cfg.data
+    aug = AugmentSpec(d.augment, d.pad, d.flips, d.rotate, d.spectral_jitter, d.climate_jitter)
+    return LoaderSpec(d.seed, cfg.train.global_batch_size, rank, world, aug, cfg.loss.simclr_weight > 0,
+                      d.num_workers, d.loader_threads, image_dtype)  # fmt: skip
+
+
 def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
     import deepspeed
 
@@ -366,13 +374,9 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
 
         bar = tqdm(total=t.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
 
-    d = cfg.data
-    aug = AugmentSpec(d.augment, d.pad, d.flips, d.rotate, d.spectral_jitter, d.climate_jitter)
-    two_views = cfg.loss.simclr_weight > 0
-    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    d, dtype = cfg.data, torch.bfloat16 if prec == "bf16" else torch.float32
     # the loader hands images over in the compute dtype: half the bytes to write and to copy to the GPU in bf16
-    spec = LoaderSpec(d.seed, t.global_batch_size, info.rank, info.world_size, aug, two_views, d.num_workers,
-                      d.loader_threads, image_dtype=dtype)  # fmt: skip
+    spec = loader_spec(cfg, info.rank, info.world_size, image_dtype=dtype)
     with stop_signals_blocked():  # workers start here
         loader = iter(build_loader(shards, spec, start_step=step))
     base = {"world_size": info.world_size, "global_batch_size": t.global_batch_size, "zero_stage": stage}

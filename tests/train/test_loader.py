@@ -34,7 +34,7 @@ from soilnet.data.augment import AugmentSpec, View, apply_view, augment_climate,
 from soilnet.data.loader import climate_key, climate_keys
 from soilnet.data.order import batch_ids, epoch_permutation
 from soilnet.data.pool import TensorPool
-from soilnet.data.tarindex import ShardIndexError, ShardReader, index_shard, index_shard_tarfile
+from soilnet.data.tarindex import ShardIndexError, index_shard, index_shard_tarfile
 
 G = 16
 
@@ -134,7 +134,7 @@ def test_global_batch_not_divisible_by_world_size_says_what_to_change():
 
 
 def _corrupt_member(shard: Path, position: int, suffix: str) -> str:
-    key, members = ShardReader().index(str(shard))[position]
+    key, members = index_shard(str(shard))[position]
     offset, size = members[suffix]
     with open(shard, "r+b") as f:
         f.seek(offset)
@@ -172,14 +172,20 @@ def test_spectral_and_climate_jitter_are_options(shards):
     assert 0 < float((plain["climate"] - jittered["climate"]).std()) < 0.2
 
 
+def _members(url: str, position: int) -> dict[str, bytes]:
+    """The members of sample ``position`` of shard ``url``, as bytes."""
+    _, members = index_shard(url)[position]
+    with open(url, "rb") as f:
+        return {suffix: os.pread(f.fileno(), size, offset) for suffix, (offset, size) in members.items()}
+
+
 def test_batched_decode_equals_np_load_then_normalise(shards):
     s = open_shards(shards, SchemaConfig(channels=["NDVI", "SR_B4", "elevation"], climate_variables=["pr", "tmmx"]))
     plain = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=AugmentSpec(enabled=False))
     b = next(iter(PretrainBatches(s, plain)))
-    reader = ShardReader()
     for row, gid in enumerate(b["ids"].tolist()):
         shard, pos = s.locate(gid)
-        _, members = reader.read(s.urls[shard], pos)
+        members = _members(s.urls[shard], pos)
         image = np.load(io.BytesIO(members["image.npy"])).astype(np.float32)[list(s.channel_index)]
         climate = np.load(io.BytesIO(members["climate.npy"]))[np.ix_(list(s.month_index), list(s.variable_index))]
         want_image = (image - s.image_mean[:, None, None]) / s.image_std[:, None, None]
@@ -227,7 +233,7 @@ def _npy_header(member: bytes) -> int:
 def test_non_finite_pixels_become_zero_unless_the_manifest_proves_every_pixel_finite(shards, tmp_path):
     folder = tmp_path / "shards"
     shutil.copytree(shards, folder)
-    key, members = ShardReader().index(str(folder / "shard-000000.tar"))[5]
+    key, members = index_shard(str(folder / "shard-000000.tar"))[5]
     offset, size = members["image.npy"]
     with open(folder / "shard-000000.tar", "rb") as f:
         f.seek(offset)
@@ -259,7 +265,7 @@ def test_a_member_declaring_another_dtype_is_a_corrupt_sample_named(shards, tmp_
     folder = tmp_path / "shards"
     shutil.copytree(shards, folder)
     shard = folder / "shard-000003.tar"
-    key, members = ShardReader().index(str(shard))[7]
+    key, members = index_shard(str(shard))[7]
     offset, size = members["image.npy"]
     with open(shard, "r+b") as f:  # same byte count, another dtype: the header says int16
         f.seek(offset)
@@ -369,7 +375,7 @@ def _batches(s, image_dtype=torch.float32, steps=2) -> list[dict]:
 def test_the_c_extension_gives_the_batches_of_python_reads_and_torch(shards, tmp_path, monkeypatch):
     folder = tmp_path / "shards"
     shutil.copytree(shards, folder)
-    key, members = ShardReader().index(str(folder / "shard-000000.tar"))[5]
+    key, members = index_shard(str(folder / "shard-000000.tar"))[5]
     offset, size = members["image.npy"]
     with open(folder / "shard-000000.tar", "r+b") as f:  # channel 0, pixel (2, 3) := NaN
         f.seek(offset)
@@ -448,10 +454,12 @@ def test_pooled_batch_memory_returns_only_after_its_last_view_is_freed():
     assert pool.tensor((2, 3), torch.float32).shape == (2, 3)  # another shape or dtype: its own arrays
 
 
+@pytest.mark.parametrize("isa", list(native.ISAS))
 @pytest.mark.parametrize("raw_dtype", [np.float16, np.int16])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_c_conversion_is_torchs_arithmetic_for_each_input_and_output_type(raw_dtype, out_dtype):
+def test_c_conversion_is_torchs_arithmetic_for_each_input_and_output_type(raw_dtype, out_dtype, isa, monkeypatch):
     assert native.available(), "the C extension is not built: run make setup (pip install -e .)"
+    monkeypatch.setattr(native, "MAX_ISA", native.ISAS[isa])  # a CPU without that ISA runs a narrower kernel
     rng = np.random.default_rng(0)
     k, c, h, w = 3, 4, 7, 9  # 63 pixels a plane: the vector loops and their scalar tails both run
     if raw_dtype == np.int16:
