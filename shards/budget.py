@@ -8,10 +8,16 @@ of a process that dies, kill -9 included, so a crashed worker never leaks a slot
 POSIX locks belong to a process, not a thread, so the slots this process holds are also tracked in memory; a slot
 file, once opened, stays open until the process ends (closing any descriptor of a file would drop every lock the
 process holds on it).
+
+Only EACCES and EAGAIN from ``lockf`` mean "held by someone else". Any other error (ENOLCK from an NFS mount
+without a lock manager, ENOSYS or EOPNOTSUPP from a file system without POSIX locks) would otherwise turn into an
+endless wait, so it stops the run at once, naming the directory and the errno; the constructor tries one lock so
+that this happens before any work.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import random
@@ -35,6 +41,33 @@ class InFlightBudget:
         self._fds: dict[int, int] = {}
         self._held: set[int] = set()
         self._mutex = threading.Lock()
+        self._check_locks()
+
+    def _check_locks(self) -> None:
+        """Fail now, not in the first request, where ``directory`` has no working POSIX locks."""
+        fd = os.open(self.directory / "probe.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if self._lock(fd, "probe.lock"):
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)  # drops only this process's locks on probe.lock, which nothing holds for long
+
+    def _lock(self, fd: int, name: str) -> bool:
+        """Try an exclusive lock on ``fd``: True if taken, False if another process holds it."""
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            code = errno.errorcode.get(err.errno, str(err.errno))
+            raise OSError(
+                err.errno,
+                f"request budget {self.directory}: cannot lock {name} ({code}: {os.strerror(err.errno)}). The budget "
+                "needs POSIX (fcntl) locks on a file system that every worker shares: a local disk (one machine), "
+                "NFSv4 or NFSv3 with lockd, Lustre mounted with -o flock (-o localflock locks within one node only, "
+                "so the limit then holds per node), GPFS. Set source.earthengine.budget_dir to a folder on one.",
+            ) from err
+        return True
 
     def _fd(self, k: int) -> int:
         if k not in self._fds:
@@ -43,11 +76,7 @@ class InFlightBudget:
 
     def _try(self, k: int) -> bool:
         with self._mutex:
-            if k in self._held:
-                return False
-            try:
-                fcntl.lockf(self._fd(k), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            if k in self._held or not self._lock(self._fd(k), f"slot-{k:04d}.lock"):
                 return False
             self._held.add(k)
             return True

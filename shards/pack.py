@@ -2,24 +2,29 @@
 
 Which point lands in which shard depends only on the point list and ``shard.max_samples``: shard ``k`` holds
 points ``[k * max_samples, (k + 1) * max_samples)``. Workers (MPI ranks or Slurm array tasks) take shards
-round-robin, so any number of them produces the same shards. A shard is written by webdataset's ``ShardWriter``
+round-robin, so any number of them produces the same shards. A shard is written by webdataset's ``TarWriter``
 to a temporary name, fsynced and renamed; only then is its part record (sample count, sha256, partial
 statistics, rejections) written, atomically. A rerun skips every shard that has its part record, so a job killed
 at any moment (kill -9 included) reruns to the same result. The manifest is written last, from the part records.
+A full disk stops the pack with an error naming the file and the free space, and leaves no partial file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import webdataset as wds
@@ -94,20 +99,52 @@ def make_source(cfg: PackConfig, schema: SampleSchema) -> Source:
     return earthengine(schema, cfg.source.earthengine, cfg.output_dir)
 
 
-def _fsync_rename(tmp: str) -> None:
-    final = tmp[: -len(".tmp")]
-    with open(tmp, "rb") as f:
+def _no_space(err: OSError, path: Path, written: int) -> OSError:
+    """The error for a full disk (or quota) while writing ``path``: the path, how far it got, the space left."""
+    usage = shutil.disk_usage(path.parent)
+    return OSError(err.errno, f"writing {path}: {os.strerror(err.errno)} after {written / 2**20:.1f} MiB of it; "
+                   f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on the file system of "
+                   f"{path.parent}. Free space (or set output_dir elsewhere) and rerun the same command: complete "
+                   "shards are kept, this one is written again")  # fmt: skip
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that appears at ``path`` only whole: written to ``<path>.tmp``, fsynced, then renamed over
+    ``path``, so a reader or a rerun after kill -9 sees the old file or the complete new one. On any error the
+    temporary file is closed and removed (a full disk keeps no half shard), and a full disk (ENOSPC, EDQUOT)
+    becomes an error naming the path and the free space."""
+    tmp = path.with_name(path.name + ".tmp")
+    f = None
+    try:
+        f = open(tmp, "wb")  # noqa: SIM115 - closed below, on success and on failure
+        yield f
+        f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, final)
+        f.close()
+        os.replace(tmp, path)
+    except BaseException as err:
+        if f is not None:
+            with suppress(OSError):  # its buffered bytes cannot be flushed to a full disk; the fd is closed anyway
+                f.close()
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(err, path, written) from err
+        raise
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _atomic_file(path) as f:
+        f.write(json.dumps(obj).encode())
+
+
+def _write_shard(path: Path, samples: list[dict]) -> None:
+    """``samples`` as one WebDataset tar at ``path`` (written whole or not at all; fixed mtime: same bytes on every
+    run). webdataset's ShardWriter is not used: for an empty shard it would also create the next shard's file."""
+    with _atomic_file(path) as f, wds.TarWriter(f, mtime=0.0) as sink:
+        for sample in samples:
+            sink.write(sample)
 
 
 def _sha256(path: Path) -> str:
@@ -194,19 +231,13 @@ def shard_points(k: int, n_points: int, max_samples: int) -> range:
 def pack_shard(k: int, results: Iterator[dict], count: int, cfg: PackConfig, schema: SampleSchema, out: Path,
                progress: tqdm) -> dict:  # fmt: skip
     """Write shard ``k`` from the next ``count`` results (its points) and return its part record."""
-    n = cfg.shard.max_samples
     samples, rejected = [], []
     for _ in range(count):
         result = next(results)
         (samples if "__key__" in result else rejected).append(result)
         progress.update(1)
     name = f"shard-{k:06d}.tar"
-    with wds.ShardWriter(str(out / "shard-%06d.tar.tmp"), maxcount=n + 1, start_shard=k, post=_fsync_rename,
-                         verbose=0, mtime=0.0) as sink:  # fmt: skip
-        for sample in samples:
-            sink.write(sample)
-        if not samples:
-            sink.next_stream()  # an empty shard still exists, so shard numbers stay dense
+    _write_shard(out / name, samples)  # an empty shard is written too, so shard numbers stay dense
     part = {
         "name": name,
         "samples": len(samples),
@@ -251,11 +282,10 @@ def write_manifest(cfg: PackConfig, out: Path, schema: SampleSchema, n_shards: i
         "sources": {"kind": source.name, "versions": {"soilnet": __version__, "webdataset": wds.__version__,
                                                       **source.versions()}},
     }  # fmt: skip
-    with open(out / "ledger.jsonl.tmp", "w") as f:
+    with _atomic_file(out / "ledger.jsonl") as f:
         for p in parts:
             for r in p["rejected"]:
-                f.write(json.dumps({**r, "shard": p["name"]}) + "\n")
-    os.replace(out / "ledger.jsonl.tmp", out / "ledger.jsonl")
+                f.write((json.dumps({**r, "shard": p["name"]}) + "\n").encode())
     _atomic_json(out / "manifest.json", manifest)
     return manifest
 
