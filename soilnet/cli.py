@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or one checkpoint")
     p.add_argument("--out", required=True, help="output .safetensors")
 
+    p = sub.add_parser(
+        "verify",
+        help="check every shard of a manifest against its recorded sha256",
+        description="check every shard listed in manifest.json against its recorded sha256; names each bad or "
+        "missing shard and exits 1 if there is one, else prints a one-line summary",
+    )
+    p.add_argument("--shards", required=True, help="shard folder or its manifest.json")
+    p.add_argument("--workers", type=int, default=4, help="shards hashed at once")
+
     p = sub.add_parser("predict-map", help="predict SOC over a grid and write a Cloud-Optimized GeoTIFF")
     p.add_argument("--checkpoint", required=True, help="a fine-tuning output_dir")
     p.add_argument("--region", required=True, help="GeoJSON file")
@@ -130,6 +139,7 @@ OTHER_COMMANDS = {
     "sample": "shards.sample:run_cli",
     "import-soilnet": "shards.import_soilnet:run_cli",
     "export": "soilnet.train.export:run_cli",
+    "verify": "soilnet.data.verify:run_cli",
     "predict-map": "soilnet.evaluate.maps:run_cli",
 }
 
