@@ -102,10 +102,10 @@ def make_source(cfg: PackConfig, schema: SampleSchema) -> Source:
 def _no_space(err: OSError, path: Path, written: int) -> OSError:
     """The error for a full disk (or quota) while writing ``path``: the path, how far it got, the space left."""
     usage = shutil.disk_usage(path.parent)
-    return OSError(err.errno, f"writing {path}: {os.strerror(err.errno)} after {written / 2**20:.1f} MiB of it; "
-                   f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on the file system of "
-                   f"{path.parent}. Free space (or set output_dir elsewhere) and rerun the same command: complete "
-                   "shards are kept, this one is written again")  # fmt: skip
+    return OSError(err.errno, f"writing {path}: {os.strerror(err.errno)} after {written / 2**20:.1f} MiB of it "
+                   f"(removed; now {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on the file "
+                   f"system of {path.parent}). Free space (or set output_dir elsewhere) and rerun the same command: "
+                   "complete shards are kept, this one is written again")  # fmt: skip
 
 
 @contextmanager

@@ -20,7 +20,8 @@ CONFIG=${1:-configs/preprocess/demo.yaml}
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 
 if [ -n "${SLURM_ARRAY_TASK_COUNT:-}" ]; then
-    # the packer reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT to take its part
+    # the packer takes its part from SLURM_ARRAY_TASK_ID/MIN/MAX/COUNT: its position among evenly spaced indices
+    # (--array=0-15, 1-16, 0-30:2, 1,3,5)
     python -m soilnet.cli pack --config "$CONFIG" "$@"
 elif [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
     mpirun -n "$SLURM_NTASKS" python -m soilnet.cli pack --config "$CONFIG" "$@"
