@@ -29,6 +29,8 @@ from soilnet.evaluate import splits as SP
 from soilnet.evaluate.labelled import LabelledData, load_labelled
 from soilnet.evaluate.metrics import regression_metrics
 from soilnet.evaluate.report import write_report
+from soilnet.train.resume import ResumeStore
+from soilnet.train.signals import StopFlag, StoppedEarly, stop_on_signals
 
 log = logging.getLogger("soilnet.evaluate")
 
@@ -115,13 +117,41 @@ def _load(cfg: FinetuneConfig, out: Path | None):
     return mods, data, export
 
 
-def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
+def evaluate_resumably(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict | None:
+    """:func:`evaluate` as a job that can be stopped and run again: SIGUSR2/SIGTERM are caught from the start,
+    every fold and epoch is checkpointed under ``out/checkpoints`` and resumed from there (refused when the config
+    differs), and the resolved config is saved beside the outputs. Returns None when it stopped on a signal after
+    saving (run the same command again to continue)."""
+    from soilnet.train import finetune as FT
+
+    with stop_on_signals(StopFlag()) as flag:
+        # checked before config.yaml is rewritten, so that a refused resumption changes nothing
+        store = ResumeStore.open(cfg, out, FT.distributed_context(cfg.train.device))
+        if store.writes:
+            save_resolved(cfg, out)
+        try:
+            metrics = evaluate(cfg, out, final_model=final_model, resume=store, stop=flag)
+        except StoppedEarly:
+            return None
+    store.clear()
+    return metrics
+
+
+def evaluate(
+    cfg: FinetuneConfig,
+    out: Path,
+    final_model: bool = False,
+    resume: ResumeStore | None = None,
+    stop: StopFlag | None = None,
+) -> dict:
     """Cross-validate ``cfg`` and write metrics.json, predictions.csv, plots and report.md into ``out``.
 
     Of several processes, every rank trains its share and gets the metrics; only rank 0 writes and fits the
-    baseline (``baseline_rf`` is None on the others)."""
-    from soilnet.train import finetune as FT
+    baseline (``baseline_rf`` is None on the others).
 
+    ``resume``: checkpoint each fold's training (every epoch) and its results there, and skip the folds whose
+    results are there already. ``stop``: a :class:`StopFlag` that makes training save and raise
+    :class:`StoppedEarly` (see :func:`soilnet.train.finetune.fit`)."""
     writes = writes_outputs(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -152,13 +182,10 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
                 f"fold {fold.index}: too few points (train {len(train)}, val {len(val)}, "
                 f"calibration {len(cal)}); use fewer folds or smaller blocks"
             )
-        fitted = FT.fit(
-            cfg, data, train, val, seed=cfg.train.seed + fold.index, export=export, label=f"fold {fold.index}"
-        )
-        histories[f"fold {fold.index}"] = fitted.history
         test = fold.test
-        p_test = FT.predict(fitted, data, test, mods)
-        p_cal = FT.predict(fitted, data, cal, mods)
+        done = _fold_results(cfg, data, fold.index, (train, val, cal, test), export, feats, resume, stop)
+        histories[f"fold {fold.index}"] = done["history"]
+        p_test, p_cal = done["p_test"].numpy(), done["p_cal"].numpy()
         q = C.calibrate(data.y[cal], p_cal, level, space)
         lo, hi = C.intervals(p_test, q, space=space)
         pred[test], lower[test], upper[test], fold_of[test] = p_test, lo, hi, fold.index
@@ -174,21 +201,13 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
             "n_test": len(test),
             "n_excluded_by_buffer": len(fold.excluded),
             "n_unused_by_label_fraction": len(fold.train) - len(pool),
-            "best_epoch": fitted.best_epoch,
-            "epochs_run": len(fitted.history["val_loss"]),
+            "best_epoch": done["best_epoch"],
+            "epochs_run": len(done["history"]["val_loss"]),
             "model": regression_metrics(data.y[test], p_test),
             "conformal": {"level": level, "space": space, "half_width": q, **C.coverage(data.y[test], lo, hi)},
         }
         if feats is not None:
-            fit_rows = np.concatenate([train, val])
-            rf_test, _ = B.fit_predict(
-                feats[fit_rows],
-                data.y[fit_rows],
-                feats[test],
-                n_estimators=cfg.eval.baseline.n_estimators,
-                min_samples_leaf=cfg.eval.baseline.min_samples_leaf,
-                seed=cfg.train.seed + fold.index,
-            )
+            rf_test = done["rf_test"].numpy()
             rf_pred[test] = rf_test
             row["baseline_rf"] = regression_metrics(data.y[test], rf_test)
         fold_rows.append(row)
@@ -247,7 +266,7 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
         tmp.replace(out / "predictions.csv")
 
     if final_model:
-        metrics["final_model"] = _final_model(cfg, data, blocks, export, out, histories, writes)
+        metrics["final_model"] = _final_model(cfg, data, blocks, export, out, histories, writes, resume, stop)
     if not writes:
         return metrics
     if cfg.eval.plots:
@@ -257,7 +276,48 @@ def evaluate(cfg: FinetuneConfig, out: Path, final_model: bool = False) -> dict:
     return metrics
 
 
-def _final_model(cfg, data, blocks, export, out: Path, histories: dict, writes: bool = True) -> dict:
+def _fold_results(cfg, data, index: int, parts, export, feats, resume: ResumeStore | None, stop) -> dict:
+    """Fold ``index``'s results: its training history and chosen epoch, predictions on its test and calibration
+    points ``(n,)`` and the baseline's on its test points (None without features), as float64 tensors.
+
+    Read from ``resume`` when the fold has finished before; otherwise trained (resuming from the fold's last
+    checkpoint) and saved there, replacing the fold's training state."""
+    from soilnet.train import finetune as FT
+
+    key = f"fold_{index}"
+    saved = resume.load(key) if resume else None
+    if saved is not None and saved["kind"] == "results":
+        log.info("fold %d: finished before; results from %s", index, resume.path(key))
+        return saved
+    train, val, cal, test = parts
+    slot = (resume, key) if resume else None
+    fitted = FT.fit(cfg, data, train, val, cfg.train.seed + index, export, f"fold {index}", slot, stop)
+    mods = FT.modalities_of(cfg.modalities)
+    done = {
+        "kind": "results",
+        "history": fitted.history,
+        "best_epoch": fitted.best_epoch,
+        "p_test": torch.from_numpy(np.asarray(FT.predict(fitted, data, test, mods), dtype=np.float64)),
+        "p_cal": torch.from_numpy(np.asarray(FT.predict(fitted, data, cal, mods), dtype=np.float64)),
+        "rf_test": None,
+    }
+    if feats is not None:
+        fit_rows = np.concatenate([train, val])
+        rf_test, _ = B.fit_predict(
+            feats[fit_rows],
+            data.y[fit_rows],
+            feats[test],
+            n_estimators=cfg.eval.baseline.n_estimators,
+            min_samples_leaf=cfg.eval.baseline.min_samples_leaf,
+            seed=cfg.train.seed + index,
+        )
+        done["rf_test"] = torch.from_numpy(np.asarray(rf_test, dtype=np.float64))
+    if resume:
+        resume.save(key, done)
+    return done
+
+
+def _final_model(cfg, data, blocks, export, out: Path, histories: dict, writes=True, resume=None, stop=None) -> dict:
     """One model on every labelled point (minus its validation and calibration parts) for predict-map; saved
     when ``writes``."""
     from soilnet.train import finetune as FT
@@ -266,7 +326,8 @@ def _final_model(cfg, data, blocks, export, out: Path, histories: dict, writes: 
     val, cal, train = SP.carve(
         np.arange(len(data)), (cfg.train.val_fraction, cfg.eval.conformal.calibration_fraction), rng, blocks
     )
-    fitted = FT.fit(cfg, data, train, val, seed=cfg.train.seed + 999, export=export, label="final")
+    slot = (resume, "final") if resume else None
+    fitted = FT.fit(cfg, data, train, val, cfg.train.seed + 999, export, "final", slot, stop)
     histories["final"] = fitted.history
     p_cal = FT.predict(fitted, data, cal, FT.modalities_of(cfg.modalities))
     conformal = {
@@ -362,22 +423,23 @@ def evaluate_checkpoint(cfg: EvaluateConfig, out: Path) -> dict:
     return metrics
 
 
-def run(cfg: EvaluateConfig) -> int:
+def run(cfg: EvaluateConfig) -> int | dict:
     """``soilnet evaluate``: cross-validation (or, with ``checkpoint``, scoring a saved model). Of several
-    processes, only rank 0 writes (and scores a checkpoint)."""
+    processes, only rank 0 writes (and scores a checkpoint). Cross-validation stops on SIGUSR2/SIGTERM and
+    resumes as ``soilnet finetune`` does (:func:`evaluate_resumably`)."""
     out = Path(cfg.output_dir)
     writes = writes_outputs(cfg)
     # the other ranks compute what rank 0 logs; they only warn
     logging.basicConfig(level=logging.INFO if writes else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    if writes:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out)
     if cfg.checkpoint:
         if not writes:
             return 0  # scoring a saved model is one process's work
+        save_resolved(cfg, out)
         metrics = evaluate_checkpoint(cfg, out)
     else:
-        metrics = evaluate(cfg, out, final_model=cfg.final_model)
+        metrics = evaluate_resumably(cfg, out, final_model=cfg.final_model)
+        if metrics is None:
+            return {"stopped_early": True}
     if not writes:
         return 0
     m = metrics["model"]

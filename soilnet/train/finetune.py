@@ -31,11 +31,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from soilnet import schema as S
-from soilnet.config.base import save_resolved, to_plain
+from soilnet.config.base import to_plain
 from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig, TargetConfig
 from soilnet.config.model import ModelConfig
-from soilnet.distributed import DistInfo, environment, gather_with_grad, init_distributed
+from soilnet.distributed import DistInfo, all_reduce_sum, barrier, environment, gather_with_grad, init_distributed
 from soilnet.evaluate.labelled import LabelledData
+from soilnet.train.checkpoint import rng_state, set_rng_state
+from soilnet.train.resume import ResumeStore
+from soilnet.train.signals import StopFlag, StoppedEarly
 
 log = logging.getLogger("soilnet.finetune")
 
@@ -447,6 +450,122 @@ def from_rank0(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+# ----------------------------------------------------------------------------------------------- resume
+
+
+@dataclass
+class Progress:
+    """Where :func:`fit` stands: ``epoch`` (the one under way, or next), ``order`` (its permutation of the
+    training rows, None between epochs), ``start`` (the first row of the next batch in ``order``), the running
+    training-loss sum ``total`` over ``count`` rows, and the early-stopping state."""
+
+    history: dict[str, list[float]]
+    epoch: int = 0
+    order: np.ndarray | None = None
+    start: int = 0
+    total: float = 0.0
+    count: int = 0
+    best_val: float = math.inf
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+    finished: bool = False
+
+
+def stop_agreed(stop: StopFlag, info: DistInfo | None) -> bool:
+    """Whether any rank has been signalled to stop (alone: whether this one has). Every rank calls it after
+    every step, so all of them stop after the same step."""
+    if info is None:
+        return stop.raised
+    flag = torch.tensor([float(stop.raised)], device=info.device if info.backend == "nccl" else "cpu")
+    return bool(all_reduce_sum(flag).item() > 0)
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.named_buffers()}
+
+
+def training_state(
+    p: Progress,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    info: DistInfo | None,
+) -> dict:
+    """Everything :func:`fit` needs to continue exactly: weights, optimizer, :class:`Progress`, the batch
+    generators, and each rank's global RNG states and buffers (per-rank batch-norm statistics differ on CPUs).
+
+    Tensors and plain values only (loadable with ``weights_only=True``). Of several ranks, every rank must call
+    it (their RNG states and buffers are gathered to rank 0)."""
+    mine = {"rng": rng_state(), "buffers": _buffers(model)}
+    ranks = [mine]
+    if info is not None:
+        ranks = [None] * info.world_size
+        dist.all_gather_object(ranks, mine)
+    return {
+        "kind": "training",
+        "epoch": p.epoch,
+        "order": None if p.order is None else torch.from_numpy(np.asarray(p.order, dtype=np.int64)),
+        "start": p.start,
+        "total": p.total,
+        "count": p.count,
+        "history": p.history,
+        "best_val": p.best_val,
+        "best_epoch": p.best_epoch,
+        "best_state": p.best_state,
+        "stale": p.stale,
+        "finished": p.finished,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "batch_rng": json.dumps(rng.bit_generator.state),  # PCG64's 128-bit integers, as text
+        "batch_gen": gen.get_state(),
+        "ranks": ranks,
+    }
+
+
+def restore_training(
+    state: dict,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    world: int,
+    rank: int,
+) -> Progress:
+    """Load a :func:`training_state` into a freshly built model and optimizer; returns the progress to continue.
+
+    A run resumed on another number of ranks takes rank ``rank % saved`` RNG states and buffers: it trains on,
+    but not bit for bit as the uninterrupted run would have."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = json.loads(state["batch_rng"])
+    gen.set_state(state["batch_gen"])
+    saved = state["ranks"]
+    if len(saved) != world:
+        log.warning("the checkpoint was written by %d ranks, this run has %d: not bit for bit", len(saved), world)
+    mine = saved[rank % len(saved)]
+    set_rng_state(mine["rng"])
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in mine["buffers"]:
+                buf.copy_(mine["buffers"][name])
+    order = state["order"]
+    return Progress(
+        history={k: list(v) for k, v in state["history"].items()},
+        epoch=state["epoch"],
+        order=None if order is None else order.numpy(),
+        start=state["start"],
+        total=state["total"],
+        count=state["count"],
+        best_val=state["best_val"],
+        best_epoch=state["best_epoch"],
+        best_state=state["best_state"],
+        stale=state["stale"],
+        finished=state["finished"],
+    )
+
+
 # -------------------------------------------------------------------------------------------------- fit
 
 
@@ -458,6 +577,8 @@ def fit(
     seed: int,
     export: tuple[dict, dict] | None = None,
     label: str = "",
+    slot: tuple[ResumeStore, str] | None = None,
+    stop: StopFlag | None = None,
 ) -> FitResult:
     """Train on ``train_idx``; keep the weights of the epoch with the lowest validation RMSE (original units).
 
@@ -471,6 +592,11 @@ def fit(
     up to float rounding (per-rank batch-norm statistics on CPUs are the exception, see :func:`build_engine`).
     A global batch with fewer rows than ranks is skipped. Validation runs on every rank (each holds all data)
     and rank 0's score decides, so all ranks stop at the same epoch.
+
+    ``slot``: (store, key) to checkpoint into after every epoch and to resume from (:mod:`soilnet.train.resume`);
+    a saved state that has finished training returns at once. ``stop``: after every step the ranks agree whether
+    it was raised; if so, the state is saved and :class:`StoppedEarly` raised (a resumption continues exactly
+    where this left off: same weights, optimizer, early-stopping state, batch order and RNG states).
     """
     tc = cfg.train
     mods = modalities_of(cfg.modalities)
@@ -495,17 +621,28 @@ def fit(
     else:
         opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
     criterion = loss_fn(tc.loss, tc.huber_delta)
-    history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_rmse": []}
-    best = (math.inf, -1, None)
-    stale = 0
-    for epoch in range(tc.epochs):
+    p = Progress({"train_loss": [], "val_loss": [], "val_rmse": []}, finished=tc.epochs <= 0)
+    saved = slot[0].load(slot[1]) if slot else None
+    if saved is not None:
+        p = restore_training(saved, model, opt if engine is None else engine.optimizer, rng, gen, world, rank)
+        log.info("%s: resumed at epoch %d, row %d (%s)", label, p.epoch, p.start, slot[0].path(slot[1]))
+
+    def save(done: Progress) -> None:
+        if slot:
+            state = training_state(done, model, opt if engine is None else engine.optimizer, rng, gen, info)
+            slot[0].save(slot[1], state)
+
+    while not p.finished:
         model.train()
         if tc.encoders == "frozen":
             for enc in _encoders(model):
                 enc.eval()
-        order = rng.permutation(train_idx)
-        total, count = 0.0, 0
-        for start in range(0, len(order), tc.batch_size):
+        if p.order is None:
+            p.order, p.start, p.total, p.count = rng.permutation(train_idx), 0, 0.0, 0
+        order = p.order
+        while p.start < len(order):
+            start = p.start
+            p.start += tc.batch_size
             idx = order[start : start + tc.batch_size]
             if world > 1 and len(idx) < world:
                 continue  # some rank would get no row; the samples come back next epoch
@@ -529,8 +666,14 @@ def fit(
                 loss = criterion(gather_batch(pred, sizes), t_all[idx])
                 engine.backward(loss)
                 engine.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+            p.total += float(loss.detach()) * len(idx)
+            p.count += len(idx)
+            if stop is not None and stop_agreed(stop, info):
+                save(p)
+                barrier()  # rank 0 has written before any rank exits (srun ends the step on the first exit)
+                where = f"{label} epoch {p.epoch}, row {min(p.start, len(order))} of {len(order)}"
+                log.warning("rank %d: stopped on a signal at %s after saving; run again to resume", rank, where)
+                raise StoppedEarly(f"stopped on a signal at {where}")
         if info:
             average_batchnorm_statistics(model, world)
         val_scaled = predict_scaled(model, data, val_idx, norm, mods)
@@ -538,22 +681,23 @@ def fit(
         val_rmse = float(np.sqrt(np.mean((transform.inverse(val_scaled) - data.y[val_idx]) ** 2)))
         if info:
             val_loss, val_rmse = from_rank0([val_loss, val_rmse], info)
-        history["train_loss"].append(total / max(count, 1))
-        history["val_loss"].append(val_loss)
-        history["val_rmse"].append(val_rmse)
-        log.info(
-            "%s epoch %d: train %.4f  val %.4f  val RMSE %.3f", label, epoch, total / max(count, 1), val_loss, val_rmse
-        )
-        if val_rmse < best[0]:
-            best, stale = (val_rmse, epoch, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}), 0
+        train_loss = p.total / max(p.count, 1)
+        p.history["train_loss"].append(train_loss)
+        p.history["val_loss"].append(val_loss)
+        p.history["val_rmse"].append(val_rmse)
+        log.info("%s epoch %d: train %.4f  val %.4f  val RMSE %.3f", label, p.epoch, train_loss, val_loss, val_rmse)
+        if val_rmse < p.best_val:
+            p.best_val, p.best_epoch, p.stale = val_rmse, p.epoch, 0
+            p.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
-            stale += 1
-            if stale >= tc.patience:
-                break
-    if best[2] is not None:
-        model.load_state_dict(best[2])
+            p.stale += 1
+        p.epoch, p.order = p.epoch + 1, None
+        p.finished = p.stale >= tc.patience or p.epoch >= tc.epochs
+        save(p)
+    if p.best_state is not None:
+        model.load_state_dict(p.best_state)
     model.eval()
-    return FitResult(model, transform, best[1], history)
+    return FitResult(model, transform, p.best_epoch, p.history)
 
 
 def predict(fitted: FitResult, data: LabelledData, idx: np.ndarray, modalities: tuple[str, ...]) -> np.ndarray:
@@ -641,22 +785,24 @@ def load_model(path: str | Path, device: str = "auto") -> Finetuned:
 # ------------------------------------------------------------------------------------------------- job
 
 
-def run(cfg: FinetuneConfig) -> int:
+def run(cfg: FinetuneConfig) -> int | dict:
     """``soilnet finetune``: cross-validated evaluation (with the baseline and intervals), then a final model
     on every labelled point for mapping. Writes metrics.json, report.md, plots and model.safetensors.
 
-    Launched as several processes, every rank trains data-parallel and only rank 0 writes and reports."""
-    from soilnet.evaluate.run import evaluate, writes_outputs
+    Launched as several processes, every rank trains data-parallel and only rank 0 writes and reports.
+    Checkpoints every fold and epoch under ``output_dir/checkpoints`` (:mod:`soilnet.train.resume`) and resumes
+    from them; on SIGUSR2/SIGTERM it saves and returns ``{"stopped_early": True}`` (``soilnet finetune`` exits
+    with 75)."""
+    from soilnet.evaluate.run import evaluate_resumably, writes_outputs
 
     start = time.time()
     out = Path(cfg.output_dir)
     writes = writes_outputs(cfg)
     # the other ranks compute what rank 0 logs; they only warn
     logging.basicConfig(level=logging.INFO if writes else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    if writes:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out)
-    metrics = evaluate(cfg, out, final_model=cfg.final_model)
+    metrics = evaluate_resumably(cfg, out, final_model=cfg.final_model)
+    if metrics is None:
+        return {"stopped_early": True}
     if not writes:
         return 0
     m, rf = metrics["model"], metrics.get("baseline_rf") or {}

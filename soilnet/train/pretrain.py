@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from soilnet.losses import ContrastiveLoss, retrieval_metrics
 from soilnet.train import checkpoint as ckpt
 from soilnet.train.optim import build_client_optimizer, check_optimizer, param_groups
 from soilnet.train.schedule import lr_at, scaled_lr
+from soilnet.train.signals import StopFlag, stop_on_signals, stop_signals_blocked
 
 log = logging.getLogger("soilnet.pretrain")
 
@@ -136,49 +136,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{getattr(soilnet, '__version__', '0')}+{sha}" if sha else str(getattr(soilnet, "__version__", "0"))
-
-
-class StopFlag:
-    """Set by SIGUSR2/SIGTERM; the loop all-reduces it so every rank stops at the same step."""
-
-    def __init__(self):
-        self.raised = False
-        self.signal = None
-
-    def __call__(self, signum, frame):
-        self.raised = True
-        self.signal = signum
-
-
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-
-@contextmanager
-def stop_signals_blocked():
-    """Block the stop signals while DataLoader workers are forked, so the workers inherit them blocked.
-
-    Slurm signals every process of a job step, workers included, and torch's workers die on a SIGTERM that is not
-    their parent's; the main process then fails on the dead worker instead of saving. A signal that arrives here
-    stays pending in the main process and is handled when the block is lifted. (Workers are forked: the default
-    multiprocessing context on Linux.)
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-@contextmanager
-def stop_on_signals(flag: StopFlag):
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in previous:
-        signal.signal(s, flag)
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def precision(cfg: PretrainConfig, info: DistInfo) -> str:
