@@ -1,12 +1,13 @@
 """How long ``configs/finetune/raca_climate.yaml`` takes on a RaCA-shaped, climate-only data set.
 
-Writes the seed's RaCA layout with synthetic values: one CSV per TerraClimate variable (the 13 of the seed's RaCA
-files, no ``vs``), named ``RaCA_<var>.csv``, with ``rcasiteid``, one ``YYYYMMDD`` column per month of the schema's
-default range in stored (scaled integer) units, and ``SOCstock100``; plus a sites CSV with ``rcasiteid``, lon/lat
-(conterminous US) and ``SOCstock100``. The climate follows latitude, longitude and the season; the SOC stock is a
-log-normal function of the climate plus noise, so the model has something to learn. Then, as a user would:
+Writes the seed's exact RaCA layout with synthetic values (``tests/seed_layout.py``): one CSV per TerraClimate
+variable (the 13 of the seed's RaCA files, no ``vs``), named ``RaCA_<var>.csv``: 61 ``YYYYMMDD`` columns in no
+particular order in stored units with -999 for 0, ``system:index``, ``SOCstock100`` (some cells empty) and
+``rcasiteid``; duplicated sites, no coordinates. The climate follows latitude, longitude and the season; the SOC
+stock is a log-normal function of the climate plus noise, so the model has something to learn. Then, as a user
+would:
 
-    soilnet import-soilnet --climate DIR --points sites.csv --id-column rcasiteid --target-column SOCstock100
+    soilnet import-soilnet --climate DIR --id-column rcasiteid --target-column SOCstock100 --out DIR
     soilnet finetune --config configs/finetune/raca_climate.yaml data.shards=... output_dir=...
 
     .venv/bin/python benchmarks/raca_climate.py [--sites 6000] [--out outputs/benchmarks/raca_climate] [key=value ...]
@@ -25,64 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+import seed_layout  # noqa: E402
+
 CONFIG = REPO / "configs" / "finetune" / "raca_climate.yaml"
-
-
-def write_raca(folder: Path, sites: int, seed: int = 0) -> tuple[Path, Path]:
-    """The seed's RaCA climate CSVs and a sites CSV under ``folder``; returns (climate folder, sites CSV)."""
-    from soilnet import schema as S
-
-    rng = np.random.default_rng(seed)
-    ids = [f"C{1000 + i // 8:04d}C{i % 8 + 1:02d}" for i in range(sites)]  # RaCA-like: C1609C01
-    lon = rng.uniform(-124.0, -67.0, sites)
-    lat = rng.uniform(25.0, 49.0, sites)
-    months = S.month_range(S.DEFAULT_FIRST_MONTH, S.DEFAULT_LAST_MONTH)
-    m = np.array([int(x[5:]) for x in months])
-    season = np.cos(2 * np.pi * (m - 7) / 12)[None, :]  # +1 in July
-    tmean = 22.0 - 0.8 * (lat[:, None] - 25.0) + 10.0 * season + rng.normal(0, 1.5, (sites, len(months)))
-    wet = np.clip((lon[:, None] + 124.0) / 57.0, 0, 1)  # dry west, wet east
-    pr = np.clip(rng.gamma(2.0, 10.0 + 60.0 * wet, (sites, len(months))), 0, None)
-    pet = np.clip(40.0 + 5.0 * tmean, 0, None)
-    aet = np.minimum(pet, pr + 20.0)
-    physical = {
-        "aet": aet,
-        "def": pet - aet,
-        "pdsi": np.clip((pr - pet) / 30.0, -8, 8),
-        "pet": pet,
-        "pr": pr,
-        "ro": np.clip(pr - aet, 0, None) * 0.3,
-        "soil": np.clip(50.0 + pr - aet, 0, None),
-        "srad": 200.0 + 80.0 * season - 2.0 * (lat[:, None] - 25.0),
-        "swe": np.clip(-10.0 * (tmean - 0.0), 0, None),
-        "tmmn": tmean - 6.0,
-        "tmmx": tmean + 6.0,
-        "vap": 0.6 + 0.05 * np.clip(tmean, 0, None) * (0.5 + wet),
-        "vpd": np.clip(0.1 + 0.06 * tmean * (1.2 - wet), 0, None),
-    }
-    log_soc = (
-        4.8
-        + 0.6 * (pr.mean(1) / 60.0 - 1.0)
-        - 0.03 * (tmean.mean(1) - 12.0)
-        + 0.3 * np.sin(lon / 3.0)
-        + rng.normal(0, 0.3, sites)
-    )
-    soc = np.round(np.exp(log_soc), 2)
-    climate = folder / "climate"
-    climate.mkdir(parents=True, exist_ok=True)
-    dates = [f"{x[:4]}{x[5:]}01" for x in months]
-    for var, values in physical.items():
-        stored = np.round(values / S.CLIMATE_BY_NAME[var].scale).astype(np.int64)
-        table = pd.DataFrame(stored, columns=dates)
-        table.insert(0, "rcasiteid", ids)
-        table["SOCstock100"] = soc  # the seed's RaCA files carry the target beside the series
-        table.to_csv(climate / f"RaCA_{var}.csv", index=False)
-    points = folder / "sites.csv"
-    pd.DataFrame({"rcasiteid": ids, "lon": lon, "lat": lat, "SOCstock100": soc}).to_csv(points, index=False)
-    return climate, points
 
 
 def timed(argv: list[str], log: Path) -> float:
@@ -106,11 +54,12 @@ def main() -> None:
     args = p.parse_args()
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    climate, points = write_raca(out / "raw", args.sites)
+    climate = out / "raw" / "climate"
+    seed_layout.write_raca(climate, args.sites)
     shards, run_dir = out / "shards", out / "finetune"
     import_s = timed(
-        ["import-soilnet", "--climate", str(climate), "--points", str(points), "--id-column", "rcasiteid",
-         "--target-column", "SOCstock100", "--out", str(shards)],
+        ["import-soilnet", "--climate", str(climate), "--id-column", "rcasiteid", "--target-column", "SOCstock100",
+         "--out", str(shards)],
         out / "import.log",
     )  # fmt: skip
     finetune_s = timed(

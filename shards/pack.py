@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from shards import stats
 from shards.parallel import Workers, workers_from_env
-from shards.sources.base import Rejected, Source
+from shards.sources.base import Patch, Rejected, Source
 from soilnet import __version__
 from soilnet.config.base import ConfigError, save_resolved, to_plain
 from soilnet.config.pack import PackConfig
@@ -142,7 +142,7 @@ def _atomic_json(path: Path, obj) -> None:
 def _write_shard(path: Path, samples: list[dict]) -> None:
     """``samples`` as one WebDataset tar at ``path`` (written whole or not at all; fixed mtime: same bytes on every
     run). webdataset's ShardWriter is not used: for an empty shard it would also create the next shard's file."""
-    with _atomic_file(path) as f, wds.TarWriter(f, mtime=0.0) as sink:
+    with _atomic_file(path) as f, wds.TarWriter(f, mtime=0) as sink:  # int: a float mtime costs a pax header per member
         for sample in samples:
             sink.write(sample)
 
@@ -156,44 +156,64 @@ def _sha256(path: Path) -> str:
 
 
 def make_sample(source: Source, schema: SampleSchema, pid: str, lon: float, lat: float, on_nonfinite: str) -> dict:
-    """One shard sample (``__key__``, image.npy, climate.npy, meta.json); raises :class:`Rejected`."""
+    """One shard sample from ``source`` at (lon, lat); raises :class:`Rejected`."""
     patch = source.patch(lon, lat)
     climate = source.climate(lon, lat)
-    schema.check_image(patch.image, f"point {pid}: image")
-    schema.check_climate(climate, f"point {pid}: climate")
-    qa = dict(patch.qa)
-    for name, arr in (("image", patch.image), ("climate", climate)):
+    targets = source.targets(lon, lat, patch, climate)
+    modalities = getattr(source, "modalities", ("image", "climate"))
+    return build_sample(schema, pid, lon, lat, patch if "image" in modalities else None,
+                        climate if "climate" in modalities else None, targets, on_nonfinite, source.name)  # fmt: skip
+
+
+def build_sample(schema: SampleSchema, pid: str, lon: float | None, lat: float | None, patch: Patch | None,
+                 climate: np.ndarray | None, targets: dict[str, float], on_nonfinite: str, source_name: str,
+                 qa: dict | None = None) -> dict:  # fmt: skip
+    """The shard sample (``__key__``, ``image.npy`` unless ``patch`` is None, ``climate.npy`` unless ``climate`` is
+    None, ``meta.json``). ``image``: ``(C, H, W)``, stored float16; ``climate``: ``(T, F)`` float32. ``lon``/``lat``
+    None: a data set without coordinates. ``targets`` empty: an unlabelled sample. Raises :class:`Rejected`."""
+    arrays = {}
+    if patch is not None:
+        schema.check_image(patch.image, f"point {pid}: image")
+        arrays["image"] = patch.image
+    if climate is not None:
+        schema.check_climate(climate, f"point {pid}: climate")
+        arrays["climate"] = climate
+    qa = {**(patch.qa if patch is not None else {}), **(qa or {})}
+    for name, arr in arrays.items():
         bad = int((~np.isfinite(arr)).sum())
         if bad:
             if on_nonfinite == "reject":
                 raise Rejected("nonfinite", f"{bad} NaN/inf values in the {name}")
             qa[f"{name}_nonfinite"] = bad
-    image = np.nan_to_num(patch.image, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float16)
-    meta = {"id": pid, "lon": float(lon), "lat": float(lat), "scene_date": patch.scene_date,
-            "source": source.name, "qa": qa}  # fmt: skip
-    targets = source.targets(lon, lat, patch, climate)
+    meta = {"id": pid, "lon": None if lon is None else float(lon), "lat": None if lat is None else float(lat),
+            "scene_date": patch.scene_date if patch is not None else None, "source": source_name, "qa": qa}  # fmt: skip
     if targets:
         meta["targets"] = targets
-    climate = np.nan_to_num(climate, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-    sample = {"__key__": pid, "image.npy": image, "climate.npy": climate, "meta.json": meta}
-    if "image" not in getattr(source, "modalities", ("image",)):  # climate-only imports (e.g. RaCA)
-        del sample["image.npy"]
+    sample = {"__key__": pid}
+    if patch is not None:
+        sample["image.npy"] = np.nan_to_num(patch.image, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float16)
+    if climate is not None:
+        sample["climate.npy"] = np.nan_to_num(climate, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    sample["meta.json"] = meta
     return sample
 
 
 def _partial_stats(samples: list[dict], schema: SampleSchema) -> dict:
+    """Per-channel, per-variable and per-target statistics of one shard's samples (targets: labelled ones only)."""
     out: dict = {"image": {}, "climate": {}, "targets": {}}
     if not samples:
         return out
-    climates = np.stack([s["climate.npy"] for s in samples])
     if "image.npy" in samples[0]:
         images = np.stack([s["image.npy"] for s in samples]).astype(np.float32)
         for k, name in enumerate(schema.channels):
             out["image"][name] = stats.describe(images[:, k])
-    for k, name in enumerate(schema.climate_variables):
-        out["climate"][name] = stats.describe(climates[..., k])
-    for name in sorted({t for s in samples for t in s["meta.json"].get("targets", {})}):
-        out["targets"][name] = stats.describe(np.array([s["meta.json"]["targets"].get(name, np.nan) for s in samples]))
+    if "climate.npy" in samples[0]:
+        climates = np.stack([s["climate.npy"] for s in samples])
+        for k, name in enumerate(schema.climate_variables):
+            out["climate"][name] = stats.describe(climates[..., k])
+    targets = [s["meta.json"].get("targets", {}) for s in samples]
+    for name in sorted({t for tmap in targets for t in tmap}):
+        out["targets"][name] = stats.describe(np.array([tmap[name] for tmap in targets if name in tmap]))
     return out
 
 

@@ -92,13 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-spacing-m", type=float, default=0.0, help="minimum distance between points (metres)")
     p.add_argument("--one-per-climate-cell", action="store_true", help="keep at most one point per TerraClimate cell")
 
-    p = sub.add_parser("import-soilnet", help="pack the seed's GeoTIFF + climate-CSV layout into shards")
+    p = sub.add_parser("import-soilnet", help="pack the seed's layout (patches and/or climate CSVs) into shards")
     p.add_argument("--images", help="folder of {PointID}_{YYMMDD}.tif patches")
     p.add_argument("--climate", help="folder of per-variable climate CSVs")
-    p.add_argument("--points", help="ground-truth CSV (id, lon, lat, target)")
+    p.add_argument("--points", help="CSV with the ID and, optionally, lon/lat and the target (e.g. LUCAS)")
     p.add_argument("--id-column", required=True)
-    p.add_argument("--target-column")
-    p.add_argument("--target-name", default=None, help="schema target the column holds (default: soc)")
+    p.add_argument("--target-column", help="target column in the climate CSVs or --points (default: SOCstock100 "
+                   "when the climate CSVs have it)")  # fmt: skip
+    p.add_argument("--target-name", default=None,
+                   help="schema target the column holds (default: OC -> soc, SOCstock100 -> soc_stock, else soc)")
+    p.add_argument("--require-target", action="store_true",
+                   help="drop points without a usable target (default: keep them unlabelled)")
     p.add_argument("--lon-column", default=None)
     p.add_argument("--lat-column", default=None)
     p.add_argument("--out", required=True, help="output shard folder")

@@ -48,6 +48,7 @@ class LabelledData:
     climate_std: np.ndarray | None = None
     counts: dict = field(default_factory=dict)
     missing_ids: list[str] = field(default_factory=list)
+    coordinates: str = "samples"  # where lon/lat came from; "none": the data set has none (manifest import)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -290,6 +291,7 @@ def load_labelled(
         climate_std=None if cl_stats is None else cl_stats[1],
         counts=counts,
         missing_ids=missing_ids,
+        coordinates=manifest.get("import", {}).get("coordinates", "samples"),
     )
 
 

@@ -68,8 +68,10 @@ def plan_split(cfg: FinetuneConfig, data: LabelledData) -> tuple[list[SP.Fold], 
     info = {"requested": sc.kind, "kind": kind, "folds": sc.folds, "seed": sc.seed, "has_coordinates": coords}
     if kind == "spatial" and not coords:
         n_missing = int(np.sum(~(np.isfinite(data.lon) & np.isfinite(data.lat))))
+        why = (" (the manifest's import.coordinates is 'none': the data set was imported without --points or "
+               "georeferenced images)" if data.coordinates == "none" else "")  # fmt: skip
         raise EvaluationError(
-            f"eval.split.kind=spatial needs coordinates, but {n_missing} of {len(data)} points have none; "
+            f"eval.split.kind=spatial needs coordinates, but {n_missing} of {len(data)} points have none{why}; "
             "without coordinates only random k-fold is possible (eval.split.kind=random)"
         )
     if kind == "random":

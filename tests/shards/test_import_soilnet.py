@@ -174,3 +174,231 @@ def test_fourteen_band_patch_and_a_corrupt_one(tmp_path):
     ledger = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 1 and ledger[0]["id"] == "A" and ledger[0]["reason"] == "error"
     assert "A_150302.tif" in ledger[0]["detail"]
+
+
+# ---- the seed's exact layout: every shape the seed publishes ----------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import seed_layout  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _soilnet(*argv: str) -> str:
+    """The documented command line, run as a user runs it (a subprocess of ``soilnet.cli``)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "soilnet.cli", *argv], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def raca(tmp_path_factory):
+    """40 sites in the seed's RaCA layout: 2 duplicated, 2 all -999, some empty targets, no coordinates."""
+    folder = tmp_path_factory.mktemp("raca") / "climate"
+    truth = seed_layout.write_raca(folder, 40, seed=3, empty_target_share=0.15)
+    return folder, truth
+
+
+def test_fixture_has_the_seed_layout(raca):
+    folder, truth = raca
+    header = (folder / "RaCA_pr.csv").read_text().splitlines()[0].split(",")
+    assert header[-3:] == ["system:index", "SOCstock100", "rcasiteid"] and len(header) == 64
+    dates = header[:61]
+    assert sorted(dates) == seed_layout.SEED_DATES and dates != seed_layout.SEED_DATES  # unordered YYYYMMDD
+    table = pd.read_csv(folder / "RaCA_pr.csv", dtype={"system:index": str})
+    assert table.rcasiteid.duplicated().sum() == 2 and not table["system:index"].duplicated().any()
+    assert (table[dates] == -999).any().any() and table.SOCstock100.isna().any()
+    assert not {"lon", "lat", "long", "latitude"} & set(header)
+
+
+def test_climate_only_without_coordinates_takes_the_target_from_the_climate_csvs(raca, tmp_path):
+    folder, truth = raca
+    out = tmp_path / "shards"
+    printed = _soilnet("import-soilnet", "--climate", str(folder), "--id-column", "rcasiteid", "--target-column",
+                       "SOCstock100", "--out", str(out), "--max-samples", "16")  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = manifest["import"]
+    assert manifest["modalities"] == ["climate"] and info["coordinates"] == "none"
+    assert "random folds only" in printed and "climate_missing 2" in printed
+    assert manifest["schema"]["climate_variables"] == list(seed_layout.RACA_VARIABLES)
+    assert manifest["schema"]["months"][0] == "2010-01" and manifest["schema"]["months"][-1] == "2015-01"
+    samples = shard_samples(out)
+    kept = [i for i in truth["ids"] if i not in truth["all_missing"]]
+    assert list(samples) == sorted(samples, key=truth["ids"].index) and set(samples) == set(kept)
+    ledger = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in ledger) == sorted(truth["all_missing"])
+    assert {r["reason"] for r in ledger} == {"climate_missing"}
+    # unordered date columns land in month order, scaled from stored units; -999 -> 0; first row of a duplicate
+    k = manifest["schema"]["climate_variables"].index("pr")
+    for pid in [*truth["duplicated"], kept[0]]:
+        expected = truth["stored"]["pr"][truth["ids"].index(pid)] * S.CLIMATE_BY_NAME["pr"].scale
+        np.testing.assert_allclose(samples[pid]["climate.npy"][:, k], expected, rtol=1e-6)
+    # targets: empty cells stay unlabelled (no crash), the others are the soc_stock target
+    empty = set(truth["empty_target"]) - set(truth["all_missing"])
+    assert empty and all("targets" not in samples[i]["meta.json"] for i in empty)
+    labelled = [i for i in kept if i not in empty]
+    for pid in labelled:
+        assert samples[pid]["meta.json"]["targets"] == {
+            "soc_stock": pytest.approx(truth["soc"][truth["ids"].index(pid)])
+        }
+    assert info["counts"]["targets"]["missing"] == len(empty) and info["counts"]["targets"]["labelled"] == len(labelled)
+    assert manifest["targets"] == ["soc_stock"] and manifest["stats"]["targets"]["soc_stock"]["count"] == len(labelled)
+    assert all(s["meta.json"]["lon"] is None and s["meta.json"]["lat"] is None for s in samples.values())
+    assert info["duplicates"]["RaCA_pr.csv"] == sorted(truth["duplicated"])
+
+
+def test_minus999_all_year_in_one_variable_is_a_zero_and_in_every_variable_a_missing_record(tmp_path):
+    ids = ["A1", "A2", "A3"]
+    stored = {"pr": np.full((3, 61), 50.0), "swe": np.full((3, 61), 20.0)}
+    stored["swe"][1] = 0.0  # snow-free all year: written as -999, a true zero
+    stored["pr"][2] = stored["swe"][2] = 0.0  # every variable, every month: a missing record
+    for var, values in stored.items():
+        seed_layout.write_climate_csv(tmp_path / "c" / f"RaCA_{var}.csv", ids, values, targets=[10.0, 20.0, 30.0])
+    out = tmp_path / "out"
+    run_cli(_args(climate=str(tmp_path / "c"), id_column="rcasiteid", out=str(out)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples = shard_samples(out)
+    assert set(samples) == {"A1", "A2"}
+    np.testing.assert_array_equal(samples["A2"]["climate.npy"][:, 1], 0.0)
+    assert samples["A2"]["meta.json"]["qa"]["climate_minus999"] == 61
+    counts = manifest["import"]["counts"]
+    assert counts["climate_missing"] == 1 and counts["variable_all_minus999"] == {"swe": 1}
+    assert [json.loads(x)["reason"] for x in (out / "ledger.jsonl").read_text().splitlines()] == ["climate_missing"]
+
+
+def test_require_target_drops_missing_nan_and_negative_targets_into_the_ledger(tmp_path):
+    ids = ["B1", "B2", "B3", "B4"]
+    seed_layout.write_climate_csv(tmp_path / "c" / "RaCA_tmmx.csv", ids, np.full((4, 61), 250.0),
+                                  targets=[12.5, None, -3.0, 40.0])  # fmt: skip
+    text = (tmp_path / "c" / "RaCA_tmmx.csv").read_text().replace(",,B2", ",NaN,B2")  # a literal NaN cell too
+    (tmp_path / "c" / "RaCA_tmmx.csv").write_text(text)
+    keep, drop = tmp_path / "keep", tmp_path / "drop"
+    run_cli(_args(climate=str(tmp_path / "c"), id_column="rcasiteid", out=str(keep)))
+    run_cli(_args(climate=str(tmp_path / "c"), id_column="rcasiteid", out=str(drop), require_target=True))
+    kept = shard_samples(keep)
+    assert set(kept) == set(ids) and "targets" not in kept["B3"]["meta.json"]
+    counts = json.loads((keep / "manifest.json").read_text())["import"]["counts"]["targets"]
+    assert counts["labelled"] == 2 and counts["negative"] == 1 and counts["missing"] + counts["nan"] == 1
+    assert set(shard_samples(drop)) == {"B1", "B4"}
+    ledger = [json.loads(x) for x in (drop / "ledger.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["reason"]) for r in ledger) == [("B2", "no_target"), ("B3", "no_target")]
+
+
+def test_images_only_takes_coordinates_from_the_patches(tmp_path):
+    lucas = {"40463116": (6.0729, 51.0887), "30003118": (-3.5, 40.2)}
+    for pid, (lon, lat) in lucas.items():
+        seed_layout.write_seed_patch(tmp_path / "img" / f"{pid}_150107.tif", lon, lat)
+    seed_layout.write_seed_patch(tmp_path / "img" / "40463116_140107.tif", 0.0, 0.0)  # an older scene: not used
+    out = tmp_path / "out"
+    run_cli(_args(images=str(tmp_path / "img"), out=str(out)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["modalities"] == ["image"] and manifest["import"]["coordinates"] == "images"
+    assert manifest["schema"]["channels"] == list(seed_layout.SEED_BANDS) and manifest["targets"] == []
+    samples = shard_samples(out)
+    for pid, (lon, lat) in lucas.items():
+        meta = samples[pid]["meta.json"]
+        assert meta["lon"] == pytest.approx(lon, abs=1e-6) and meta["lat"] == pytest.approx(lat, abs=1e-6)
+        assert meta["scene_date"] == "2015-01-07" and "climate.npy" not in samples[pid]
+        assert samples[pid]["image.npy"].shape == (12, 64, 64)
+
+
+def test_images_with_a_lucas_csv_and_no_climate(tmp_path):
+    seed_layout.write_seed_patch(tmp_path / "img" / "40463116_150107.tif", 6.0729, 51.0887)
+    points = tmp_path / "LUCAS.csv"
+    pd.DataFrame(
+        {
+            "OID_": [1, 2],
+            "Point_ID": ["40463116", "40463117"],
+            "long": [6.0729, 6.1],
+            "lat": [51.0887, 51.1],
+            "OC": [20.0, 31.0],
+        }
+    ).to_csv(points, index=False, encoding="utf-8-sig")
+    out = tmp_path / "out"
+    _soilnet("import-soilnet", "--images", str(tmp_path / "img"), "--points", str(points), "--id-column", "Point_ID",
+             "--target-column", "OC", "--out", str(out))  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["modalities"] == ["image"] and manifest["import"]["coordinates"] == "points"
+    assert shard_samples(out)["40463116"]["meta.json"]["targets"] == {"soc": 20.0}
+    assert manifest["import"]["counts"]["not_in_points"] == 0
+
+
+def test_images_and_climate_without_points(tmp_path):
+    ids = ["P1", "P2"]
+    seed_layout.write_seed_patch(tmp_path / "img" / "P1_150107.tif", 10.0, 48.0)
+    seed_layout.write_climate_csv(tmp_path / "c" / "aet.csv", ids, np.full((2, 61), 300.0), "Point_ID")
+    out = tmp_path / "out"
+    run_cli(_args(images=str(tmp_path / "img"), climate=str(tmp_path / "c"), out=str(out)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["modalities"] == ["image", "climate"] and manifest["import"]["coordinates"] == "images"
+    samples = shard_samples(out)
+    assert set(samples) == {"P1"} and samples["P1"]["meta.json"]["lon"] == pytest.approx(10.0)
+    assert [json.loads(x)["reason"] for x in (out / "ledger.jsonl").read_text().splitlines()] == ["no_scene"]
+
+
+def test_a_failure_in_a_late_shard_loses_nothing_and_the_rerun_completes_it(raca, tmp_path, monkeypatch):
+    import shards.pack as P
+
+    folder, _ = raca
+    args = dict(climate=str(folder), id_column="rcasiteid", target_column="SOCstock100", max_samples=8)
+    run_cli(_args(**args, out=str(tmp_path / "ref")))
+    real = P.pack_shard
+
+    def disk_gone(k, *a, **kw):
+        if k == 3:
+            raise OSError(28, "No space left on device")
+        return real(k, *a, **kw)
+
+    monkeypatch.setattr(P, "pack_shard", disk_gone)
+    with pytest.raises(OSError, match="No space left"):
+        run_cli(_args(**args, out=str(tmp_path / "out")))
+    written = sorted(p.name for p in (tmp_path / "out" / ".parts").glob("shard-*.json"))
+    assert written == [f"shard-{k:06d}.tar.json" for k in range(3)]
+    before = {k: (tmp_path / "out" / f"shard-{k:06d}.tar").stat().st_mtime_ns for k in range(3)}
+    monkeypatch.setattr(P, "pack_shard", real)
+    run_cli(_args(**args, out=str(tmp_path / "out")))
+    assert {k: (tmp_path / "out" / f"shard-{k:06d}.tar").stat().st_mtime_ns for k in range(3)} == before  # kept
+    ref, again = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("ref", "out"))
+    assert again["shards"] == ref["shards"] and again["stats"] == ref["stats"]
+    with pytest.raises(ValueError, match="other arguments \\(max_samples"):
+        run_cli(_args(**{**args, "max_samples": 4}, out=str(tmp_path / "out")))
+
+
+def test_import_then_finetune_the_documented_raca_config(raca, tmp_path):
+    folder, _ = raca
+    shards = tmp_path / "shards"
+    _soilnet("import-soilnet", "--climate", str(folder), "--id-column", "rcasiteid", "--target-column",
+             "SOCstock100", "--out", str(shards))  # fmt: skip
+    config = REPO / "configs" / "finetune" / "raca_climate.yaml"
+    run = tmp_path / "ft"
+    quick = ["train.epochs=1", "eval.split.folds=2", "eval.baseline.n_estimators=10"]
+    _soilnet("finetune", "--config", str(config), f"data.shards={shards}", f"output_dir={run}", *quick)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"]["kind"] == "random" and metrics["model"]["n"] > 20
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(config),
+                           f"data.shards={shards}", f"output_dir={tmp_path / 'sp'}", "eval.split.kind=spatial", *quick],
+                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and "import.coordinates is 'none'" in proc.stderr
+
+
+def test_the_seed_raca_development_half_imports_as_documented(shared_data, tmp_path):
+    folder = shared_data / "raca_dev"
+    out = tmp_path / "shards"
+    printed = _soilnet("import-soilnet", "--climate", str(folder), "--id-column", "rcasiteid", "--target-column",
+                       "SOCstock100", "--out", str(out))  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["import"]["counts"]
+    assert manifest["schema"]["climate_variables"] == list(seed_layout.RACA_VARIABLES)
+    assert len(manifest["schema"]["months"]) == 61 and manifest["import"]["coordinates"] == "none"
+    rejected = sum(1 for _ in (out / "ledger.jsonl").read_text().splitlines())
+    assert manifest["samples"] + rejected == counts["points"] > 3000
+    assert counts["targets"]["labelled"] > 2900 and counts["variable_all_minus999"]["swe"] > 100
+    assert manifest["import"]["duplicates"] and "coordinates: none" in printed
+    config = REPO / "configs" / "finetune" / "raca_climate.yaml"
+    quick = ["train.epochs=1", "eval.split.folds=2", "eval.baseline.n_estimators=10"]
+    _soilnet("finetune", "--config", str(config), f"data.shards={out}", f"output_dir={tmp_path / 'ft'}", *quick)
+    assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["model"]["n"] == counts["targets"]["labelled"]
