@@ -50,8 +50,9 @@ CONFIG_COMMANDS: dict[str, ConfigCommand] = {
         "soilnet.evaluate.run:run",
     ),
     "model-summary": ConfigCommand(
-        "print one JSON object with the parameter count of each model component",
-        "soilnet.config.model:ModelSummaryConfig",
+        "print one JSON object with the parameter count of each model component and the learning-rate groups "
+        "of a fine-tuning config (or a model file)",
+        "soilnet.config.finetune:FinetuneConfig",
         "soilnet.models.summary:run",
     ),
 }
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a pretraining checkpoint's encoders as plain safetensors")
     p.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or one checkpoint")
     p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--shards", default=None, help="pretraining shards to read the normalisation statistics from, "
+                   "when the checkpoint predates recording them and its data.shards has moved")
 
     p = sub.add_parser(
         "verify",

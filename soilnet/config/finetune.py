@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from soilnet.config.base import Section
-from soilnet.config.model import ModelConfig
+from soilnet.config.model import ModelConfig, lift_model_file_schema
 from soilnet.config.schema import SchemaConfig
 
 
@@ -28,13 +28,19 @@ class GroundTruthConfig(Section):
 
 class FinetuneDataConfig(Section):
     """``shards``: a labelled shard folder (or its manifest.json). ``schema`` picks channels/variables by name
-    (null = all that the shards hold). ``target`` names the label in each sample's ``meta.json`` ``targets``."""
+    (null = all that the shards hold). ``target`` names the label in each sample's ``meta.json`` ``targets``.
+
+    ``normalisation``: the per-channel / per-variable mean and std inputs are scaled with. ``pretrained`` (with a
+    ``pretrained`` export): the pretraining shards' statistics recorded in the export, so the encoders see inputs
+    scaled as in pretraining; an export without them falls back to ``data`` with a warning in the report.
+    ``data``: the fine-tuning shards' own statistics (always, without an export)."""
 
     shards: str = "outputs/labelled"
     schema_: SchemaConfig = Field(default_factory=SchemaConfig, alias="schema")
     target: str = "soc"
     ground_truth: GroundTruthConfig | None = None
     use_coordinates: bool = True
+    normalisation: Literal["pretrained", "data"] = "pretrained"
 
 
 class TargetConfig(Section):
@@ -125,6 +131,23 @@ class FinetuneConfig(Section):
     train: FinetuneTrainConfig = FinetuneTrainConfig()
     eval: EvalConfig = EvalConfig()
     final_model: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_file_schema(cls, tree: Any) -> Any:
+        """An included model file's top-level ``schema`` is the data schema (:func:`lift_model_file_schema`)."""
+        return lift_model_file_schema(tree)
+
+    @model_validator(mode="after")
+    def _relu_output_needs_nonnegative_targets(self):
+        r = self.model.regressor
+        if r.name == "regressor_v2" and r.kwargs.get("relu_output", True) and self.train.loss != "rmsle":
+            raise ValueError(
+                "model.regressor regressor_v2 ends in the seed's ReLU, which cannot output the negative values of "
+                "standardised targets (every train.loss but rmsle standardises): set "
+                "model.regressor.kwargs.relu_output=false, or train.loss=rmsle"
+            )
+        return self
 
 
 class EvaluateConfig(FinetuneConfig):

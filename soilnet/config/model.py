@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
 from soilnet.config.base import Section
-from soilnet.config.schema import SchemaConfig
 
 
 class ComponentConfig(Section):
@@ -26,8 +23,16 @@ class ModelConfig(Section):
     regressor: ComponentConfig = ComponentConfig(name="regressor_v1")
 
 
-class ModelSummaryConfig(Section):
-    """``soilnet model-summary``: a model and the data schema that sizes its inputs."""
-
-    model: ModelConfig = ModelConfig()
-    schema_: SchemaConfig = Field(default_factory=SchemaConfig, alias="schema")
+def lift_model_file_schema(tree: Any) -> Any:
+    """A config tree with a top-level ``schema`` (as in configs/model/*.yaml, which job configs may
+    ``include:``) moved to ``data.schema``; it must not contradict an explicit ``data.schema``."""
+    if not (isinstance(tree, dict) and "schema" in tree):
+        return tree
+    tree = dict(tree)
+    top = tree.pop("schema")
+    data = dict(tree.get("data") or {})
+    if "schema" in data and data["schema"] != top:
+        raise ValueError(f"'schema' ({top}) and 'data.schema' ({data['schema']}) disagree; keep one")
+    data["schema"] = top
+    tree["data"] = data
+    return tree

@@ -49,6 +49,9 @@ class LabelledData:
     counts: dict = field(default_factory=dict)
     missing_ids: list[str] = field(default_factory=list)
     coordinates: str = "samples"  # where lon/lat came from; "none": the data set has none (manifest import)
+    # which statistics image_mean..climate_std are: "used" ("data" here; "pretrained" once
+    # soilnet.train.finetune.choose_normalisation has put an export's in), and where each modality's came from
+    normalisation: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -267,6 +270,10 @@ def load_labelled(
     cl_stats = _stats(manifest, "climate", schema.climate_variables, mpath) if var_idx is not None else None
     image = np.stack(images) if ch_idx is not None else None
     climate = np.stack(climates) if var_idx is not None else None
+    normalisation = {"used": "data"}
+    for kind, stats, arr in (("image", im_stats, image), ("climate", cl_stats, climate)):
+        if arr is not None:
+            normalisation[kind] = f"{mpath} stats" if stats is not None else f"computed from {len(ys)} labelled samples"
     if im_stats is None and image is not None:
         flat = image.astype(np.float32).transpose(1, 0, 2, 3).reshape(image.shape[1], -1)
         im_stats = (np.nanmean(flat, axis=1), np.maximum(np.nanstd(flat, axis=1), 1e-6))
@@ -292,6 +299,7 @@ def load_labelled(
         counts=counts,
         missing_ids=missing_ids,
         coordinates=manifest.get("import", {}).get("coordinates", "samples"),
+        normalisation=normalisation,
     )
 
 

@@ -108,6 +108,12 @@ def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
                 else ""
             )
         )
+    nz = metrics.get("normalisation")
+    if nz:
+        out.append(f"- input normalisation: **{nz.get('used')}** statistics (requested: {nz.get('requested')})")
+        out += [f"  - {kind}: {nz[kind]}" for kind in ("image", "climate") if kind in nz]
+        if nz.get("warning"):
+            out.append(f"- **warning:** {nz['warning']}")
     fm = metrics.get("final_model")
     if fm:
         out += [

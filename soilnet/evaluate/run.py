@@ -115,7 +115,8 @@ def _load(cfg: FinetuneConfig, out: Path | None):
 
         FT.check_export_schema(SampleSchema.from_dict(meta["schema"]), data.schema, mods, cfg.pretrained)
         export = (tensors, meta)
-    log.info("labelled data: %s", data.counts)
+    FT.choose_normalisation(data, export[1] if export else None, cfg.data.normalisation, str(cfg.pretrained))
+    log.info("labelled data: %s; inputs normalised with %s statistics", data.counts, data.normalisation["used"])
     return mods, data, export
 
 
@@ -245,6 +246,7 @@ def evaluate(
         "data": {**data.counts, "shards": cfg.data.shards, "schema": data.schema.to_dict()},
         "modalities": list(mods),
         "pretrained": cfg.pretrained,
+        "normalisation": data.normalisation,
     }
     if data.missing_ids and writes:
         metrics["data"]["ground_truth_ids_not_in_shards_file"] = str(out / "ground_truth_ids_not_in_shards.txt")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from soilnet.config.model import ModelConfig
 from soilnet.models import climate, cnn, heads, tiny, vit  # noqa: F401  (registers the builders)
+from soilnet.models.layer_decay import lr_blocks
 from soilnet.models.registry import build, names, register
 from soilnet.models.wrappers import ContrastiveModel, RegressionModel, out_features
 from soilnet.schema import SampleSchema
@@ -17,6 +18,7 @@ __all__ = [
     "build",
     "build_contrastive_model",
     "build_regression_model",
+    "lr_blocks",
     "names",
     "register",
 ]

@@ -9,6 +9,7 @@ BatchNorm1d (the seed) or LayerNorm, GELU, and the flattened sequence into a Lin
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -27,6 +28,20 @@ class RecurrentEncoder(nn.Module):
     def forward(self, climate: torch.Tensor) -> torch.Tensor:
         steps, _ = self.rnn(climate)  # zero initial state on climate's device
         return self.fc(steps[:, -1])
+
+    def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Layer-wise LR decay levels, input first: each recurrent layer (layer 0's input weights are the input
+        projection), then the fc."""
+        return [*recurrent_layers(self.rnn, "rnn"), ("out", list(self.fc.parameters()))]
+
+
+def recurrent_layers(rnn: nn.RNNBase, prefix: str) -> list[tuple[str, list[nn.Parameter]]]:
+    """``(prefix.l<k>, [weight_ih_l<k>, weight_hh_l<k>, biases])`` for each stacked layer k of ``rnn``."""
+    layer_of = {name: int(re.search(r"_l(\d+)", name).group(1)) for name, _ in rnn.named_parameters()}
+    return [
+        (f"{prefix}.l{k}", [p for name, p in rnn.named_parameters() if layer_of[name] == k])
+        for k in range(rnn.num_layers)
+    ]
 
 
 class SinusoidalPositions(nn.Module):
@@ -91,6 +106,11 @@ class ClimateTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(self.dropout(self.activation(x)).flatten(1))
+
+    def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Layer-wise LR decay levels, input first: the input projection, each layer, the output Linear."""
+        layers = [(f"layers.{i}", list(layer.parameters())) for i, layer in enumerate(self.layers)]
+        return [("project", list(self.project.parameters())), *layers, ("out", list(self.head.parameters()))]
 
 
 def _recurrent(cell: str):

@@ -1,8 +1,10 @@
 """CNN image encoders from torchvision (``weights=None``): ResNet50/101, optionally with GLAM, and VGG16.
 
-Each maps image ``(B, C, H, W)`` -> ``(B, out)``: the first convolution takes the schema's C channels and the
-classifier becomes a Linear to ``out``. ``channels_last`` converts the network's memory format, which speeds up
-convolutions on GPUs with tensor cores.
+Each maps image ``(B, C, H, W)`` -> ``(B, out)``: the first convolution takes the schema's C channels, the
+classifier becomes a Linear to ``out``, and an activation follows it, as in the seed (ReLU after ResNet50/101,
+LeakyReLU after ResNet101+GLAM and VGG16). GLAM (the seed's 32 reduced channels, kernel 5) acts on the 8x8
+feature maps of 64x64 patches: after ResNet's layer2, after VGG16's ``features[22]`` (the ReLU of conv4_3).
+``channels_last`` converts the network's memory format, which speeds up convolutions on GPUs with tensor cores.
 """
 
 from __future__ import annotations
@@ -15,10 +17,23 @@ from soilnet.models.glam import GLAM
 from soilnet.models.registry import register
 from soilnet.schema import SampleSchema
 
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "none": nn.Identity}
+VGG_GLAM_AFTER = 22  # features[22]: the ReLU after conv4_3, 512 channels on 8x8 for 64x64 patches (the seed's place)
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown encoder activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def _params(*modules: nn.Module) -> list[nn.Parameter]:
+    return [p for m in modules for p in m.parameters()]
+
 
 class ResNetEncoder(nn.Module):
-    def __init__(self, depth: int, in_channels: int, out: int, glam: bool = False, glam_reduced: int = 128,
-                 glam_kernel: int = 3, channels_last: bool = False):  # fmt: skip
+    def __init__(self, depth: int, in_channels: int, out: int, glam: bool = False, glam_reduced: int = 32,
+                 glam_kernel: int = 5, activation: str = "relu", channels_last: bool = False):  # fmt: skip
         super().__init__()
         net = getattr(torchvision_models(), f"resnet{depth}")(weights=None)
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -27,6 +42,7 @@ class ResNetEncoder(nn.Module):
             layer2_channels = net.layer2[-1].conv3.out_channels
             net.layer2 = nn.Sequential(net.layer2, GLAM(layer2_channels, glam_reduced, glam_kernel))
         self.net = net
+        self.activation = _activation(activation)
         self.out_features = out
         self.channels_last = channels_last
         if channels_last:
@@ -35,23 +51,32 @@ class ResNetEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        return self.net(image)
+        return self.activation(self.net(image))
+
+    def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Layer-wise LR decay levels, input first: the stem, the four stages (GLAM with layer2), the fc."""
+        n = self.net
+        stages = [(f"layer{i}", _params(getattr(n, f"layer{i}"))) for i in range(1, 5)]
+        return [("stem", _params(n.conv1, n.bn1)), *stages, ("out", _params(n.fc))]
 
 
 class VGGEncoder(nn.Module):
-    """VGG16; with ``glam`` the attention block acts on the last feature map, before pooling. (The seed's flag
-    was inverted: it added GLAM when asked not to.)"""
+    """VGG16; with ``glam`` the attention block follows ``features[22]`` (conv4_3's ReLU, 8x8 on 64x64 patches),
+    as in the seed's VGG16GLAM. (The seed's ``use_glam`` flag was inverted: it added GLAM when asked not to.)"""
 
-    def __init__(self, in_channels: int, out: int, glam: bool = False, glam_reduced: int = 128, glam_kernel: int = 3,
-                 channels_last: bool = False):  # fmt: skip
+    def __init__(self, in_channels: int, out: int, glam: bool = False, glam_reduced: int = 32, glam_kernel: int = 5,
+                 activation: str = "leaky_relu", channels_last: bool = False):  # fmt: skip
         super().__init__()
         net = torchvision_models().vgg16(weights=None)
         first = net.features[0]
         net.features[0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride, first.padding)
         if glam:
-            net.features.append(GLAM(512, glam_reduced, glam_kernel))
+            channels = net.features[VGG_GLAM_AFTER - 1].out_channels
+            glam_block = GLAM(channels, glam_reduced, glam_kernel)
+            net.features[VGG_GLAM_AFTER] = nn.Sequential(net.features[VGG_GLAM_AFTER], glam_block)
         net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, out)
         self.net = net
+        self.activation = _activation(activation)
         self.out_features = out
         self.channels_last = channels_last
         if channels_last:
@@ -60,7 +85,19 @@ class VGGEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        return self.net(image)
+        return self.activation(self.net(image))
+
+    def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Layer-wise LR decay levels, input first: the five convolution blocks (each ends in a max-pool; GLAM is
+        in block4), the classifier's two hidden Linears, the output Linear."""
+        blocks, current = [], []
+        for layer in self.net.features:
+            current += _params(layer)
+            if isinstance(layer, nn.MaxPool2d):
+                blocks.append((f"block{len(blocks) + 1}", current))
+                current = []
+        classifier = self.net.classifier
+        return [*blocks, ("classifier", _params(*classifier[:-1])), ("out", _params(classifier[-1]))]
 
 
 @register("image_encoder", "resnet50")
@@ -74,8 +111,9 @@ def resnet101(schema: SampleSchema, out: int = 1024, **kwargs) -> ResNetEncoder:
 
 
 @register("image_encoder", "resnet101_glam")
-def resnet101_glam(schema: SampleSchema, out: int = 1024, **kwargs) -> ResNetEncoder:
-    return ResNetEncoder(101, schema.n_channels, out, glam=True, **kwargs)
+def resnet101_glam(schema: SampleSchema, out: int = 1024, activation: str = "leaky_relu", **kwargs) -> ResNetEncoder:
+    """The seed's ResNet101GLAM, whose output activation is a LeakyReLU (plain ResNets have a ReLU)."""
+    return ResNetEncoder(101, schema.n_channels, out, glam=True, activation=activation, **kwargs)
 
 
 @register("image_encoder", "vgg16")

@@ -1,8 +1,10 @@
 """GLAM: global-local attention over channels and space (Song, Han & Avrithis, WACV 2022), as in SSL-SoilNet.
 
 forward(x ``(B, C, H, W)``) -> ``(B, C, H, W)``: a learnable softmax-weighted sum of the local-attention map,
-the input, and the global-attention map. Differences from the seed's code, on purpose: the global channel
-attention uses its own key convolution (the seed applied the query convolution twice), and pooling is
+the input, and the global-attention map. The defaults are the seed's: ``reduced`` 32 channels in the spatial
+attentions and a 1-D ``kernel_size`` of 5 in the channel attentions (110,454 weights on 512 channels).
+Differences from the seed's code, on purpose: the global channel attention uses its own key convolution (the
+seed created one but applied the query convolution twice; the weight count is the same), and pooling is
 adaptive, so the block works for any feature-map size.
 """
 
@@ -16,7 +18,7 @@ from torch import nn
 class LocalChannelAttention(nn.Module):
     """ECA-style: a 1-D convolution across the pooled channels gives per-channel weights; x * a + x."""
 
-    def __init__(self, kernel_size: int = 3):
+    def __init__(self, kernel_size: int = 5):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError("GLAM kernel_size must be odd")
@@ -46,7 +48,7 @@ class LocalSpatialAttention(nn.Module):
 class GlobalChannelAttention(nn.Module):
     """Channel-to-channel attention from 1-D query and key convolutions over the pooled channels."""
 
-    def __init__(self, kernel_size: int = 3):
+    def __init__(self, kernel_size: int = 5):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError("GLAM kernel_size must be odd")
@@ -83,7 +85,9 @@ class GlobalSpatialAttention(nn.Module):
 
 
 class GLAM(nn.Module):
-    def __init__(self, in_channels: int, reduced: int = 128, kernel_size: int = 3):
+    """x ``(B, C, H, W)`` -> ``(B, C, H, W)``."""
+
+    def __init__(self, in_channels: int, reduced: int = 32, kernel_size: int = 5):
         super().__init__()
         self.local_channel = LocalChannelAttention(kernel_size)
         self.local_spatial = LocalSpatialAttention(in_channels, reduced)

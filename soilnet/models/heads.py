@@ -10,11 +10,10 @@ from soilnet.schema import SampleSchema
 
 
 class FusionRegressor(nn.Module):
-    """The seed's regressor: per-branch Linear->128 + sigmoid, concatenate, Linear->128 + sigmoid, Linear->1.
+    """The seed's regressor v1: per-branch Linear->128 + sigmoid, concatenate, Linear->128 + sigmoid, Linear->1.
 
     ``inputs``: the feature sizes of the branches in use, e.g. ``(1024, 128)`` for image and climate.
-    ``dropout`` 0 is v1; v2 intends 0.25 (the seed's ``0.5//2`` made it 0, a bug fixed here).
-    forward(*features ``(B, d_i)``) -> ``(B, 1)``.
+    ``dropout`` (0 in v1) acts before and after the fusing Linear. forward(*features ``(B, d_i)``) -> ``(B, 1)``.
     """
 
     def __init__(self, inputs: tuple[int, ...], hidden: int = 128, dropout: float = 0.0):
@@ -32,6 +31,25 @@ class FusionRegressor(nn.Module):
         return self.out(self.fuse(fused))
 
 
+class FusionRegressorV2(FusionRegressor):
+    """The seed's regressor v2: per-branch Linear->128 + sigmoid, concatenate, Linear->128, dropout, sigmoid,
+    Linear->32 + sigmoid, Linear->1, and a ReLU on the output.
+
+    ``dropout`` 0.25 is what the seed intended (its ``0.5//2`` made it 0, a bug fixed here). The output ReLU suits
+    the seed's targets in [0, 1]; ``relu_output=False`` drops it for targets that can be negative (standardised
+    ones). forward(*features ``(B, d_i)``) -> ``(B, 1)``.
+    """
+
+    def __init__(self, inputs: tuple[int, ...], hidden: int = 128, dropout: float = 0.25, relu_output: bool = True):
+        super().__init__(inputs, hidden)
+        narrow = hidden // 4
+        self.fuse = nn.Sequential(
+            nn.Linear(hidden * len(inputs), hidden), nn.Dropout(dropout), nn.Sigmoid(), nn.Linear(hidden, narrow),
+            nn.Sigmoid(),
+        )  # fmt: skip
+        self.out = nn.Sequential(nn.Linear(narrow, 1), nn.ReLU() if relu_output else nn.Identity())
+
+
 @register("regressor", "regressor_v1")
 def regressor_v1(schema: SampleSchema, inputs: tuple[int, ...] = (128, 128), hidden: int = 128) -> FusionRegressor:
     return FusionRegressor(tuple(inputs), hidden, dropout=0.0)
@@ -39,9 +57,10 @@ def regressor_v1(schema: SampleSchema, inputs: tuple[int, ...] = (128, 128), hid
 
 @register("regressor", "regressor_v2")
 def regressor_v2(
-    schema: SampleSchema, inputs: tuple[int, ...] = (128, 128), hidden: int = 128, dropout: float = 0.25
-) -> FusionRegressor:
-    return FusionRegressor(tuple(inputs), hidden, dropout=dropout)
+    schema: SampleSchema, inputs: tuple[int, ...] = (128, 128), hidden: int = 128, dropout: float = 0.25,
+    relu_output: bool = True,
+) -> FusionRegressorV2:  # fmt: skip
+    return FusionRegressorV2(tuple(inputs), hidden, dropout=dropout, relu_output=relu_output)
 
 
 class ProjectionHead(nn.Module):

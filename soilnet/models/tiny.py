@@ -16,10 +16,12 @@ class TinyCNN(nn.Module):
         super().__init__()
         self.out_features = out
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, stride=2, padding=1),
+            # no bias before BatchNorm: it would cancel, and a parameter whose gradient is zero but for rounding
+            # moves by Adam-normalised rounding noise (unlike the rest, it would differ between world sizes)
+            nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(width),
             nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(2 * width),
             nn.GELU(),
             nn.AdaptiveAvgPool2d(1),
@@ -29,6 +31,15 @@ class TinyCNN(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(image))
+
+    def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Layer-wise LR decay levels, input first: each convolution with its batch norm, the head."""
+        f = self.features
+        return [
+            ("conv1", [*f[0].parameters(), *f[1].parameters()]),
+            ("conv2", [*f[3].parameters(), *f[4].parameters()]),
+            ("out", list(self.head.parameters())),
+        ]
 
 
 class TinyGRU(nn.Module):
@@ -43,6 +54,10 @@ class TinyGRU(nn.Module):
     def forward(self, climate: torch.Tensor) -> torch.Tensor:
         steps, _ = self.gru(climate)
         return self.head(steps[:, -1])
+
+    def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Layer-wise LR decay levels, input first: the GRU layer, the head."""
+        return [("gru.l0", list(self.gru.parameters())), ("out", list(self.head.parameters()))]
 
 
 @register("image_encoder", "tiny_cnn")

@@ -1,7 +1,9 @@
 """The SSL-SoilNet Vision Transformer: image ``(B, C, 64, 64)`` -> ``(B, out)`` from the CLS token.
 
 Patch 8 gives 64 tokens plus CLS; dim 768, depth 12, 12 heads, MLP 3072, qkv bias, LayerNorm eps 1e-6,
-dropout 0.1 on positions, projections and (unlike the seed, which never applied it) the MLP.
+dropout 0.1 on positions, attention weights and projections (the seed's ``p=0.1, attn_p=0.1``) and, unlike the
+seed, whose Block never passed ``p`` on to its MLP, the MLP. No activation follows the output Linear (the seed's
+neither).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class VisionTransformer(nn.Module):
     def __init__(
         self, in_channels: int, image_size: int = 64, patch_size: int = 8, out: int = 1024, dim: int = 768,
         depth: int = 12, heads: int = 12, mlp_dim: int = 3072, qkv_bias: bool = True, p: float = 0.1,
-        attn_p: float = 0.0, activation_checkpointing: bool = False,
+        attn_p: float = 0.1, activation_checkpointing: bool = False,
     ):  # fmt: skip
         super().__init__()
         if image_size % patch_size:
@@ -80,6 +82,14 @@ class VisionTransformer(nn.Module):
             else:
                 x = block(x)
         return self.head(self.norm(x)[:, 0])
+
+    def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Layer-wise LR decay levels, input first (as in BEiT and MAE): the patch embedding with the class token
+        and position embedding, each transformer block, the final norm, the output Linear."""
+        embed = [*self.patch_embed.parameters(), self.cls_token, self.pos_embed]
+        blocks = [(f"blocks.{i}", list(block.parameters())) for i, block in enumerate(self.blocks)]
+        top = [("norm", list(self.norm.parameters())), ("out", list(self.head.parameters()))]
+        return [("embed", embed), *blocks, *top]
 
 
 @register("image_encoder", "vit")

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,9 @@ from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig, TargetC
 from soilnet.config.model import ModelConfig
 from soilnet.distributed import DistInfo, all_reduce_sum, barrier, environment, gather_with_grad, init_distributed
 from soilnet.evaluate.labelled import LabelledData
+from soilnet.models.layer_decay import lr_groups, lr_table
 from soilnet.train.checkpoint import rng_state, set_rng_state
+from soilnet.train.optim import param_groups
 from soilnet.train.resume import ResumeStore
 from soilnet.train.signals import StopFlag, StoppedEarly
 
@@ -119,6 +121,47 @@ def loss_fn(name: str, huber_delta: float = 1.0):
         "huber": lambda p, t: F.huber_loss(p, t, delta=huber_delta),
         "rmsle": rmsle,
     }[name]
+
+
+def choose_normalisation(data: LabelledData, export_meta: dict | None, mode: str, where: str) -> dict:
+    """Put the statistics ``data.normalisation`` mode ``mode`` asks for into ``data`` and return what was used.
+
+    ``mode`` ``pretrained`` with an export that records ``normalisation`` (:mod:`soilnet.train.export`): the
+    pretraining shards' mean/std replace the data's, looked up by channel and variable name (the fine-tuning schema
+    may order or select them differently). An export without them leaves the data's, with a ``warning``. ``data``,
+    or no export: the data's own. Returns ``data.normalisation``: ``used`` (``pretrained``/``data``),
+    ``requested`` and the source of each modality's statistics."""
+    info = {**data.normalisation, "requested": mode if export_meta is not None else "data (no pretrained export)"}
+    stats = json.loads(export_meta["normalisation"]) if export_meta and export_meta.get("normalisation") else None
+    if export_meta is not None and mode == "pretrained" and stats is None:
+        info["warning"] = (
+            f"{where} records no pretraining normalisation statistics (exported before they were recorded): the "
+            "inputs are normalised with the fine-tuning data's statistics, not as the encoders saw them in "
+            "pretraining; re-export the checkpoint to fix this"
+        )
+        log.warning(info["warning"])
+    if export_meta is None or mode != "pretrained" or stats is None:
+        data.normalisation = info
+        return info
+    picked = {}
+    for kind, names in (("image", data.schema.channels), ("climate", data.schema.climate_variables)):
+        if getattr(data, f"{kind}_mean") is None:
+            continue  # the run does not use this modality
+        table = stats.get(kind) or {}
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise PretrainedMismatch(f"{where}: its normalisation statistics lack {kind} {missing}")
+        picked[kind] = (
+            np.array([table[n]["mean"] for n in names], dtype=np.float32),
+            np.array([table[n]["std"] for n in names], dtype=np.float32),
+        )
+    for kind, (mean, std) in picked.items():
+        setattr(data, f"{kind}_mean", mean)
+        setattr(data, f"{kind}_std", np.where(np.isfinite(std) & (std > 0), std, 1.0).astype(np.float32))
+        info[kind] = f"pretraining statistics of {stats.get('source', '?')} (from {where})"
+    info["used"] = "pretrained"
+    data.normalisation = info
+    return info
 
 
 # ------------------------------------------------------------------------------------------ normalising
@@ -276,24 +319,25 @@ def _encoders(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def param_groups(model: nn.Module, train_cfg: FinetuneTrainConfig) -> list[dict]:
-    """AdamW groups for ``frozen``, ``full`` or ``lrd`` (layer-wise LR decay) encoders."""
-    enc_params = {id(p) for e in _encoders(model) for p in e.parameters()}
-    head = [p for p in model.parameters() if id(p) not in enc_params]
-    groups = [{"params": head, "lr": train_cfg.lr}]
-    for enc in _encoders(model):
-        if train_cfg.encoders == "frozen":
-            for p in enc.parameters():
-                p.requires_grad_(False)
-        elif train_cfg.encoders == "full":
-            groups.append({"params": list(enc.parameters()), "lr": train_cfg.lr})
-        else:
-            layers = [m for m in enc.modules() if any(True for _ in m.parameters(recurse=False))]
-            depth = len(layers)
-            for i, layer in enumerate(layers):
-                scale = train_cfg.layer_decay ** (depth - i)
-                groups.append({"params": list(layer.parameters(recurse=False)), "lr": train_cfg.lr * scale})
-    return [g for g in groups if g["params"]]
+def optimizer_groups(model: nn.Module, train_cfg: FinetuneTrainConfig) -> list[dict]:
+    """AdamW groups for ``frozen``, ``full`` or ``lrd`` encoders (:func:`soilnet.train.optim.lr_groups`); frozen
+    encoders stop requiring gradients."""
+    groups = lr_groups(model, train_cfg.encoders, train_cfg.layer_decay)
+    return param_groups(model, train_cfg.weight_decay, train_cfg.lr, groups)
+
+
+def log_lr_groups(model: nn.Module, train_cfg: FinetuneTrainConfig, label: str) -> list[dict]:
+    """Log and return the learning-rate table (:func:`soilnet.train.optim.lr_table`) fine-tuning uses."""
+    table = lr_table(lr_groups(model, train_cfg.encoders, train_cfg.layer_decay))
+    log.info(
+        "%s learning rates (encoders=%s, layer_decay=%g, lr=%g): %s",
+        label,
+        train_cfg.encoders,
+        train_cfg.layer_decay,
+        train_cfg.lr,
+        ", ".join(f"{g['name']} x{g['lr_scale']:.3g} ({g['parameters']:,})" for g in table),
+    )
+    return table
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -348,6 +392,7 @@ class FitResult:
     transform: TargetTransform
     best_epoch: int
     history: dict[str, list[float]]
+    lr_groups: list[dict] = field(default_factory=list)  # optim.lr_table: name, parameters, lr_scale
 
 
 # ------------------------------------------------------------------------------------------- data parallel
@@ -427,7 +472,7 @@ def build_engine(model: nn.Module, tc: FinetuneTrainConfig, info: DistInfo):
             tc.batch_size,
         )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, tc), config=deepspeed_config(tc, info.world_size)
+        model=model, model_parameters=optimizer_groups(model, tc), config=deepspeed_config(tc, info.world_size)
     )
     return engine
 
@@ -609,6 +654,7 @@ def fit(
     model = build_model(model_cfg, data.schema, mods)
     if export:
         load_encoders(model, export[0], mods, str(cfg.pretrained))
+    lr_info = log_lr_groups(model, tc, label)  # other ranks log at WARNING level, so only rank 0 shows it
     device = info.device if info else pick_device(tc.device)
     model.to(device)
     transform = TargetTransform.fit(cfg.target, data.y[train_idx], standardize=tc.loss != "rmsle")
@@ -619,7 +665,7 @@ def fit(
         engine = build_engine(model, tc, info)
         model = engine.module
     else:
-        opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
+        opt = torch.optim.AdamW(optimizer_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
     criterion = loss_fn(tc.loss, tc.huber_delta)
     p = Progress({"train_loss": [], "val_loss": [], "val_rmse": []}, finished=tc.epochs <= 0)
     saved = slot[0].load(slot[1]) if slot else None
@@ -697,7 +743,7 @@ def fit(
     if p.best_state is not None:
         model.load_state_dict(p.best_state)
     model.eval()
-    return FitResult(model, transform, p.best_epoch, p.history)
+    return FitResult(model, transform, p.best_epoch, p.history, lr_info)
 
 
 def predict(fitted: FitResult, data: LabelledData, idx: np.ndarray, modalities: tuple[str, ...]) -> np.ndarray:

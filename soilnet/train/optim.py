@@ -4,6 +4,9 @@ LARS and LAMB scale each layer's update by a trust ratio ``||w|| / ||update||``,
 as its own tensor. ZeRO stages >= 1 flatten parameters into partitions owned by different ranks, where a
 "layer" no longer exists; they are therefore allowed only with ZeRO stage 0 (:func:`check_optimizer`).
 Biases and normalisation parameters (every 1-D tensor) get no weight decay and no trust ratio.
+
+Fine-tuning passes :func:`param_groups` the named groups of layer-wise LR decay
+(:func:`soilnet.models.layer_decay.lr_groups`), each with its LR scale; pretraining passes none.
 """
 
 from __future__ import annotations
@@ -12,23 +15,38 @@ import torch
 from torch import nn
 
 from soilnet.config.base import ConfigError
+from soilnet.models.layer_decay import LrGroup
 
 
 class OptimizerConfigError(ConfigError):
     """An optimiser that the configured ZeRO stage cannot run."""
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices/kernels with ``weight_decay``; biases, norms and scalars (``ndim <= 1``) without,
-    marked ``layer_adaptation=False``."""
-    decay, plain = [], []
-    for _, p in module.named_parameters():
-        if p.requires_grad:
-            (plain if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "layer_adaptation": True}]
-    if plain:
-        groups.append({"params": plain, "weight_decay": 0.0, "layer_adaptation": False})
-    return groups
+def param_groups(
+    module: nn.Module, weight_decay: float, lr: float | None = None, groups: list[LrGroup] | None = None
+) -> list[dict]:
+    """Optimiser groups. Each of ``groups`` (default: all of ``module`` at scale 1) splits in two: matrices and
+    kernels with ``weight_decay``; biases, norms and scalars (``ndim <= 1``) without, marked
+    ``layer_adaptation=False``. With ``lr``, a group's ``lr`` is ``lr * lr_scale``. A group at scale 0 is frozen:
+    its parameters stop requiring gradients and it is left out."""
+    out = []
+    for g in groups if groups is not None else [LrGroup("", list(module.parameters()), 1.0)]:
+        if g.lr_scale == 0:
+            for p in g.params:
+                p.requires_grad_(False)
+            continue
+        decay, plain = [], []
+        for p in g.params:
+            if p.requires_grad:
+                (plain if p.ndim <= 1 else decay).append(p)
+        extra = {} if groups is None else {"name": g.name, "lr_scale": g.lr_scale}
+        if lr is not None:
+            extra["lr"] = lr * g.lr_scale
+        if decay or groups is None:
+            out.append({"params": decay, "weight_decay": weight_decay, "layer_adaptation": True, **extra})
+        if plain:
+            out.append({"params": plain, "weight_decay": 0.0, "layer_adaptation": False, **extra})
+    return out
 
 
 def check_optimizer(name: str, zero_stage: int) -> None:

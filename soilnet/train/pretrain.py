@@ -33,6 +33,8 @@ from soilnet.losses import ContrastiveLoss, retrieval_metrics
 from soilnet.train import checkpoint as ckpt
 from soilnet.train.optim import build_client_optimizer, check_optimizer, param_groups
 from soilnet.train.schedule import lr_at, scaled_lr
+from soilnet.train.export import shard_statistics
+from soilnet.train.gradcache import RunningStats, grad_cache
 from soilnet.train.signals import StopFlag, stop_on_signals, stop_signals_blocked
 
 log = logging.getLogger("soilnet.pretrain")
@@ -271,6 +273,53 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
         if resume.meta.get("global_batch_size") != t.global_batch_size:
             raise DataError(
                 f"{resume.path}: was trained with train.global_batch_size={resume.meta.get('global_batch_size')}, "
+def checkpoint_meta(cfg: PretrainConfig, base: dict, step: int, samples: int, shards) -> dict:
+    """``soilnet.json`` of the checkpoint after ``step`` steps and ``samples`` samples; ``base``: world size, batch
+    sizes and ZeRO stage; ``shards``: the run's :class:`~soilnet.data.shards.ShardSet`."""
+    d, t = cfg.data, cfg.train
+    return {
+        **base,
+        "step": step,
+        "samples": samples,
+        "loader": {"samples_seen": samples, "seed": d.seed, "global_batch_size": t.global_batch_size},
+        "config": to_plain(cfg),
+        "schema": shards.schema.to_dict(),
+        "normalisation": shard_statistics(shards),  # travels into `soilnet export` for fine-tuning
+        "model": to_plain(cfg.model),
+        "code_version": code_version(),
+        "time": time.time(),
+    }
+
+
+class NonFiniteLossError(ValueError):
+    """A step's loss was NaN or infinite on some rank; every rank stopped before the optimizer took the step. A
+    ``ValueError``, so ``soilnet`` reports it as one line and exits 2, not 75: a rerun meets the same step again, so
+    nothing requeues it by itself."""
+
+
+def stop_on_nonfinite(
+    engine, root: Path, start: ckpt.StepStart, meta: dict, info: DistInfo, ranks: int, loss, ids, cfg
+) -> NonFiniteLossError:
+    """Every rank, when ``ranks`` > 0 ranks met a non-finite loss in the step after ``meta["step"]``: put back the
+    buffers (BatchNorm statistics) of before that step, save that state with its RNG states (the step's forward
+    and backward ran, the optimizer did not), and return the error to raise. ``ids``: this rank's global sample ids
+    of the step, logged when its own loss is the non-finite one (a bad sample is then among them)."""
+    step = int(meta["step"])
+    value = float(loss.detach().float().sum())
+    if not torch.isfinite(loss.detach()).all():
+        shown = ids.tolist()[:64]
+        log.error("rank %d: the loss of step %d is %s; this rank's batch held global sample ids %s%s", info.rank,
+                  step + 1, value, shown, " ..." if len(ids) > len(shown) else "")  # fmt: skip
+    start.restore_buffers(engine.module)
+    path = ckpt.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last, rng=start.rng)
+    return NonFiniteLossError(
+        f"step {step + 1}: the loss is not finite on {ranks} of {info.world_size} rank(s); the optimizer did not take "
+        f"that step. The state before it is saved as {path} (step {step}). Rerun unchanged, it resumes there and meets "
+        "the same step: lower train.lr, warm up longer (train.warmup_samples) or go back to an earlier checkpoint "
+        "(remove the newer step folders), and check the shards with `soilnet verify --shards DIR`"
+    )
+
+
                 f"this run asks for {t.global_batch_size}; resume with the same global batch or use a new output_dir"
             )
         was = int(resume.meta.get("zero_stage", 0))

@@ -4,7 +4,7 @@ Ranks are started as plain processes with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR
 ``launch/`` or ``srun`` (through soilnet.distributed) set them. Each run is the real ``soilnet finetune`` on the
 demo config with small overrides.
 
-The main model here has no batch statistics and no dropout (``vit_tiny`` with ``p=0`` and the GRU climate
+The main model here has no batch statistics and no dropout (``vit_tiny`` with ``p=attn_p=0`` and the GRU climate
 encoder): then the two ranks' update, computed from their halves of each global batch with the loss taken over
 the gathered global batch, equals the single process's up to float rounding, and so do the weights after every
 epoch, the validation scores, the early-stopping epoch and the saved model.
@@ -41,7 +41,7 @@ SMALL = [
     "train.patience=3",
     "train.batch_size=16",
     "train.lr=3e-3",
-    "model.image_encoder={name: vit_tiny, kwargs: {p: 0.0, qkv_bias: false, dim: 16, depth: 1, out: 16}}",
+    "model.image_encoder={name: vit_tiny, kwargs: {p: 0.0, attn_p: 0.0, qkv_bias: false, dim: 16, depth: 1, out: 16}}",
     "model.climate_encoder={name: tiny_gru, kwargs: {out: 16, hidden: 16}}",
     "eval.split.folds=2",
     "eval.split.block_km=150",

@@ -1,43 +1,99 @@
-"""Encoder training modes: frozen, full, and layer-wise LR decay."""
+"""Encoder training modes (frozen, full, layer-wise LR decay) through the one implementation of optimiser groups
+(:func:`soilnet.train.optim.param_groups`), and the learning-rate table fine-tuning logs and returns."""
 
+import logging
+
+import numpy as np
 import torch
-from torch import nn
 
-from soilnet.config.finetune import FinetuneTrainConfig
-from soilnet.train.finetune import param_groups
+from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig
+from soilnet.config.model import ComponentConfig, ModelConfig
+from soilnet.evaluate.labelled import load_labelled
+from soilnet.models import build_regression_model
+from soilnet.schema import SampleSchema
+from soilnet.train import finetune as FT
+
+SCHEMA = SampleSchema()
 
 
-class TwoTower(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.image_encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
-        self.climate_encoder = nn.GRU(2, 4, batch_first=True)
-        self.regressor = nn.Linear(8, 1)
+def two_tower():
+    """Tiny CNN and GRU encoders and regressor v1."""
+    return build_regression_model(ModelConfig(), SCHEMA)
+
+
+def lr_of(groups):
+    return {id(p): g["lr"] for g in groups for p in g["params"]}
 
 
 def test_frozen_trains_only_the_regressor():
-    model = TwoTower()
-    groups = param_groups(model, FinetuneTrainConfig(encoders="frozen", lr=1e-3))
+    model = two_tower()
+    groups = FT.optimizer_groups(model, FinetuneTrainConfig(encoders="frozen", lr=1e-3))
     trained = {id(p) for g in groups for p in g["params"]}
     assert trained == {id(p) for p in model.regressor.parameters()}
     assert not any(p.requires_grad for p in model.image_encoder.parameters())
 
 
-def test_layer_wise_decay_lowers_the_rate_with_depth():
-    model = TwoTower()
-    groups = param_groups(model, FinetuneTrainConfig(encoders="lrd", lr=1e-3, layer_decay=0.5))
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-    first, last = model.image_encoder[0], model.image_encoder[2]
-    assert lr_of[id(model.regressor.weight)] == 1e-3
-    assert lr_of[id(last.weight)] == 1e-3 * 0.5  # top encoder layer: one step below the head
-    assert lr_of[id(first.weight)] == 1e-3 * 0.25
-    assert len(lr_of) == sum(1 for _ in model.parameters())
+def test_layer_wise_decay_lowers_the_rate_by_block():
+    model = two_tower()
+    groups = FT.optimizer_groups(model, FinetuneTrainConfig(encoders="lrd", lr=1e-3, layer_decay=0.5))
+    lr = lr_of(groups)
+    cnn = model.image_encoder
+    assert lr[id(model.regressor.out.weight)] == 1e-3
+    assert lr[id(cnn.head.weight)] == 1e-3 * 0.5  # top encoder block: one step below the head
+    assert lr[id(cnn.features[4].weight)] == lr[id(cnn.features[3].weight)] == 1e-3 * 0.25  # conv2 with its BN
+    assert lr[id(cnn.features[0].weight)] == 1e-3 * 0.125
+    assert lr[id(model.climate_encoder.gru.weight_ih_l0)] == 1e-3 * 0.25
+    assert len(lr) == sum(1 for _ in model.parameters())
     opt = torch.optim.AdamW(groups)
     assert len(opt.param_groups) == len(groups)
 
 
+def test_vit_b8_gets_fifteen_levels_not_one_per_module():
+    cfg = ModelConfig(
+        image_encoder=ComponentConfig(name="vit"),
+        climate_encoder=ComponentConfig(name="lstm"),
+    )
+    model = build_regression_model(cfg, SCHEMA)
+    groups = FT.optimizer_groups(model, FinetuneTrainConfig(encoders="lrd", lr=1.0, layer_decay=0.75))
+    lr = lr_of(groups)
+    vit = model.image_encoder
+    assert lr[id(vit.patch_embed.weight)] == lr[id(vit.cls_token)] == lr[id(vit.pos_embed)] == 0.75**15
+    assert lr[id(vit.blocks[0].attn.qkv.weight)] == lr[id(vit.blocks[0].norm1.weight)] == 0.75**14
+    assert lr[id(vit.blocks[11].mlp[3].weight)] == 0.75**3
+    assert lr[id(vit.norm.weight)] == 0.75**2 and lr[id(vit.head.weight)] == 0.75
+    assert min(lr.values()) == 0.75**15
+
+
+def test_biases_and_norms_get_no_weight_decay():
+    model = two_tower()
+    groups = FT.optimizer_groups(model, FinetuneTrainConfig(encoders="lrd", weight_decay=0.1))
+    for g in groups:
+        assert g["weight_decay"] == (0.0 if all(p.ndim <= 1 for p in g["params"]) else 0.1)
+    assert any(g["weight_decay"] == 0.0 for g in groups) and any(g["weight_decay"] == 0.1 for g in groups)
+
+
 def test_full_trains_everything_at_one_rate():
-    model = TwoTower()
-    groups = param_groups(model, FinetuneTrainConfig(encoders="full", lr=2e-3))
+    model = two_tower()
+    groups = FT.optimizer_groups(model, FinetuneTrainConfig(encoders="full", lr=2e-3))
     assert {g["lr"] for g in groups} == {2e-3}
     assert sum(len(g["params"]) for g in groups) == sum(1 for _ in model.parameters())
+
+
+def test_fine_tuning_logs_and_returns_its_learning_rate_table(labelled_shards, caplog):
+    cfg = FinetuneConfig.model_validate(
+        {"data": {"shards": str(labelled_shards)}, "train": {"encoders": "lrd", "epochs": 1, "threads": 1}}
+    )
+    data = load_labelled(cfg.data, FT.modalities_of(cfg.modalities))
+    rows = np.arange(len(data))
+    with caplog.at_level(logging.INFO, logger="soilnet.finetune"):
+        fitted = FT.fit(cfg, data, rows[:40], rows[40:60], seed=0, label="fold 0")
+    table = fitted.lr_groups
+    assert [g["name"] for g in table] == [
+        "image_encoder.conv1", "image_encoder.conv2", "image_encoder.out", "climate_encoder.gru.l0",
+        "climate_encoder.out", "head",
+    ]  # fmt: skip
+    assert [g["lr_scale"] for g in table] == [0.75**3, 0.75**2, 0.75, 0.75**2, 0.75, 1.0]
+    assert sum(g["parameters"] for g in table) == sum(p.numel() for p in fitted.model.parameters())
+    logged = [r.getMessage() for r in caplog.records if "learning rates" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith("fold 0 learning rates (encoders=lrd")
+    assert "image_encoder.conv1 x0.422" in logged[0]
