@@ -320,14 +320,14 @@ def _encoders(model: nn.Module) -> list[nn.Module]:
 
 
 def optimizer_groups(model: nn.Module, train_cfg: FinetuneTrainConfig) -> list[dict]:
-    """AdamW groups for ``frozen``, ``full`` or ``lrd`` encoders (:func:`soilnet.train.optim.lr_groups`); frozen
-    encoders stop requiring gradients."""
+    """AdamW groups for ``frozen``, ``full`` or ``lrd`` encoders (:func:`soilnet.models.layer_decay.lr_groups`,
+    then :func:`soilnet.train.optim.param_groups`); frozen encoders stop requiring gradients."""
     groups = lr_groups(model, train_cfg.encoders, train_cfg.layer_decay)
     return param_groups(model, train_cfg.weight_decay, train_cfg.lr, groups)
 
 
 def log_lr_groups(model: nn.Module, train_cfg: FinetuneTrainConfig, label: str) -> list[dict]:
-    """Log and return the learning-rate table (:func:`soilnet.train.optim.lr_table`) fine-tuning uses."""
+    """Log and return the learning-rate table (:func:`soilnet.models.layer_decay.lr_table`) fine-tuning uses."""
     table = lr_table(lr_groups(model, train_cfg.encoders, train_cfg.layer_decay))
     log.info(
         "%s learning rates (encoders=%s, layer_decay=%g, lr=%g): %s",
