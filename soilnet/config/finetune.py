@@ -46,18 +46,30 @@ class FinetuneDataConfig(Section):
 class TargetConfig(Section):
     """How targets are transformed for training (metrics are always in original units).
 
-    ``scale`` is the seed's ``clip(y / max_value, 0, 1)`` with ``max_value`` 87 (LUCAS OC, g/kg) or 4115 (RaCA
+    ``scale`` is the seed's ``y / max_value`` with ``max_value`` 87 (LUCAS OC, g/kg) or 4115 (RaCA
     SOCstock100); ``log1p`` trains on ``log(1 + y)``; ``none`` on ``y``. The result is then standardised with
     the training fold's moments (except under the RMSLE loss, which needs non-negative targets).
+
+    ``max_value``, when set (any transform), bounds the targets: one above it is an error (``out_of_range:
+    error``) or left out and listed in the report (``drop``); never clipped. ``bias_correction: smearing``
+    multiplies the ``log1p`` back-transform by Duan's smearing factor (:mod:`soilnet.train.targets`), for the
+    model and the random forest alike.
     """
 
     transform: Literal["scale", "log1p", "none"] = "log1p"
     max_value: float | None = None
+    out_of_range: Literal["error", "drop"] = "error"
+    bias_correction: Literal["none", "smearing"] = "none"
 
     @model_validator(mode="after")
     def _needs_max(self):
         if self.transform == "scale" and (self.max_value is None or self.max_value <= 0):
             raise ValueError("target.transform=scale needs a positive target.max_value (87 LUCAS, 4115 RaCA)")
+        if self.bias_correction == "smearing" and self.transform != "log1p":
+            raise ValueError(
+                f"target.bias_correction=smearing corrects the back-transform of target.transform=log1p; "
+                f"transform={self.transform} has no retransformation bias (use bias_correction=none)"
+            )
         return self
 
 

@@ -38,6 +38,57 @@ def _metric_table(rows: list[tuple[str, dict | None]]) -> list[str]:
     return lines
 
 
+def _identical_inputs(split: dict) -> list[str]:
+    g = split.get("identical_inputs")
+    if not g:
+        return []
+    how = (
+        "each group is kept on one side of every split (folds, validation and calibration parts)"
+        if split.get("kind") == "random"
+        else "spatial blocks and buffers keep co-located twins apart from test points; validation and calibration "
+        "parts are carved by whole blocks and buffered like the test fold"
+    )
+    return [
+        "",
+        f"**Identical inputs:** {g['groups_with_identical_inputs']} groups of points share identical inputs "
+        f"({g['points_in_them']} points, the largest group {g['largest_group']}); {how}.",
+    ]
+
+
+def _transforms(metrics: dict) -> list[str]:
+    """Which target transform model and forest learnt, and the bias with and without the back-transform's
+    correction."""
+    tr = metrics.get("transforms")
+    if not tr:
+        return []
+    m, rf = tr.get("model") or {}, tr.get("baseline_rf")
+    line = f"The model learns {m.get('transform')} of the target (bias correction: {m.get('bias_correction')})"
+    if rf:
+        line += f"; the forest learns {rf.get('transform')} (bias correction: {rf.get('bias_correction')})"
+    out = ["", line + ". Both are back-transformed to original units before any metric."]
+    bc = metrics.get("bias_correction")
+    if bc:
+        out += ["", f"Bias = mean(pred − obs), {bc['method']}:", ""]
+        out += ["| | bias without correction | bias with correction | smearing factor per fold |", "|---|---|---|---|"]
+        for who, name in (("model", "model"), ("baseline_rf", "random forest")):
+            if bc.get(who):
+                b = bc[who]
+                factors = ", ".join(f"{s:.4g}" for s in b["smearing_by_fold"])
+                out.append(f"| {name} | {_fmt(b['bias_uncorrected'])} | {_fmt(b['bias_corrected'])} | {factors} |")
+    return out
+
+
+def _above_max(d: dict, t: dict) -> list[str]:
+    dropped = d.get("above_max_value")
+    if not dropped:
+        return []
+    listed = ", ".join(f"{x['id']} ({_fmt(x['value'])})" for x in dropped)
+    return [
+        f"- {len(dropped)} points above target.max_value={_fmt(t.get('max_value'))} left out "
+        f"(target.out_of_range=drop): {listed}"
+    ]
+
+
 def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
     """Write ``report.md`` atomically and return its path."""
     t = metrics.get("target", {})
@@ -50,6 +101,7 @@ def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
         "RPIQ = IQR(observed) / RMSE. CCC is Lin's concordance correlation coefficient. Bias = mean(pred − obs).",
         "",
         f"**Split:** {split.get('note', split.get('kind'))}.",
+        *_identical_inputs(split),
         "",
         "## Pooled metrics",
         "",
@@ -59,6 +111,10 @@ def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
     if m and rf:
         verdict = "beats" if m["rmse"] < rf["rmse"] else "does NOT beat"
         out += ["", f"The model {verdict} the random-forest baseline on RMSE ({m['rmse']:.4g} vs {rf['rmse']:.4g})."]
+        if m.get("log_r2") is not None and rf.get("log_r2") is not None:
+            verdict = "beats" if m["log_r2"] > rf["log_r2"] else "does NOT beat"
+            out += [f"On logR² it {verdict} it ({m['log_r2']:.4g} vs {rf['log_r2']:.4g})."]
+    out += _transforms(metrics)
     if metrics.get("folds"):
         out += ["", "## Per fold", ""]
         rows = []
@@ -69,13 +125,15 @@ def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
         out += _metric_table(rows)
         out += [
             "",
-            "| fold | train | val | calibration | test | excluded by buffer | best epoch | epochs run |",
-            "|---|---|---|---|---|---|---|---|",
+            "| fold | train | val | calibration | test | excluded by buffer | excluded by val/cal buffer | "
+            "best epoch | epochs run |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for f in metrics["folds"]:
             out.append(
                 f"| {f['fold']} | {f['n_train']} | {f['n_val']} | {f['n_calibration']} | {f['n_test']} | "
-                f"{f['n_excluded_by_buffer']} | {f['best_epoch']} | {f['epochs_run']} |"
+                f"{f['n_excluded_by_buffer']} | {f.get('n_excluded_by_inner_buffer', 0)} | {f['best_epoch']} | "
+                f"{f['epochs_run']} |"
             )
     c = metrics.get("conformal")
     if c:
@@ -97,6 +155,7 @@ def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
         f"- labelled and used: {d.get('labelled')}",
         f"- dropped targets: missing {d.get('missing')}, NaN {d.get('nan')}, negative {d.get('negative')}",
     ]
+    out += _above_max(d, t)
     if "no_ground_truth" in d and d.get("no_ground_truth"):
         out.append(f"- shard samples without a ground-truth row: {d['no_ground_truth']}")
     if "ground_truth_ids_not_in_shards" in d:

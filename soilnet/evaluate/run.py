@@ -2,8 +2,11 @@
 same folds, split-conformal intervals, plots and a report. Fine-tuning calls :func:`evaluate` too.
 
 Per fold, the non-test points are carved into training, validation (early stopping and epoch choice) and
-calibration (conformal) parts; under a spatial split these are carved by whole blocks, like the test fold.
-The baseline trains on the training and validation parts; neither model sees calibration or test points.
+calibration (conformal) parts; under a spatial split these are carved by whole blocks and buffered, like the test
+fold; under a random split points with identical inputs stay together (:mod:`soilnet.evaluate.splits`).
+The baseline trains on the training and validation parts, in the model's target transform; neither model sees
+calibration or test points. Targets above ``target.max_value`` are an error or dropped and listed
+(:mod:`soilnet.evaluate.targets`).
 
 Launched as several processes (data-parallel fine-tuning, see :mod:`soilnet.train.finetune`), every rank runs
 the same folds in the same order, and only rank 0 fits the baseline and writes files.
@@ -26,6 +29,7 @@ from soilnet.evaluate import baseline as B
 from soilnet.evaluate import conformal as C
 from soilnet.evaluate import plots as P
 from soilnet.evaluate import splits as SP
+from soilnet.evaluate import targets as TG
 from soilnet.evaluate.labelled import LabelledData, load_labelled
 from soilnet.evaluate.metrics import regression_metrics
 from soilnet.evaluate.report import write_report
@@ -74,15 +78,16 @@ def plan_split(cfg: FinetuneConfig, data: LabelledData) -> tuple[list[SP.Fold], 
             f"eval.split.kind=spatial needs coordinates, but {n_missing} of {len(data)} points have none{why}; "
             "without coordinates only random k-fold is possible (eval.split.kind=random)"
         )
+    groups, info["identical_inputs"] = SP.identical_input_groups(data.image, data.climate)
     if kind == "random":
-        folds = SP.random_kfold(len(data), sc.folds, sc.seed)
+        folds = SP.random_kfold(len(data), sc.folds, sc.seed, groups)
         info["note"] = (
             "random k-fold: points have no coordinates, so spatial blocking is impossible; nearby points may fall "
             "in training and test folds, which flatters the scores"
             if not coords
             else "random k-fold (as in the seed); nearby points may fall in training and test folds"
-        )
-        return folds, None, info
+        ) + "; points with identical inputs are kept on one side of every split"
+        return folds, groups, info
     buffer_km = sc.block_km if sc.buffer_km is None else sc.buffer_km
     folds = SP.spatial_kfold(data.lon, data.lat, sc.folds, sc.block_km, buffer_km, sc.seed)
     info.update(block_km=sc.block_km, buffer_km=buffer_km)
@@ -159,7 +164,9 @@ def evaluate(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     mods, data, export = _load(cfg, out if writes else None)
+    data = TG.apply_target_range(cfg.target, data, str(cfg.data.shards))
     folds, blocks, split_info = plan_split(cfg, data)
+    buffer_km = split_info.get("buffer_km")  # validation and calibration are buffered like the test fold
     level, space = cfg.eval.conformal.level, cfg.eval.conformal.space
     cal_frac, val_frac = cfg.eval.conformal.calibration_fraction, cfg.train.val_fraction
     feats = None
@@ -169,6 +176,7 @@ def evaluate(
     n = len(data)
     pred = np.full(n, np.nan)
     rf_pred = np.full(n, np.nan)
+    raw, rf_raw, smearing = np.full(n, np.nan), np.full(n, np.nan), {"model": [], "baseline_rf": []}
     lower, upper = np.full(n, np.nan), np.full(n, np.nan)
     fold_of = np.full(n, -1)
     fold_rows, histories = [], {}
@@ -179,7 +187,9 @@ def evaluate(
         pool = fold.train
         if cfg.train.label_fraction < 1:
             pool = np.sort(rng.choice(pool, max(3, round(cfg.train.label_fraction * len(pool))), replace=False))
-        val, cal, train = SP.carve(pool, (val_frac, cal_frac), rng, blocks)
+        val, cal, train, inner = SP.carve_buffered(
+            pool, (val_frac, cal_frac), rng, blocks, data.lon, data.lat, buffer_km
+        )
         if len(train) < 2 or len(val) == 0 or len(cal) == 0:
             raise EvaluationError(
                 f"fold {fold.index}: too few points (train {len(train)}, val {len(val)}, "
@@ -192,6 +202,8 @@ def evaluate(
         q = C.calibrate(data.y[cal], p_cal, level, space)
         lo, hi = C.intervals(p_test, q, space=space)
         pred[test], lower[test], upper[test], fold_of[test] = p_test, lo, hi, fold.index
+        raw[test] = done.get("p_test_uncorrected", done["p_test"]).numpy()
+        smearing["model"].append(float(done.get("smearing", 1.0)))
         for lv in COVERAGE_LEVELS:
             lo_l, hi_l = C.intervals(p_test, C.calibrate(data.y[cal], p_cal, lv, space), space=space)
             level_hits[lv].append((data.y[test] >= lo_l) & (data.y[test] <= hi_l))
@@ -203,6 +215,7 @@ def evaluate(
             "n_calibration": len(cal),
             "n_test": len(test),
             "n_excluded_by_buffer": len(fold.excluded),
+            "n_excluded_by_inner_buffer": len(inner),
             "n_unused_by_label_fraction": len(fold.train) - len(pool),
             "best_epoch": done["best_epoch"],
             "epochs_run": len(done["history"]["val_loss"]),
@@ -212,6 +225,8 @@ def evaluate(
         if feats is not None:
             rf_test = done["rf_test"].numpy()
             rf_pred[test] = rf_test
+            rf_raw[test] = done.get("rf_test_uncorrected", done["rf_test"]).numpy()
+            smearing["baseline_rf"].append(float(done.get("rf_smearing", 1.0)))
             row["baseline_rf"] = regression_metrics(data.y[test], rf_test)
         fold_rows.append(row)
         log.info(
@@ -243,6 +258,14 @@ def evaluate(
         "folds": fold_rows,
         "split": split_info,
         "target": {"name": data.target, "unit": data.unit, **to_plain(cfg.target)},
+        "transforms": TG.transforms_section(cfg.target, feats is not None),
+        "bias_correction": TG.bias_section(
+            cfg.target,
+            data.y[tested],
+            {"model": pred[tested], **({"baseline_rf": rf_pred[tested]} if feats is not None else {})},
+            {"model": raw[tested], "baseline_rf": rf_raw[tested]},
+            smearing,
+        ),
         "data": {**data.counts, "shards": cfg.data.shards, "schema": data.schema.to_dict()},
         "modalities": list(mods),
         "pretrained": cfg.pretrained,
@@ -270,7 +293,9 @@ def evaluate(
         tmp.replace(out / "predictions.csv")
 
     if final_model:
-        metrics["final_model"] = _final_model(cfg, data, blocks, export, out, histories, writes, resume, stop)
+        metrics["final_model"] = _final_model(
+            cfg, data, blocks, export, out, histories, writes, resume, stop, buffer_km=buffer_km
+        )
     if not writes:
         return metrics
     if cfg.eval.plots:
@@ -302,34 +327,40 @@ def _fold_results(cfg, data, index: int, parts, export, feats, resume: ResumeSto
         "history": fitted.history,
         "best_epoch": fitted.best_epoch,
         "p_test": torch.from_numpy(np.asarray(FT.predict(fitted, data, test, mods), dtype=np.float64)),
+        "p_test_uncorrected": torch.from_numpy(np.asarray(FT.predict(fitted, data, test, mods, False), np.float64)),
+        "smearing": fitted.transform.smearing,
         "p_cal": torch.from_numpy(np.asarray(FT.predict(fitted, data, cal, mods), dtype=np.float64)),
         "rf_test": None,
     }
     if feats is not None:
         fit_rows = np.concatenate([train, val])
-        rf_test, _ = B.fit_predict(
+        rf = B.fit_predict_target(  # the same target transform and bias correction as the model
             feats[fit_rows],
             data.y[fit_rows],
             feats[test],
+            cfg.target,
             n_estimators=cfg.eval.baseline.n_estimators,
             min_samples_leaf=cfg.eval.baseline.min_samples_leaf,
             seed=cfg.train.seed + index,
         )
-        done["rf_test"] = torch.from_numpy(np.asarray(rf_test, dtype=np.float64))
+        done["rf_test"] = torch.from_numpy(np.asarray(rf.pred, dtype=np.float64))
+        done["rf_test_uncorrected"] = torch.from_numpy(np.asarray(rf.uncorrected, dtype=np.float64))
+        done["rf_smearing"] = float(rf.transform["smearing"])
     if resume:
         resume.save(key, done)
     return done
 
 
-def _final_model(cfg, data, blocks, export, out: Path, histories: dict, writes=True, resume=None, stop=None) -> dict:
+def _final_model(
+    cfg, data, blocks, export, out: Path, histories: dict, writes=True, resume=None, stop=None, buffer_km=None
+) -> dict:
     """One model on every labelled point (minus its validation and calibration parts) for predict-map; saved
     when ``writes``."""
     from soilnet.train import finetune as FT
 
     rng = np.random.default_rng(cfg.eval.split.seed * 1000 + 999)
-    val, cal, train = SP.carve(
-        np.arange(len(data)), (cfg.train.val_fraction, cfg.eval.conformal.calibration_fraction), rng, blocks
-    )
+    fractions = (cfg.train.val_fraction, cfg.eval.conformal.calibration_fraction)
+    val, cal, train, _ = SP.carve_buffered(np.arange(len(data)), fractions, rng, blocks, data.lon, data.lat, buffer_km)
     slot = (resume, "final") if resume else None
     fitted = FT.fit(cfg, data, train, val, cfg.train.seed + 999, export, "final", slot, stop)
     histories["final"] = fitted.history

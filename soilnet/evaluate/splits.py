@@ -4,10 +4,16 @@ Spatial blocks are squares of ``block_km`` on a Lambert azimuthal equal-area pla
 block covers the same ground area. Whole blocks go to one fold. For each fold, training points closer than
 ``buffer_km`` (great-circle distance) to any test point are excluded from training, so no test point has a
 training point within that distance. Without coordinates only random k-fold is possible.
+
+Points with identical inputs (the same climate series, and the same image when there is one; RaCA has hundreds of
+sites that share a series with another site) are one group: random folds, and the validation and calibration
+parts carved from a fold, keep a group on one side, or the model is tested on a twin of a training point. Inside a
+spatial fold, validation and calibration parts are carved by whole blocks and buffered like the test fold.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,12 +92,63 @@ def nearest_distance_km(
     return dist[:, 0] * EARTH_RADIUS_KM
 
 
-def random_kfold(n: int, k: int, seed: int) -> list[Fold]:
-    """Shuffled k-fold over ``n`` points (the seed's split, made k-fold)."""
+def identical_input_groups(image: np.ndarray | None, climate: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    """One group ID per point ``(N,)`` int64: points whose inputs are byte-identical share it.
+
+    image ``(N, C, H, W)`` and/or climate ``(N, T, F)`` (either may be None). The info dict counts the groups of
+    more than one point, the points in them and the largest group's size, for the report.
+    """
+    arrays = [np.ascontiguousarray(a) for a in (image, climate) if a is not None]
+    if not arrays:
+        raise ValueError("identical_input_groups needs an image or a climate array")
+    n = len(arrays[0])
+    digests = []
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=16)
+        for a in arrays:
+            h.update(a[i].tobytes())
+        digests.append(h.digest())
+    _, first, groups, sizes = np.unique(
+        np.array(digests, dtype=object).astype("S16"), return_index=True, return_inverse=True, return_counts=True
+    )
+    # number groups by their first point, so the IDs do not depend on the hash values
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    groups = rank[groups.reshape(-1)]
+    shared = sizes > 1
+    info = {
+        "groups_with_identical_inputs": int(shared.sum()),
+        "points_in_them": int(sizes[shared].sum()),
+        "largest_group": int(sizes.max()) if n else 0,
+    }
+    return groups, info
+
+
+def random_kfold(n: int, k: int, seed: int, groups: np.ndarray | None = None) -> list[Fold]:
+    """Shuffled k-fold over ``n`` points (the seed's split, made k-fold).
+
+    With ``groups`` ``(n,)`` (:func:`identical_input_groups`), whole groups go to one fold: groups in a random
+    order from ``seed``, the largest first, each to the fold with the fewest points so far.
+    """
     if n < k:
         raise ValueError(f"{n} labelled points cannot make {k} folds")
-    kf = KFold(n_splits=k, shuffle=True, random_state=seed)
-    return [Fold(i, np.sort(tr), np.sort(te)) for i, (tr, te) in enumerate(kf.split(np.arange(n)))]
+    if groups is None:
+        kf = KFold(n_splits=k, shuffle=True, random_state=seed)
+        return [Fold(i, np.sort(tr), np.sort(te)) for i, (tr, te) in enumerate(kf.split(np.arange(n)))]
+    groups = np.asarray(groups)
+    ids, counts = np.unique(groups, return_counts=True)
+    if len(ids) < k:
+        raise ValueError(f"{len(ids)} groups of identical inputs cannot make {k} folds")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    order = order[np.argsort(-counts[order], kind="stable")]
+    sizes = np.zeros(k, dtype=np.int64)
+    fold_of_group = np.empty(len(ids), dtype=np.int64)
+    for j in order:
+        f = int(np.argmin(sizes))
+        fold_of_group[j] = f
+        sizes[f] += counts[j]
+    fold_of = fold_of_group[np.searchsorted(ids, groups)]
+    return [Fold(f, np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
 
 
 def spatial_kfold(
@@ -155,3 +212,30 @@ def carve(
         out.append(np.sort(indices[np.isin(g, taken)]))
     out.append(np.sort(indices[np.isin(g, ids[pos:])]))
     return out
+
+
+def carve_buffered(
+    indices: np.ndarray,
+    fractions: tuple[float, ...],
+    rng: np.random.Generator,
+    groups: np.ndarray | None = None,
+    lon: np.ndarray | None = None,
+    lat: np.ndarray | None = None,
+    buffer_km: float | None = None,
+) -> list[np.ndarray]:
+    """:func:`carve` by ``groups`` (spatial blocks, or identical-input groups), then, with ``buffer_km`` > 0,
+    drop from the remainder (training) every point closer than ``buffer_km`` to a point of the carved parts
+    (validation, calibration), as :func:`spatial_kfold` does around the test fold.
+
+    Returns the carved parts, the training part and the points the buffer dropped (last), all sorted indices.
+    """
+    *held, train = carve(indices, fractions, rng, groups)
+    excluded = np.zeros(0, dtype=np.int64)
+    if buffer_km and buffer_km > 0 and len(train):
+        lon, lat = np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
+        near = np.zeros(len(train), dtype=bool)
+        for part in held:
+            if len(part):
+                near |= nearest_distance_km(lon[train], lat[train], lon[part], lat[part]) < buffer_km
+        train, excluded = train[~near], train[near]
+    return [*held, train, excluded]

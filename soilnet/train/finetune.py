@@ -32,7 +32,7 @@ from torch import nn
 
 from soilnet import schema as S
 from soilnet.config.base import to_plain
-from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig, TargetConfig
+from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig
 from soilnet.config.model import ModelConfig
 from soilnet.distributed import DistInfo, all_reduce_sum, barrier, environment, gather_with_grad, init_distributed
 from soilnet.evaluate.labelled import LabelledData
@@ -41,6 +41,7 @@ from soilnet.train.checkpoint import rng_state, set_rng_state
 from soilnet.train.optim import param_groups
 from soilnet.train.resume import ResumeStore
 from soilnet.train.signals import StopFlag, StoppedEarly
+from soilnet.train.targets import TargetTransform
 
 log = logging.getLogger("soilnet.finetune")
 
@@ -58,52 +59,6 @@ def modalities_of(name: str) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------------- targets
-
-
-@dataclass
-class TargetTransform:
-    """Maps targets in original units to the training scale and back.
-
-    ``kind``: ``scale`` is the seed's ``clip(y / max_value, 0, 1)`` (its inverse cannot exceed ``max_value``);
-    ``log1p``; ``none``. Then, unless the loss is RMSLE (which needs non-negative targets), the result is
-    standardised with the training fold's mean and std (``center``/``spread``) so that every transform starts
-    from a well-scaled regression problem; this changes the loss scale, not its minimiser.
-    """
-
-    kind: str
-    max_value: float | None = None
-    center: float = 0.0
-    spread: float = 1.0
-
-    @classmethod
-    def fit(cls, cfg: TargetConfig, y_train: np.ndarray, standardize: bool = True) -> TargetTransform:
-        base = cls(cfg.transform, cfg.max_value)
-        if not standardize:
-            return base
-        t = base._base(y_train)
-        return cls(cfg.transform, cfg.max_value, float(np.mean(t)), float(np.std(t)) or 1.0)
-
-    def _base(self, y: np.ndarray) -> np.ndarray:
-        y = np.asarray(y, dtype=np.float64)
-        if self.kind == "scale":
-            return np.clip(y / self.max_value, 0.0, 1.0)
-        if self.kind == "log1p":
-            return np.log1p(y)
-        return y
-
-    def forward(self, y: np.ndarray) -> np.ndarray:
-        return (self._base(y) - self.center) / self.spread
-
-    def inverse(self, t: np.ndarray) -> np.ndarray:
-        t = np.asarray(t, dtype=np.float64) * self.spread + self.center
-        if self.kind == "scale":
-            return np.clip(t, 0.0, 1.0) * self.max_value
-        if self.kind == "log1p":
-            return np.expm1(np.clip(t, 0.0, 50.0))
-        return t
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "max_value": self.max_value, "center": self.center, "spread": self.spread}
 
 
 def loss_fn(name: str, huber_delta: float = 1.0):
@@ -743,13 +698,18 @@ def fit(
     if p.best_state is not None:
         model.load_state_dict(p.best_state)
     model.eval()
+    if cfg.target.bias_correction == "smearing":  # Duan's factor from the chosen weights' training residuals
+        transform = transform.with_smearing(predict_scaled(model, data, train_idx, norm, mods), data.y[train_idx])
     return FitResult(model, transform, p.best_epoch, p.history, lr_info)
 
 
-def predict(fitted: FitResult, data: LabelledData, idx: np.ndarray, modalities: tuple[str, ...]) -> np.ndarray:
-    """Predictions in original units for rows ``idx``: ``(len(idx),)``."""
+def predict(
+    fitted: FitResult, data: LabelledData, idx: np.ndarray, modalities: tuple[str, ...], corrected: bool = True
+) -> np.ndarray:
+    """Predictions in original units for rows ``idx``: ``(len(idx),)``; ``corrected=False``: without the
+    back-transform's bias correction (``target.bias_correction``)."""
     scaled = predict_scaled(fitted.model, data, idx, Normaliser.of(data), modalities)
-    return fitted.transform.inverse(scaled)
+    return fitted.transform.inverse(scaled, corrected)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint
@@ -816,7 +776,7 @@ def load_model(path: str | Path, device: str = "auto") -> Finetuned:
     model.load_state_dict(load_file(str(path)), strict=True)
     model.to(pick_device(device)).eval()
     target = json.loads(meta["target"])
-    transform = TargetTransform(target["kind"], target["max_value"], target["center"], target["spread"])
+    transform = TargetTransform.from_dict(target)
     return Finetuned(
         model,
         schema,

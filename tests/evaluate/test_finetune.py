@@ -73,6 +73,7 @@ def test_test_points_never_guide_training(finetuned):
     metrics = json.loads((finetuned / "metrics.json").read_text())
     for f in metrics["folds"]:
         parts = ("n_train", "n_val", "n_calibration", "n_test", "n_excluded_by_buffer", "n_unused_by_label_fraction")
+        parts += ("n_excluded_by_inner_buffer",)  # training points near the validation / calibration blocks
         assert sum(f[k] for k in parts) == 300
 
 

@@ -63,3 +63,74 @@ def test_carve_by_groups_keeps_groups_together():
     assert len(val) + len(cal) + len(train) == 400
     assert not (set(groups[val]) & set(groups[train])) and not (set(groups[cal]) & set(groups[train]))
     assert 60 <= len(val) <= 100
+
+
+# ------------------------------------------------------------------------------- identical inputs (twins)
+
+
+def _twins(n=200, n_twins=30, seed=0):
+    """Climate ``(n, 12, 3)`` where rows ``n - n_twins ..`` copy an earlier row (RaCA sites that share a series)."""
+    rng = np.random.default_rng(seed)
+    climate = rng.normal(size=(n, 12, 3)).astype(np.float32)
+    src = rng.choice(n - n_twins, n_twins, replace=False)
+    climate[n - n_twins :] = climate[src]
+    climate[n - 1] = climate[src[0]]  # one triple
+    return climate, src
+
+
+def test_identical_input_groups_counts_twins():
+    climate, src = _twins()
+    groups, info = SP.identical_input_groups(None, climate)
+    assert groups.shape == (200,)
+    assert groups[170] == groups[src[0]] == groups[199]
+    assert info == {"groups_with_identical_inputs": 29, "points_in_them": 59, "largest_group": 3}
+    image = np.zeros((200, 2, 4, 4), np.float16)
+    image[199, 0, 0, 0] = 1  # another image breaks the triple
+    groups, info = SP.identical_input_groups(image, climate)
+    assert groups[199] != groups[170] and info["largest_group"] == 2
+
+
+def test_random_kfold_keeps_identical_inputs_together():
+    climate, _ = _twins()
+    groups, _ = SP.identical_input_groups(None, climate)
+    folds = SP.random_kfold(200, 5, seed=3, groups=groups)
+    assert sorted(np.concatenate([f.test for f in folds])) == list(range(200))
+    for f in folds:
+        assert not set(groups[f.test]) & set(groups[f.train])
+        assert 35 <= len(f.test) <= 45
+    plain = SP.random_kfold(200, 5, seed=3)  # without groups some twins straddle (the seed's leak)
+    assert any(set(groups[f.test]) & set(groups[f.train]) for f in plain)
+
+
+def test_random_validation_and_calibration_keep_twins_together():
+    """plan_split hands the identical-input groups to the carving of validation and calibration parts."""
+    from soilnet.config.finetune import FinetuneConfig
+    from soilnet.evaluate.labelled import LabelledData
+    from soilnet.evaluate.run import plan_split
+    from soilnet.schema import SampleSchema, month_range
+
+    climate, _ = _twins()
+    nan = np.full(200, np.nan)
+    schema = SampleSchema(months=month_range("2014-01", "2014-12"), climate_variables=("pr", "tmmn", "tmmx"))
+    data = LabelledData(np.arange(200).astype(str), nan, nan, None, climate, np.ones(200), schema, "soc")
+    folds, groups, info = plan_split(FinetuneConfig(), data)
+    assert info["kind"] == "random" and info["identical_inputs"]["groups_with_identical_inputs"] == 29
+    assert groups is not None
+    rng = np.random.default_rng(0)
+    val, cal, train, excluded = SP.carve_buffered(folds[0].train, (0.15, 0.15), rng, groups)
+    assert len(excluded) == 0
+    assert not set(groups[val]) & set(groups[train]) and not set(groups[cal]) & set(groups[train])
+
+
+def test_spatial_validation_and_calibration_are_buffered_like_the_test_fold():
+    lon, lat = _points()
+    folds = SP.spatial_kfold(lon, lat, k=4, block_km=80.0, buffer_km=40.0, seed=3)
+    blocks = SP.spatial_blocks(lon, lat, 80.0)
+    rng = np.random.default_rng(0)
+    pool = folds[0].train
+    val, cal, train, excluded = SP.carve_buffered(pool, (0.15, 0.15), rng, blocks, lon, lat, 40.0)
+    assert sorted(np.concatenate([val, cal, train, excluded])) == sorted(pool)
+    assert len(excluded) > 0
+    for held in (val, cal):
+        d = SP.nearest_distance_km(lon[train], lat[train], lon[held], lat[held])
+        assert d.min() >= 40.0
