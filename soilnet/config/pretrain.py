@@ -59,8 +59,12 @@ class TrainConfig(Section):
     ``min_lr_ratio * lr`` at ``steps * global_batch_size`` samples. ``grad_clip``: max global gradient L2 norm
     (0 = off). ``precision``: auto = bf16 on GPU, fp32 on CPU. ``optimizer``: adamw (torch's, inside DeepSpeed),
     or lars/lamb (per-layer trust ratios; ZeRO stage 0 only, since ZeRO flattens layers into partitions).
-    ``grad_cache_chunk``: > 0 embeds the local batch in chunks of this size without graphs, then back-propagates
-    chunk by chunk (GradCache), so memory scales with the chunk while the loss still sees the whole global batch.
+    ``micro_batch_size``: samples per device and forward pass; unset: ``global_batch_size / processes`` at the
+    run's first start. It is recorded in the checkpoint and kept on resume, on any number of processes ``W``: each
+    process accumulates ``global_batch_size / (W * micro_batch_size)`` micro-batches (``W`` must divide
+    ``global_batch_size / micro_batch_size``) through GradCache, so the loss still sees the whole global batch of
+    negatives and BatchNorm still sees ``micro_batch_size`` samples. Memory follows the micro-batch.
+    ``grad_cache_chunk``: its former name (the GradCache chunk), read as ``micro_batch_size``.
     """
 
     steps: int = Field(100, ge=1)
@@ -75,12 +79,28 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "lars", "lamb"] = "adamw"
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    grad_cache_chunk: int = Field(0, ge=0)
+    micro_batch_size: int | None = Field(None, ge=1)
     seed: int = 0
     log_every_steps: int = Field(1, ge=1)
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_name(cls, tree: Any) -> Any:
+        """``grad_cache_chunk: n`` (n > 0) is ``micro_batch_size: n``; 0 meant off, now unset."""
+        if isinstance(tree, dict) and "grad_cache_chunk" in tree:
+            tree = dict(tree)
+            chunk = tree.pop("grad_cache_chunk") or None
+            if chunk is not None and tree.get("micro_batch_size") not in (None, chunk):
+                raise ValueError(
+                    f"grad_cache_chunk={chunk} (the former name of micro_batch_size) and micro_batch_size="
+                    f"{tree['micro_batch_size']} disagree; keep micro_batch_size"
+                )
+            if chunk is not None:
+                tree["micro_batch_size"] = chunk
+        return tree
 
 
 class CheckpointConfig(Section):

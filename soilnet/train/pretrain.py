@@ -2,7 +2,10 @@
 
 One process per device, started by torchrun, srun, submitit or nothing (:mod:`soilnet.distributed`). Each step
 takes global batch ``G`` of the global sample order (:mod:`soilnet.data.order`), ``G / W`` per rank, embeds both
-modalities, and contrasts them against the whole global batch (:mod:`soilnet.losses`). The run resumes from
+modalities in micro-batches of ``train.micro_batch_size`` (GradCache when a rank holds several,
+:mod:`soilnet.train.gradcache`), and contrasts them against the whole global batch (:mod:`soilnet.losses`). The
+micro-batch is fixed for the run's life, so BatchNorm sees the same samples on any world size. The run resumes from
+
 ``output_dir/checkpoints/latest`` by itself, converting the checkpoint to a universal one when the world size has
 changed. On SIGUSR2 or SIGTERM every rank agrees (an all-reduce of the flag after each step) to save a checkpoint
 together; ``run`` then returns ``{"stopped_early": True}`` and ``soilnet pretrain`` exits with 75 (EX_TEMPFAIL):
@@ -24,7 +27,7 @@ from torch import nn
 import soilnet
 from soilnet.config.base import ConfigError, save_resolved, to_plain
 from soilnet.config.pretrain import PretrainConfig
-from soilnet.data import LoaderSpec, build_loader, micro_batch, open_shards
+from soilnet.data import BatchSizeError, LoaderSpec, build_loader, micro_batch, open_shards
 from soilnet.data.augment import AugmentSpec
 from soilnet.data.order import steps_per_epoch
 from soilnet.data.shards import DataError
@@ -62,54 +65,28 @@ class PretrainModule(nn.Module):
 
 def grad_cache_step(
     engine,
-    chunk: int,
+    micro: int,
     image: torch.Tensor,
     climate: torch.Tensor,
     keys: torch.Tensor | None,
     image2: torch.Tensor | None,
+    world: int,
 ):
-    """One GradCache step (Gao et al. 2021): embed the local batch in chunks without graphs, take the loss and
-    its gradient w.r.t. the embeddings over the whole global batch, then re-embed chunk by chunk with graphs and
-    back-propagate those gradients. Memory scales with ``chunk``; the gradients equal the full-batch ones (up to
-    float rounding) for models whose forward treats samples independently (no batch statistics).
+    """One step over this rank's ``b / micro`` accumulation micro-batches through GradCache
+    (:func:`soilnet.train.gradcache.grad_cache`): the loss sees the whole global batch, the gradients are the
+    full-batch ones, DeepSpeed reduces them across ranks once, after the last micro-batch.
 
     image: (b, C, H, W); climate: (b, T, F); keys: (b,) int64 or None; image2: (b, C, H, W) or None.
     Returns what ``PretrainModule.forward`` returns, detached.
     """
+
+    def backward(surrogate: torch.Tensor, last: bool) -> None:
+        engine.set_gradient_accumulation_boundary(last)
+        # the surrogates' gradients already sum to the step's gradient: no division by the accumulation steps
+        engine.backward(surrogate, scale_wrt_gas=False)
+
     module = engine.module
-    model, loss_fn = module.model, module.loss
-    parts = [slice(i, min(i + chunk, image.shape[0])) for i in range(0, image.shape[0], chunk)]
-    states, zi, zc, zi2 = [], [], [], []
-    with torch.no_grad():
-        for s in parts:
-            states.append(torch.get_rng_state())
-            a, c = model(image[s], climate[s])
-            zi.append(a)
-            zc.append(c)
-            if image2 is not None:
-                zi2.append(model(image2[s], climate[s])[0])
-    after = torch.get_rng_state()
-    z_img = torch.cat(zi).detach().requires_grad_()
-    z_clim = torch.cat(zc).detach().requires_grad_()
-    z_img2 = torch.cat(zi2).detach().requires_grad_() if image2 is not None else None
-    loss, out = loss_fn(z_img, z_clim, keys, z_img2)
-    leaves = [z_img, z_clim] + ([z_img2] if z_img2 is not None else [])
-    learnable = loss_fn.log_temperature.requires_grad
-    grads = torch.autograd.grad(loss, leaves + ([loss_fn.log_temperature] if learnable else []))
-    for k, s in enumerate(parts):
-        torch.set_rng_state(states[k])  # the same dropout masks as in the first pass
-        a, c = model(image[s], climate[s])
-        surrogate = (a * grads[0][s].to(a.dtype)).sum() + (c * grads[1][s].to(c.dtype)).sum()
-        if image2 is not None:
-            a2 = model(image2[s], climate[s])[0]
-            surrogate = surrogate + (a2 * grads[2][s].to(a2.dtype)).sum()
-        last = k == len(parts) - 1
-        if last and learnable:
-            surrogate = surrogate + loss_fn.log_temperature * grads[-1]
-        engine.set_gradient_accumulation_boundary(last)  # reduce gradients across ranks once, after the last chunk
-        engine.backward(surrogate)
-    torch.set_rng_state(after)
-    return loss.detach(), z_img.detach(), z_clim.detach(), out
+    return grad_cache(module.model, module.loss, micro, image, climate, keys, image2, backward, world)
 
 
 def restore_buffers(module: nn.Module, ref: ckpt.CheckpointRef) -> None:
@@ -153,8 +130,12 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: PretrainConfig, world: int, prec: str, peak_lr: float, universal: bool) -> dict:
-    """The DeepSpeed config: ``cfg.deepspeed`` over what the job derives; batch sizes are always derived."""
+def deepspeed_config(
+    cfg: PretrainConfig, world: int, prec: str, peak_lr: float, universal: bool, micro: int | None = None
+) -> dict:
+    """The DeepSpeed config: ``cfg.deepspeed`` over what the job derives; batch sizes are always derived: ``micro``
+    samples per device and forward (default ``G / world``), accumulated over ``G / (world * micro)`` micro-batches.
+    """
     t = cfg.train
     derived = {
         "gradient_clipping": t.grad_clip,
@@ -170,8 +151,9 @@ def deepspeed_config(cfg: PretrainConfig, world: int, prec: str, peak_lr: float,
         }
     out = _merge(derived, cfg.deepspeed)
     out["train_batch_size"] = t.global_batch_size
-    out["train_micro_batch_size_per_gpu"] = micro_batch(t.global_batch_size, world)
-    out["gradient_accumulation_steps"] = 1
+    micro = micro or micro_batch(t.global_batch_size, world)
+    out["train_micro_batch_size_per_gpu"] = micro
+    out["gradient_accumulation_steps"] = accumulation_steps(t.global_batch_size, micro, world)
     if universal:
         out.setdefault("checkpoint", {})["load_universal"] = True
     return out
@@ -179,6 +161,59 @@ def deepspeed_config(cfg: PretrainConfig, world: int, prec: str, peak_lr: float,
 
 def zero_stage(cfg: PretrainConfig) -> int:
     return int((cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0))
+
+
+def accumulation_steps(global_batch: int, micro: int, world: int, recorded_in: Path | None = None) -> int:
+    """Micro-batches each of ``world`` ranks accumulates per step: ``G / (world * micro)``; raises saying what to
+    change when ``world`` does not divide the ``G / micro`` micro-batches of a step. ``recorded_in``: the
+    checkpoint whose micro-batch a resume keeps (named in the error)."""
+    if global_batch % micro:
+        raise BatchSizeError(
+            f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size={micro}: set "
+            f"train.micro_batch_size to a divisor of {global_batch}"
+        )
+    n = global_batch // micro
+    if n % world:
+        fits = ", ".join(str(w) for w in range(1, n + 1) if n % w == 0)
+        source = f"recorded in {recorded_in}, which a resume keeps" if recorded_in else "per process and forward"
+        new_run = (
+            f"or start a new run (new output_dir) with train.micro_batch_size a divisor of {global_batch // world}"
+            if global_batch % world == 0
+            else f"train.global_batch_size does not divide by {world} either"
+        )
+        raise BatchSizeError(
+            f"a step's {n} micro-batch(es) of train.micro_batch_size={micro} samples ({source}; "
+            f"train.global_batch_size={global_batch}) cannot be shared by {world} processes: run on a number of "
+            f"processes that divides {n} ({fits}); {new_run}"
+        )
+    return n // world
+
+
+def micro_batch_size(cfg: PretrainConfig, world: int, resume: ckpt.CheckpointRef | None) -> int:
+    """Samples per device and forward pass: ``train.micro_batch_size``, else the resumed run's, else ``G / world``.
+
+    BatchNorm normalises each micro-batch by its own statistics, so the micro-batch is part of the function being
+    trained and stays fixed for a run's life: a resume on another world size keeps it and changes the number of
+    accumulated micro-batches instead. Checkpoints written before it was recorded had one micro-batch per rank.
+    A resume that asks for another one, or another global batch, is refused (use a new output_dir).
+    """
+    t = cfg.train
+    if resume is None:
+        return t.micro_batch_size or micro_batch(t.global_batch_size, world)
+    meta = resume.meta
+    if meta.get("global_batch_size") != t.global_batch_size:
+        raise DataError(
+            f"{resume.path}: was trained with train.global_batch_size={meta.get('global_batch_size')}, "
+            f"this run asks for {t.global_batch_size}; resume with the same global batch or use a new output_dir"
+        )
+    recorded = int(meta.get("micro_batch_size") or t.global_batch_size // int(meta["world_size"]))
+    if t.micro_batch_size not in (None, recorded):
+        raise ConfigError(
+            f"{resume.path}: was trained with train.micro_batch_size={recorded}, this run asks for "
+            f"{t.micro_batch_size}; BatchNorm statistics depend on it: leave it unset (or {recorded}) to resume, or "
+            "use a new output_dir"
+        )
+    return recorded
 
 
 class MetricsLog:
@@ -258,70 +293,23 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
     root = out / "checkpoints"
     shards = open_shards(cfg.data.shards, cfg.data.schema_)
     t = cfg.train
-    b = micro_batch(t.global_batch_size, info.world_size)
     steps_per_epoch(shards.samples, t.global_batch_size)
     stage = zero_stage(cfg)
     check_optimizer(t.optimizer, stage)
-    if t.grad_cache_chunk and stage >= 3:
-        raise ConfigError("train.grad_cache_chunk needs whole parameters (ZeRO stage <= 2); set it to 0 under stage 3")
+    resume = ckpt.latest(root)
+    micro = micro_batch_size(cfg, info.world_size, resume)
+    acc = accumulation_steps(t.global_batch_size, micro, info.world_size, resume.path if resume else None)
+    b = micro * acc  # this rank's samples per step
+    if acc > 1 and stage >= 3:
+        raise ConfigError(
+            f"{acc} micro-batches of train.micro_batch_size={micro} per process go through GradCache, which needs "
+            f"whole parameters (ZeRO stage <= 2); under stage 3 run on {t.global_batch_size // micro} processes"
+        )
     prec = precision(cfg, info)
     peak = scaled_lr(t.lr, t.global_batch_size, t.base_batch_size, t.lr_scaling)
 
-    resume = ckpt.latest(root)
     load_tag, universal = None, False
     if resume is not None:
-        if resume.meta.get("global_batch_size") != t.global_batch_size:
-            raise DataError(
-                f"{resume.path}: was trained with train.global_batch_size={resume.meta.get('global_batch_size')}, "
-def checkpoint_meta(cfg: PretrainConfig, base: dict, step: int, samples: int, shards) -> dict:
-    """``soilnet.json`` of the checkpoint after ``step`` steps and ``samples`` samples; ``base``: world size, batch
-    sizes and ZeRO stage; ``shards``: the run's :class:`~soilnet.data.shards.ShardSet`."""
-    d, t = cfg.data, cfg.train
-    return {
-        **base,
-        "step": step,
-        "samples": samples,
-        "loader": {"samples_seen": samples, "seed": d.seed, "global_batch_size": t.global_batch_size},
-        "config": to_plain(cfg),
-        "schema": shards.schema.to_dict(),
-        "normalisation": shard_statistics(shards),  # travels into `soilnet export` for fine-tuning
-        "model": to_plain(cfg.model),
-        "code_version": code_version(),
-        "time": time.time(),
-    }
-
-
-class NonFiniteLossError(ValueError):
-    """A step's loss was NaN or infinite on some rank; every rank stopped before the optimizer took the step. A
-    ``ValueError``, so ``soilnet`` reports it as one line and exits 2, not 75: a rerun meets the same step again, so
-    nothing requeues it by itself."""
-
-
-def stop_on_nonfinite(
-    engine, root: Path, start: ckpt.StepStart, meta: dict, info: DistInfo, ranks: int, loss, ids, cfg
-) -> NonFiniteLossError:
-    """Every rank, when ``ranks`` > 0 ranks met a non-finite loss in the step after ``meta["step"]``: put back the
-    buffers (BatchNorm statistics) of before that step, save that state with its RNG states (the step's forward
-    and backward ran, the optimizer did not), and return the error to raise. ``ids``: this rank's global sample ids
-    of the step, logged when its own loss is the non-finite one (a bad sample is then among them)."""
-    step = int(meta["step"])
-    value = float(loss.detach().float().sum())
-    if not torch.isfinite(loss.detach()).all():
-        shown = ids.tolist()[:64]
-        log.error("rank %d: the loss of step %d is %s; this rank's batch held global sample ids %s%s", info.rank,
-                  step + 1, value, shown, " ..." if len(ids) > len(shown) else "")  # fmt: skip
-    start.restore_buffers(engine.module)
-    path = ckpt.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last, rng=start.rng)
-    return NonFiniteLossError(
-        f"step {step + 1}: the loss is not finite on {ranks} of {info.world_size} rank(s); the optimizer did not take "
-        f"that step. The state before it is saved as {path} (step {step}). Rerun unchanged, it resumes there and meets "
-        "the same step: lower train.lr, warm up longer (train.warmup_samples) or go back to an earlier checkpoint "
-        "(remove the newer step folders), and check the shards with `soilnet verify --shards DIR`"
-    )
-
-
-                f"this run asks for {t.global_batch_size}; resume with the same global batch or use a new output_dir"
-            )
         was = int(resume.meta.get("zero_stage", 0))
         if was != stage and 0 in (was, stage):
             # stage 0 keeps the whole optimizer state in mp_rank_00_model_states.pt, stages >= 1 in per-rank
@@ -342,7 +330,7 @@ def stop_on_nonfinite(
     module = PretrainModule(model, loss_fn)
     groups = param_groups(module, t.weight_decay)
     client_opt = build_client_optimizer(t.optimizer, groups, peak, t.betas, t.weight_decay)
-    ds_cfg = deepspeed_config(cfg, info.world_size, prec, peak, universal)
+    ds_cfg = deepspeed_config(cfg, info.world_size, prec, peak, universal, micro)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=groups if client_opt is None else None,
@@ -385,7 +373,9 @@ def stop_on_nonfinite(
     spec = loader_spec(cfg, info.rank, info.world_size, image_dtype=dtype)
     with stop_signals_blocked():  # workers start here
         loader = iter(build_loader(shards, spec, start_step=step))
-    base = {"world_size": info.world_size, "global_batch_size": t.global_batch_size, "zero_stage": stage}
+    base = {"world_size": info.world_size, "global_batch_size": t.global_batch_size, "micro_batch_size": micro,
+            "zero_stage": stage}  # fmt: skip
+    running = RunningStats(engine.module)  # BatchNorm statistics, made the same on every rank after each step
     corrupt = torch.zeros(2)  # [corrupt samples, samples read] on this rank since start
     stopped = False
     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -406,11 +396,13 @@ def stop_on_nonfinite(
         climate = batch["climate"].to(info.device, dtype)
         keys = batch["climate_key"].to(info.device) if cfg.loss.mask_identical_climate else None
         image2 = batch["image2"].to(info.device, dtype) if "image2" in batch else None
-        if t.grad_cache_chunk and t.grad_cache_chunk < b:
-            loss, z_img, z_clim, cm = grad_cache_step(engine, t.grad_cache_chunk, image, climate, keys, image2)
+        if acc > 1:
+            loss, z_img, z_clim, cm = grad_cache_step(engine, micro, image, climate, keys, image2, info.world_size)
         else:
             loss, z_img, z_clim, cm = engine(image, climate, keys, image2)
             engine.backward(loss)
+            if running and info.world_size > 1:  # every rank holds the mean over the global batch's micro-batches
+                running.set_mean(running.flat(), 1, info.world_size)
         engine.step()
         step += 1
         samples += t.global_batch_size

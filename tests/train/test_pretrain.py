@@ -160,8 +160,9 @@ def test_world_size_change_2_to_1_converts_to_universal_and_continues_the_sequen
 
 def test_world_size_change_1_to_2_continues_the_same_run(straight_flat, shards, tmp_path):
     one = tmp_path / "one"
-    # 1 rank runs 4 of the 6 steps and dies (its checkpoint at 3 stands), then 2 ranks continue the run
-    assert run(one, shards, 1, "debug.sigkill_after_step=4", flat=True) != [0]
+    # 1 rank runs 4 of the 6 steps in micro-batches of 8 (as 2 ranks do) and dies (its checkpoint at 3 stands),
+    # then 2 ranks continue the run
+    assert run(one, shards, 1, "debug.sigkill_after_step=4", "train.micro_batch_size=8", flat=True) != [0]
     assert (one / "checkpoints" / "latest").read_text() == "step_00000003"
     assert run(one, shards, 2, flat=True) == [0, 0], log_of(one)
     assert (one / "checkpoints" / "step_00000003.universal" / "zero").is_dir()
@@ -197,7 +198,7 @@ def test_world_size_change_under_zero_stage_0_loads_the_checkpoint_as_it_is_and_
 
     # 1 -> 2: one rank dies after step 4 (its checkpoint at 3 stands), two ranks both read the one state file
     one = tmp_path / "one"
-    assert run(one, shards, 1, *lars, "debug.sigkill_after_step=4", flat=True) != [0]
+    assert run(one, shards, 1, *lars, "debug.sigkill_after_step=4", "train.micro_batch_size=8", flat=True) != [0]
     assert run(one, shards, 2, *lars, flat=True) == [0, 0], log_of(one)
     assert not (one / "checkpoints" / "step_00000003.universal").exists()
     assert sample_sequence(one) == sample_sequence(straight)
@@ -206,13 +207,86 @@ def test_world_size_change_under_zero_stage_0_loads_the_checkpoint_as_it_is_and_
         assert torch.allclose(c[k], b[k], atol=1e-5, rtol=1e-4), (k, float((c[k] - b[k]).abs().max()))
 
 
-def test_world_size_change_keeps_batchnorm_statistics(straight, shards, tmp_path):
+def full_state(out: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the model and loss, buffers (BatchNorm statistics) included, at ``tag`` (default latest)."""
+    tag = tag or (out / "checkpoints" / "latest").read_text().strip()
+    path = out / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=True)["module"]
+
+
+def assert_same_run(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-3) -> None:
+    """||a - b|| / ||b|| <= tol for every tensor (b the reference)."""
+    assert a.keys() == b.keys()
+    errors = {}
+    for k in b:
+        x, y = a[k].double(), b[k].double()
+        errors[k] = float((x - y).norm() / y.norm()) if y.norm() > 0 else float((x - y).norm())
+    assert max(errors.values()) <= tol, {k: f"{e:.2e}" for k, e in errors.items()}
+
+
+def test_world_size_change_2_to_1_with_batchnorm_matches_the_uninterrupted_2_rank_run(straight, shards, tmp_path):
+    """The demo model has BatchNorm. Stopped at step 3 of 6 on 2 ranks (8 samples each), resumed on 1 rank: it
+    keeps micro-batches of 8 (two per step, accumulated through GradCache), so every BatchNorm normalises the same
+    samples as before; the running statistics are the mean over the global batch's micro-batches on any world
+    size. Every tensor, buffers included, ends where the uninterrupted run does."""
     out = tmp_path / "run"
     resume_from_step_3(straight, out)
     assert run(out, shards, 1) == [0], log_of(out)
+    assert (out / "checkpoints" / "step_00000003.universal" / "zero").is_dir()
+    meta = json.loads((out / "checkpoints" / "step_00000006" / "soilnet.json").read_text())
+    assert (meta["world_size"], meta["micro_batch_size"]) == (1, 8)
     assert sample_sequence(out) == sample_sequence(straight)
-    tracked = {k: v for k, v in weights(out).items() if k.endswith("num_batches_tracked")}
-    assert tracked and all(int(v) == 6 for v in tracked.values())  # 3 restored + 3 new steps
+    a, b = full_state(out), full_state(straight)
+    assert int(a["model.image_encoder.features.1.num_batches_tracked"]) == 6  # 3 restored + 3 new steps
+    assert_same_run(a, b)
+    fresh = full_state(out, "step_00000003")
+    assert any(not torch.equal(a[k], fresh[k]) for k in a if k.endswith("running_mean"))  # the resumed steps did train
+
+
+def test_world_size_change_1_to_2_with_batchnorm_matches_the_uninterrupted_1_rank_run(shards, tmp_path):
+    """1 rank with micro-batches of 8 (two per step through GradCache), killed after step 4 (its checkpoint at 3
+    stands), resumed on 2 ranks with one micro-batch each: the same function, so the same weights and BatchNorm
+    statistics as the uninterrupted 1-rank run. A resume that asks for another micro-batch is refused."""
+    _needs_model()
+    straight, one = tmp_path / "straight", tmp_path / "one"
+    assert run(straight, shards, 1, "train.micro_batch_size=8") == [0], log_of(straight)
+    assert run(one, shards, 1, "train.micro_batch_size=8", "debug.sigkill_after_step=4") != [0]
+    assert (one / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert run(one, shards, 2, "train.micro_batch_size=16") == [2, 2]
+    assert "was trained with train.micro_batch_size=8, this run asks for 16" in log_of(one)
+    assert run(one, shards, 2) == [0, 0], log_of(one)  # unset: the recorded micro-batch of 8
+    meta = json.loads((one / "checkpoints" / "step_00000006" / "soilnet.json").read_text())
+    assert (meta["world_size"], meta["micro_batch_size"]) == (2, 8)
+    assert sample_sequence(one) == sample_sequence(straight)
+    assert_same_run(full_state(one), full_state(straight))
+
+
+def test_micro_batch_is_kept_on_resume_and_the_world_size_must_share_its_micro_batches(tmp_path):
+    from soilnet.config.base import ConfigError
+    from soilnet.config.pretrain import PretrainConfig
+    from soilnet.data import BatchSizeError
+    from soilnet.train.checkpoint import CheckpointRef
+    from soilnet.train.pretrain import accumulation_steps, micro_batch_size
+
+    cfg = PretrainConfig.model_validate({"train": {"global_batch_size": 16}})
+    assert micro_batch_size(cfg, 2, None) == 8  # a first start: G / W
+    ref = CheckpointRef(tmp_path, "step_00000003", {"global_batch_size": 16, "world_size": 2, "micro_batch_size": 8})
+    assert micro_batch_size(cfg, 1, ref) == 8  # a resume: the recorded one, whatever W
+    old = CheckpointRef(tmp_path, "step_00000003", {"global_batch_size": 16, "world_size": 2})
+    assert micro_batch_size(cfg, 4, old) == 8  # written before it was recorded: one micro-batch per rank
+    cfg.train.micro_batch_size = 4
+    with pytest.raises(ConfigError, match="was trained with train.micro_batch_size=8, this run asks for 4"):
+        micro_batch_size(cfg, 1, ref)
+    assert [accumulation_steps(16, 8, w) for w in (1, 2)] == [2, 1]
+    with pytest.raises(BatchSizeError, match=r"2 micro-batch\(es\) .* cannot be shared by 4 processes: .* \(1, 2\)"):
+        accumulation_steps(16, 8, 4)
+    with pytest.raises(BatchSizeError, match="not a multiple of train.micro_batch_size=5"):
+        accumulation_steps(16, 5, 1)
+    from soilnet.train.pretrain import deepspeed_config
+
+    ds = deepspeed_config(cfg, 1, "fp32", 1e-3, False, micro=8)
+    sizes = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    assert sizes == (16, 8, 2)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])
@@ -287,7 +361,7 @@ def test_grad_cache_gives_the_full_batch_update(shards, tmp_path):
     _needs_model()
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     assert run(plain, shards, 1, "train.steps=2", flat=True) == [0], log_of(plain)
-    assert run(cached, shards, 1, "train.steps=2", "train.grad_cache_chunk=4", flat=True) == [0], log_of(cached)
+    assert run(cached, shards, 1, "train.steps=2", "train.micro_batch_size=4", flat=True) == [0], log_of(cached)
     a, b = weights(plain), weights(cached)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
