@@ -1,30 +1,48 @@
-"""How much SSL pretraining helps at few labels, on the synthetic world.
+"""How much SSL pretraining helps at few labels, on the synthetic world: a paired, seeded, inductive comparison.
 
-Packs a synthetic world (``configs/preprocess/demo.yaml``, ``--samples`` points), pretrains on it without labels
-(``configs/pretrain/demo.yaml``, one process, ``--pretrain-steps``), exports the encoders, then fine-tunes
-(``configs/finetune/demo.yaml``: both modalities, spatially blocked 3-fold cross-validation) on 5 %, 20 % and
-100 % of each fold's labelled training pool, from scratch and from the pretrained encoders. Both arms share the
-folds, the label subsets (drawn from ``eval.split.seed``) and the training seeds, so the only difference is the
-starting weights. Reports pooled held-out R² and RMSE (original units, g/kg), the mean over ``--seeds`` training
-seeds, and the random-forest baseline on the same folds.
+Points. ``--samples`` labelled points are drawn from the synthetic world (``configs/preprocess/demo.yaml``'s box)
+in the black squares of a checkerboard of ``2 x eval.split.block_km`` squares, so that half of the world holds no
+labelled point. Fine-tuning (``--config``, default ``configs/finetune/demo.yaml``: both modalities, spatially
+blocked 3-fold cross-validation, 100 km blocks, 25 km buffer) runs on them.
 
-Fine-tuning budgets (``--budget samples``, the default): the demo config's 20 epochs (patience 5) are meant for all
-labels; on 5 % of them an epoch is one batch, and 20 epochs would compare two barely trained networks. So epochs and
-patience are scaled by 1 / fraction (capped by ``--max-epochs``): every run sees about as many training samples.
+Pretraining variants (``configs/pretrain/demo.yaml``, one process, ``--pretrain-steps`` steps), each with
+``--pretrain-seeds`` seeds (``train.seed`` and ``data.seed``):
 
-    .venv/bin/python benchmarks/ssl_gain.py                       # 3.5 minutes on the 2-core machine
-    .venv/bin/python benchmarks/ssl_gain.py --pretrain-steps 1200 # longer pretraining, about 7 minutes
-    .venv/bin/python benchmarks/ssl_gain.py train.encoders=frozen   # a probe of frozen features
+- ``transductive``: pretrain on the labelled points themselves (without labels), as a practitioner who pretrains
+  on the area to be mapped would; pretraining has seen every test block;
+- ``inductive``: pretrain on as many other points, drawn from the same world away from the test blocks: none lies
+  in a cross-validation block that holds a labelled point (the blocks of :func:`soilnet.evaluate.splits.
+  spatial_blocks`, every one of which is a test block in some fold) nor within ``eval.split.buffer_km`` of a
+  labelled point.
 
-``--shards`` / ``--encoders`` reuse an existing world / export. Trailing ``key=value`` arguments override the
-fine-tuning config for both arms. Everything goes to ``--out``; the last line printed is one JSON object
-(``r2_scratch``, ``r2_ssl``, ``gain`` per label fraction, ``gain_at_5pct``, ...).
+Arms. ``scratch`` (random encoders) and ``ssl`` (a variant's export) fine-tune the same architecture: the scratch
+arm takes the export's encoder choices too (``apply_export_model``), and the benchmark records the parameter
+names and shapes of every model actually built, per arm, and fails unless they are identical. Both arms share
+the folds, the label subsets (from ``eval.split.seed``) and the fine-tuning seeds (``--seeds``, ``train.seed``),
+so each SSL run has a scratch partner that differs only in the starting weights (and, by default, in the input
+normalisation: the SSL arm scales inputs with the pretraining shards' statistics, ``data.normalisation``).
+
+Gains. For each variant and label fraction, the paired differences ``R²(ssl, pretraining seed p, seed s) -
+R²(scratch, seed s)`` over all ``p, s`` give the mean gain and a 95 % t-interval over the pairs
+(``seeds x pretrain_seeds`` of them; pairs that share a scratch run or a pretraining run are not independent,
+so the interval is optimistic about the pretraining-seed spread, which only 2 seeds cannot measure well).
+
+Fine-tuning budget (``--budget samples``, the default): epochs and patience are scaled by 1 / fraction (capped by
+``--max-epochs``) so that every run sees about as many training samples.
+
+    .venv/bin/python benchmarks/ssl_gain.py                              # the defaults: 5 x 2 seeds, 3 fractions
+    .venv/bin/python benchmarks/ssl_gain.py --fractions 0.05,0.2 --pretrain-steps 200
+
+Everything goes to ``--out``; a finished step (packed world, pretraining, fine-tuning run) found there is reused.
+The last line printed is one JSON object: ``transductive`` and ``inductive``, each ``{fraction: {gain, ci_low,
+ci_high, seeds, ...}}``, plus ``architecture``, ``inductive_check``, settings and timings.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -40,6 +58,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / "configs" / "preprocess" / "demo.yaml"
 PRETRAIN = REPO / "configs" / "pretrain" / "demo.yaml"
+VARIANTS = ("transductive", "inductive")
 
 
 def sh(argv: list[str], log: Path) -> None:
@@ -54,33 +73,147 @@ def sh(argv: list[str], log: Path) -> None:
         raise SystemExit(f"soilnet {argv[0]} failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
 
 
-def finetune(config: str, overrides: list[str]) -> dict:
-    """One ``soilnet finetune`` in this process (no start-up per run); returns its metrics.json."""
+# ------------------------------------------------------------------------------------------------- points
+
+
+def _laea_cells(lon: np.ndarray, lat: np.ndarray, lon0: float, lat0: float, km: float) -> np.ndarray:
+    """``(N, 2)`` int64 square indices of ``km`` squares on the equal-area plane centred at (lon0, lat0), as
+    :func:`soilnet.evaluate.splits.spatial_blocks` draws them (it centres on the points' mean)."""
+    from pyproj import Transformer
+
+    laea = Transformer.from_crs(
+        "EPSG:4326", f"+proj=laea +lat_0={lat0} +lon_0={lon0} +datum=WGS84 +units=m", always_xy=True
+    )
+    x, y = laea.transform(lon, lat)
+    return np.stack([np.floor(np.asarray(x) / (km * 1000.0)), np.floor(np.asarray(y) / (km * 1000.0))], 1).astype(
+        np.int64
+    )
+
+
+def draw_points(bbox, n: int, seed: int, block_km: float, buffer_km: float) -> tuple[dict, dict]:
+    """(labelled, inductive) point sets ``{"lon", "lat"}`` of ``n`` points each, and a check of the exclusion.
+
+    Labelled points lie in the black squares of a ``2 block_km`` checkerboard; inductive pretraining points share
+    no cross-validation block with a labelled point and lie more than ``buffer_km`` from every one."""
+    from shards.sources.synthetic import sample_bbox
+    from soilnet.evaluate.splits import nearest_distance_km, spatial_blocks
+
+    lon, lat = sample_bbox(bbox, 60 * n, seed)
+    centre = ((bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2)
+    board = _laea_cells(lon, lat, *centre, 2 * block_km)
+    black = np.flatnonzero(board.sum(1) % 2 == 0)[:n]
+    if len(black) < n:
+        raise SystemExit(f"only {len(black)} candidate points in the labelled squares; fewer --samples")
+    lab = {"lon": lon[black], "lat": lat[black]}
+    # the cross-validation's own blocks: spatial_blocks centres its grid on the labelled points' mean
+    lab_blocks = _laea_cells(lab["lon"], lab["lat"], float(np.mean(lab["lon"])), float(np.mean(lab["lat"])), block_km)
+    cand_blocks = _laea_cells(lon, lat, float(np.mean(lab["lon"])), float(np.mean(lab["lat"])), block_km)
+    taken = {tuple(b) for b in lab_blocks}
+    in_test_block = np.array([tuple(b) in taken for b in cand_blocks])
+    near = nearest_distance_km(lon, lat, lab["lon"], lab["lat"]) <= buffer_km
+    free = np.flatnonzero(~in_test_block & ~near)[:n]
+    if len(free) < n:
+        raise SystemExit(f"only {len(free)} candidate points away from the test blocks; fewer --samples")
+    ind = {"lon": lon[free], "lat": lat[free]}
+    # spatial_blocks on the labelled points groups them as _laea_cells does (same grid), checked here
+    same = spatial_blocks(lab["lon"], lab["lat"], block_km)
+    _, mine = np.unique(lab_blocks, axis=0, return_inverse=True)
+    assert np.array_equal(same, mine.reshape(-1)), "the replicated block grid differs from spatial_blocks"
+    check = {
+        "labelled_blocks": len(taken),
+        "inductive_points_in_a_labelled_block": int(sum(tuple(b) in taken for b in cand_blocks[free])),
+        "min_distance_to_a_labelled_point_km": float(
+            nearest_distance_km(ind["lon"], ind["lat"], lab["lon"], lab["lat"]).min()
+        ),  # fmt: skip
+        "buffer_km": buffer_km,
+        "block_km": block_km,
+    }
+    return {"labelled": lab, "inductive": ind}, check
+
+
+def write_points(path: Path, prefix: str, pts: dict) -> Path:
+    rows = [f"{prefix}{i:05d},{lo:.6f},{la:.6f}" for i, (lo, la) in enumerate(zip(pts["lon"], pts["lat"], strict=True))]
+    path.write_text("id,lon,lat\n" + "\n".join(rows) + "\n")
+    return path
+
+
+# -------------------------------------------------------------------------------------------- fine-tuning
+
+
+def fingerprint(model) -> dict:
+    """Parameter names and shapes of a model: a sha256 of them and the parameter count."""
+    shapes = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+    return {"sha256": digest, "parameters": int(sum(p.numel() for p in model.parameters())), "tensors": len(shapes)}
+
+
+@contextlib.contextmanager
+def recording_models(seen: list[dict]):
+    """Record the fingerprint of every model fine-tuning builds (what actually trains, not what a config says)."""
+    from soilnet.train import finetune as FT
+
+    original = FT.build_model
+
+    def build(*a, **kw):
+        model = original(*a, **kw)
+        seen.append(fingerprint(model))
+        return model
+
+    FT.build_model = build
+    try:
+        yield
+    finally:
+        FT.build_model = original
+
+
+def finetune(config: str, overrides: list[str], export_meta: dict) -> tuple[dict, list[dict]]:
+    """One ``soilnet finetune`` in this process, with the export's encoder choices in both arms; returns its
+    metrics.json and the fingerprints of the models it built (from a saved run: ``[]``)."""
     from soilnet.config.base import load_config
     from soilnet.config.finetune import FinetuneConfig
-    from soilnet.train.finetune import run
+    from soilnet.train import finetune as FT
 
     cfg = load_config(FinetuneConfig, REPO / config, overrides)
-    with contextlib.redirect_stdout(io.StringIO()):
-        run(cfg)
-    return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    # the scratch arm gets the pretrained encoders' architecture: the arms differ only in the starting weights
+    cfg.model = FT.apply_export_model(cfg.model, export_meta, FT.modalities_of(cfg.modalities))
+    done = Path(cfg.output_dir) / "metrics.json"
+    seen: list[dict] = []
+    if not done.is_file():
+        with recording_models(seen), contextlib.redirect_stdout(io.StringIO()):
+            FT.run(cfg)
+        (Path(cfg.output_dir) / "architectures.json").write_text(json.dumps(seen))
+    else:
+        seen = json.loads((Path(cfg.output_dir) / "architectures.json").read_text())
+    return json.loads(done.read_text()), seen
 
 
 def label(frac: float) -> str:
     return f"{frac * 100:g}%"
 
 
-def main() -> None:
+def t_interval(d: np.ndarray, level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """(mean, low, high) of a t-interval for the mean of ``d``; (mean, None, None) for fewer than 2 values."""
+    from scipy import stats
+
+    mean = float(np.mean(d))
+    if len(d) < 2:
+        return mean, None, None
+    half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * np.std(d, ddof=1) / math.sqrt(len(d)))
+    return mean, mean - half, mean + half
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/benchmarks/ssl_gain")
-    p.add_argument("--samples", type=int, default=512, help="points of the synthetic world")
-    p.add_argument("--shards", default=None, help="labelled shards to use instead of packing a world")
-    p.add_argument("--encoders", default=None, help="a `soilnet export` file instead of pretraining")
+    p.add_argument("--samples", type=int, default=512, help="labelled points, and points per pretraining set")
+    p.add_argument("--points-seed", type=int, default=0, help="seed of the candidate points")
     p.add_argument("--pretrain-steps", type=int, default=400, help="steps of 32 samples")
+    p.add_argument("--pretrain-seeds", type=int, default=2, help="pretraining runs per variant")
+    p.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds (folds and label subsets fixed)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="transductive,inductive or one of them")
     p.add_argument("--config", default="configs/finetune/demo.yaml", help="fine-tuning config (both arms)")
     p.add_argument("--fractions", type=lambda v: [float(x) for x in v.split(",")], default=[0.05, 0.2, 1.0],
                    help="label fractions, comma-separated (default 0.05,0.2,1)")  # fmt: skip
-    p.add_argument("--seeds", type=int, default=2, help="training seeds per setting (folds and subsets fixed)")
     p.add_argument(
         "--budget",
         choices=["samples", "epochs"],
@@ -90,109 +223,174 @@ def main() -> None:
     )
     p.add_argument("--max-epochs", type=int, default=200)
     p.add_argument("overrides", nargs="*", help="fine-tuning overrides, e.g. train.encoders=frozen")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING)
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    timings = {}
+    timings: dict[str, float] = {}
 
-    shards = Path(args.shards).resolve() if args.shards else out / "shards"
-    if not (shards / "manifest.json").is_file():
-        t0 = time.time()
-        sh(["pack", "--config", str(PACK), f"output_dir={shards}", f"sampling.n={args.samples}"], out / "pack.log")
-        timings["pack_s"] = round(time.time() - t0, 1)
-
-    # one folder per pretraining length: a rerun with other steps must not resume a finished shorter run
-    encoders = Path(args.encoders).resolve() if args.encoders else out / f"encoders_{args.pretrain_steps}.safetensors"
-    if args.encoders is None:
-        t0 = time.time()
-        pre = out / f"pretrain_{args.pretrain_steps}"
-        sh(
-            ["pretrain", "--config", str(PRETRAIN), f"output_dir={pre}", f"data.shards={shards}",
-             f"train.steps={args.pretrain_steps}", f"checkpoint.every_steps={args.pretrain_steps}",
-             "train.tensorboard=false", "train.log_every_steps=50"],
-            out / "pretrain.log",
-        )  # fmt: skip
-        sh(["export", "--checkpoint", str(pre), "--out", str(encoders)], out / "export.log")
-        rows = [json.loads(ln) for ln in (pre / "metrics.jsonl").read_text().splitlines()]
-        timings["pretrain_s"] = round(time.time() - t0, 1)
-        pre_summary = {k: rows[-1][k] for k in ("step", "loss", "top1", "top5", "embedding_std")}
-        pre_summary["first_loss"] = rows[0]["loss"]
-    else:
-        pre_summary = None
-
+    from shards.pack import pack
     from soilnet.config.base import load_config
     from soilnet.config.finetune import FinetuneConfig
+    from soilnet.config.pack import PackConfig
+    from soilnet.train.export import export
 
-    base = load_config(FinetuneConfig, REPO / args.config, args.overrides).train
+    base = load_config(FinetuneConfig, REPO / args.config, args.overrides)
+    split = base.eval.split
+    buffer_km = split.block_km if split.buffer_km is None else split.buffer_km
+    bbox = load_config(PackConfig, PACK, []).source.bbox
+    points, inductive_check = draw_points(bbox, args.samples, args.points_seed, split.block_km, buffer_km)
+
+    t0 = time.time()
+    worlds = {}
+    for name, prefix in (("labelled", "L"), ("inductive", "U")):
+        if name == "inductive" and "inductive" not in variants:
+            continue
+        folder = out / f"world_{name}"
+        if not (folder / "manifest.json").is_file():
+            csv = write_points(out / f"points_{name}.csv", prefix, points[name])
+            pack_cfg = load_config(PackConfig, PACK, [f"output_dir={folder}", f"sampling.points={csv}"])
+            with contextlib.redirect_stdout(io.StringIO()):
+                pack(pack_cfg)  # in this process: no start-up per world
+        worlds[name] = folder
+    timings["pack_s"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    exports: dict[str, list[Path]] = {v: [] for v in variants}
+    pretrain_summary: dict[str, list[dict]] = {v: [] for v in variants}
+    for v in variants:
+        shards = worlds["labelled" if v == "transductive" else "inductive"]
+        for ps in range(args.pretrain_seeds):
+            pre = out / f"pretrain_{v}_seed{ps}_{args.pretrain_steps}"
+            enc = out / f"encoders_{v}_seed{ps}_{args.pretrain_steps}.safetensors"
+            if not enc.is_file():
+                sh(["pretrain", "--config", str(PRETRAIN), f"output_dir={pre}", f"data.shards={shards}",
+                    f"train.steps={args.pretrain_steps}", f"checkpoint.every_steps={args.pretrain_steps}",
+                    f"train.seed={ps}", f"data.seed={ps}", "train.tensorboard=false", "train.log_every_steps=50"],
+                   out / f"pretrain_{v}_seed{ps}.log")  # fmt: skip
+                export(pre, enc)  # plain file reading, no process group: in this process
+            rows = [json.loads(ln) for ln in (pre / "metrics.jsonl").read_text().splitlines()]
+            summary = {k: rows[-1].get(k) for k in ("step", "loss", "top1", "top5", "embedding_std")}
+            pretrain_summary[v].append({**summary, "first_loss": rows[0]["loss"]})
+            exports[v].append(enc)
+    timings["pretrain_s"] = round(time.time() - t0, 1)
+
+    from soilnet.train.finetune import read_export
+
+    export_meta = read_export(exports[variants[0]][0])[1]
 
     def schedule(frac: float) -> list[str]:
         if args.budget == "epochs":
             return []
-        epochs = min(args.max_epochs, math.ceil(base.epochs / frac))
-        patience = min(epochs, math.ceil(base.patience / frac))
+        epochs = min(args.max_epochs, math.ceil(base.train.epochs / frac))
+        patience = min(epochs, math.ceil(base.train.patience / frac))
         return [f"train.epochs={epochs}", f"train.patience={patience}"]
 
-    arms = {"scratch": "null", "ssl": str(encoders)}
-    results: dict[str, dict[str, list[dict]]] = {arm: {} for arm in arms}
+    r2: dict = {}  # (arm, variant, pretrain seed, fraction, seed) -> R²
+    rmse: dict = {}
+    architectures: dict[str, set[str]] = {"scratch": set(), "ssl": set()}
+    arch_detail: dict[str, dict] = {}
+    normalisation: dict[str, set[str]] = {"scratch": set(), "ssl": set()}
     rf: dict[str, float] = {}
     n_train: dict[str, list[int]] = {}
     t0 = time.time()
     for frac in args.fractions:
-        for arm, pretrained in arms.items():
-            for seed in range(args.seeds):
-                run_dir = out / f"{arm}_{label(frac).rstrip('%')}pct_seed{seed}"
-                m = finetune(
+        runs = [("scratch", None, None, "null")]
+        runs += [("ssl", v, ps, str(exports[v][ps])) for v in variants for ps in range(args.pretrain_seeds)]
+        for seed in range(args.seeds):
+            for arm, v, ps, pretrained in runs:
+                tag = "scratch" if arm == "scratch" else f"ssl_{v}_p{ps}"
+                run_dir = out / "runs" / f"{tag}_{label(frac).rstrip('%')}pct_seed{seed}"
+                m, seen = finetune(
                     args.config,
-                    [f"data.shards={shards}", f"output_dir={run_dir}", f"pretrained={pretrained}",
-                     f"train.label_fraction={frac}", f"train.seed={seed}", "final_model=false",
-                     "eval.plots=false",
-                     # the forest sees the same folds and subsets in both arms: fit it once per fraction
+                    [f"data.shards={worlds['labelled']}", f"output_dir={run_dir}", f"pretrained={pretrained}",
+                     f"train.label_fraction={frac}", f"train.seed={seed}", "final_model=false", "eval.plots=false",
+                     # the forest sees the same folds and subsets in every run: fit it once per fraction
                      f"eval.baseline.enabled={str(arm == 'scratch' and seed == 0).lower()}",
                      *args.overrides, *schedule(frac)],
+                    export_meta,
                 )  # fmt: skip
-                results[arm].setdefault(label(frac), []).append(m["model"])
+                key = (arm, v, ps, label(frac), seed)
+                r2[key], rmse[key] = m["model"]["r2"], m["model"]["rmse"]
+                for f in seen:
+                    architectures[arm].add(f["sha256"])
+                    arch_detail[f["sha256"]] = f
+                normalisation[arm].add((m.get("normalisation") or {}).get("used", "?"))
                 if m.get("baseline_rf"):
                     rf[label(frac)] = m["baseline_rf"]["r2"]
                 n_train[label(frac)] = [f["n_train"] for f in m["folds"]]
-                print(f"{label(frac):>5} {arm:8s} seed {seed}: R² {m['model']['r2']:.3f}", file=sys.stderr)
+                print(f"{label(frac):>5} {tag:20s} seed {seed}: R² {r2[key]:.3f}", file=sys.stderr)
     timings["finetune_s"] = round(time.time() - t0, 1)
+    identical = len(architectures["scratch"] | architectures["ssl"]) == 1
+    if not identical:
+        raise SystemExit(f"the arms trained different architectures: {architectures} ({arch_detail})")
 
-    def mean(arm: str, key: str) -> dict[str, float]:
-        return {f: float(np.mean([r[key] for r in rs])) for f, rs in results[arm].items()}
-
-    r2_scratch, r2_ssl = mean("scratch", "r2"), mean("ssl", "r2")
-    gain = {f: r2_ssl[f] - r2_scratch[f] for f in r2_scratch}
+    result: dict = {}
+    for v in variants:
+        result[v] = {}
+        for frac in args.fractions:
+            f = label(frac)
+            pairs = np.array([r2[("ssl", v, ps, f, s)] - r2[("scratch", None, None, f, s)]
+                              for ps in range(args.pretrain_seeds) for s in range(args.seeds)])  # fmt: skip
+            d_rmse = np.array([rmse[("ssl", v, ps, f, s)] - rmse[("scratch", None, None, f, s)]
+                               for ps in range(args.pretrain_seeds) for s in range(args.seeds)])  # fmt: skip
+            gain, lo, hi = t_interval(pairs)
+            result[v][f] = {
+                "gain": gain,
+                "ci_low": lo,
+                "ci_high": hi,
+                "seeds": {"finetune": args.seeds, "pretrain": args.pretrain_seeds, "pairs": len(pairs)},
+                "r2_scratch": float(np.mean([r2[("scratch", None, None, f, s)] for s in range(args.seeds)])),
+                "r2_ssl": float(
+                    np.mean([r2[("ssl", v, ps, f, s)] for ps in range(args.pretrain_seeds) for s in range(args.seeds)])
+                ),  # fmt: skip
+                "gain_by_pretrain_seed": [
+                    float(np.mean(pairs[k * args.seeds : (k + 1) * args.seeds])) for k in range(args.pretrain_seeds)
+                ],  # fmt: skip
+                "rmse_change": float(np.mean(d_rmse)),
+                "rf_r2": rf.get(f),
+                "n_train_per_fold": n_train[f],
+            }
     summary = {
-        "r2_scratch": r2_scratch,
-        "r2_ssl": r2_ssl,
-        "gain": gain,
-        "gain_at_5pct": gain.get("5%"),
-        "r2_sd_scratch": {f: float(np.std([r["r2"] for r in rs])) for f, rs in results["scratch"].items()},
-        "r2_sd_ssl": {f: float(np.std([r["r2"] for r in rs])) for f, rs in results["ssl"].items()},
-        "rmse_scratch": mean("scratch", "rmse"),
-        "rmse_ssl": mean("ssl", "rmse"),
-        "r2_rf": rf,
-        "n_train_per_fold": n_train,
-        "n_points": results["scratch"][label(args.fractions[0])][0]["n"],
-        "seeds": args.seeds,
-        "pretrain": pre_summary,
-        "pretrain_steps": args.pretrain_steps if args.encoders is None else None,
-        "overrides": args.overrides,
-        "budget": args.budget,
-        "schedule": {label(f): schedule(f) for f in args.fractions},
+        **result,
+        "architecture": {
+            "scratch": sorted(architectures["scratch"]),
+            "ssl": sorted(architectures["ssl"]),
+            "identical": identical,
+            "model": arch_detail[next(iter(architectures["ssl"]))],
+        },  # fmt: skip
+        "normalisation": {k: sorted(s) for k, s in normalisation.items()},
+        "inductive_check": inductive_check if "inductive" in variants else None,
+        "pretrain": pretrain_summary,
+        "settings": {
+            "samples": args.samples,
+            "pretrain_steps": args.pretrain_steps,
+            "seeds": args.seeds,
+            "pretrain_seeds": args.pretrain_seeds,
+            "fractions": args.fractions,
+            "budget": args.budget,
+            "schedule": {label(f): schedule(f) for f in args.fractions},
+            "overrides": args.overrides,
+            "config": args.config,
+        },  # fmt: skip
         "seconds": {**timings, "total_s": round(time.time() - t_start, 1)},
     }
     (out / "ssl_gain.json").write_text(json.dumps(summary, indent=1))
-    print("\n| labels | n train / fold | R² scratch | R² SSL | gain | RF R² |\n|---|---|---|---|---|---|")
-    for f in r2_scratch:
-        sd_a, sd_b = summary["r2_sd_scratch"][f], summary["r2_sd_ssl"][f]
-        print(
-            f"| {f} | {', '.join(map(str, n_train[f]))} | {r2_scratch[f]:.3f} ± {sd_a:.3f} | "
-            f"{r2_ssl[f]:.3f} ± {sd_b:.3f} | {gain[f]:+.3f} | {rf.get(f, float('nan')):.3f} |"
-        )
+    print("\n| variant | labels | R² scratch | R² SSL | gain [95 % CI] | pairs | RF R² |")
+    print("|---|---|---|---|---|---|---|")
+    for v in variants:
+        for f, r in result[v].items():
+            ci = "–" if r["ci_low"] is None else f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            rf_r2 = "–" if r["rf_r2"] is None else f"{r['rf_r2']:.3f}"
+            print(f"| {v} | {f} | {r['r2_scratch']:.3f} | {r['r2_ssl']:.3f} | {r['gain']:+.3f} {ci} | "
+                  f"{r['seeds']['pairs']} | {rf_r2} |")  # fmt: skip
     print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
