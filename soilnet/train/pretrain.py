@@ -5,11 +5,11 @@ takes global batch ``G`` of the global sample order (:mod:`soilnet.data.order`),
 modalities in micro-batches of ``train.micro_batch_size`` (GradCache when a rank holds several,
 :mod:`soilnet.train.gradcache`), and contrasts them against the whole global batch (:mod:`soilnet.losses`). The
 micro-batch is fixed for the run's life, so BatchNorm sees the same samples on any world size. The run resumes from
-
-``output_dir/checkpoints/latest`` by itself, converting the checkpoint to a universal one when the world size has
-changed. On SIGUSR2 or SIGTERM every rank agrees (an all-reduce of the flag after each step) to save a checkpoint
-together; ``run`` then returns ``{"stopped_early": True}`` and ``soilnet pretrain`` exits with 75 (EX_TEMPFAIL):
-run it again to continue.
+its newest complete checkpoint in ``output_dir/checkpoints`` by itself, converting the checkpoint to a universal one
+when the world size has changed. On SIGUSR2 or SIGTERM every rank agrees (an all-reduce of the flag with each step's
+metrics) to save a checkpoint together; ``run`` then returns ``{"stopped_early": True}`` and ``soilnet pretrain``
+exits with 75 (EX_TEMPFAIL): run it again to continue. A NaN or infinite loss on any rank, found by the same
+all-reduce before the optimizer step, stops every rank with the state of before that step saved (exit 2).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from soilnet.data.shards import DataError
 from soilnet.distributed import DistInfo, all_reduce_sum, gather_no_grad, init_distributed
 from soilnet.losses import ContrastiveLoss, retrieval_metrics
 from soilnet.train import checkpoint as ckpt
-from soilnet.train.optim import build_client_optimizer, check_optimizer, param_groups
-from soilnet.train.schedule import lr_at, scaled_lr
 from soilnet.train.export import shard_statistics
 from soilnet.train.gradcache import RunningStats, grad_cache
+from soilnet.train.optim import build_client_optimizer, check_optimizer, param_groups
+from soilnet.train.schedule import lr_at, scaled_lr
 from soilnet.train.signals import StopFlag, stop_on_signals, stop_signals_blocked
 
 log = logging.getLogger("soilnet.pretrain")
@@ -274,6 +274,53 @@ def run(cfg: PretrainConfig) -> dict:
             raise
 
 
+def checkpoint_meta(cfg: PretrainConfig, base: dict, step: int, samples: int, shards) -> dict:
+    """``soilnet.json`` of the checkpoint after ``step`` steps and ``samples`` samples; ``base``: world size, batch
+    sizes and ZeRO stage; ``shards``: the run's :class:`~soilnet.data.shards.ShardSet`."""
+    d, t = cfg.data, cfg.train
+    return {
+        **base,
+        "step": step,
+        "samples": samples,
+        "loader": {"samples_seen": samples, "seed": d.seed, "global_batch_size": t.global_batch_size},
+        "config": to_plain(cfg),
+        "schema": shards.schema.to_dict(),
+        "normalisation": shard_statistics(shards),  # travels into `soilnet export` for fine-tuning
+        "model": to_plain(cfg.model),
+        "code_version": code_version(),
+        "time": time.time(),
+    }
+
+
+class NonFiniteLossError(ValueError):
+    """A step's loss was NaN or infinite on some rank; every rank stopped before the optimizer took the step. A
+    ``ValueError``, so ``soilnet`` reports it as one line and exits 2, not 75: a rerun meets the same step again, so
+    nothing requeues it by itself."""
+
+
+def stop_on_nonfinite(
+    engine, root: Path, start: ckpt.StepStart, meta: dict, info: DistInfo, ranks: int, loss, ids, cfg
+) -> NonFiniteLossError:
+    """Every rank, when ``ranks`` > 0 ranks met a non-finite loss in the step after ``meta["step"]``: put back the
+    buffers (BatchNorm statistics) of before that step, save that state with its RNG states (the step's forward
+    and backward ran, the optimizer did not), and return the error to raise. ``ids``: this rank's global sample ids
+    of the step, logged when its own loss is the non-finite one (a bad sample is then among them)."""
+    step = int(meta["step"])
+    value = float(loss.detach().float().sum())
+    if not torch.isfinite(loss.detach()).all():
+        shown = ids.tolist()[:64]
+        log.error("rank %d: the loss of step %d is %s; this rank's batch held global sample ids %s%s", info.rank,
+                  step + 1, value, shown, " ..." if len(ids) > len(shown) else "")  # fmt: skip
+    start.restore_buffers(engine.module)
+    path = ckpt.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last, rng=start.rng)
+    return NonFiniteLossError(
+        f"step {step + 1}: the loss is not finite on {ranks} of {info.world_size} rank(s); the optimizer did not take "
+        f"that step. The state before it is saved as {path} (step {step}). Rerun unchanged, it resumes there and meets "
+        "the same step: lower train.lr, warm up longer (train.warmup_samples) or go back to an earlier checkpoint "
+        "(remove the newer step folders), and check the shards with `soilnet verify --shards DIR`"
+    )
+
+
 def loader_spec(cfg: PretrainConfig, rank: int, world: int, image_dtype: torch.dtype = torch.float32) -> LoaderSpec:
     """What ``rank`` of ``world`` reads under ``cfg``: the data section's order, augmentation and threads."""
     d = cfg.data
@@ -373,6 +420,10 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
     spec = loader_spec(cfg, info.rank, info.world_size, image_dtype=dtype)
     with stop_signals_blocked():  # workers start here
         loader = iter(build_loader(shards, spec, start_step=step))
+    if resume is not None and resume.meta.get("world_size") == info.world_size:
+        # once more now: building the loader draws from the RNGs (the DataLoader's base seed), which the run that
+        # saved them did before its first step, so a resumed run continues from exactly the states it saved
+        ckpt.load_rng(ckpt.CheckpointRef(root, load_tag, resume.meta), info.rank)
     base = {"world_size": info.world_size, "global_batch_size": t.global_batch_size, "micro_batch_size": micro,
             "zero_stage": stage}  # fmt: skip
     running = RunningStats(engine.module)  # BatchNorm statistics, made the same on every rank after each step
@@ -380,6 +431,7 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
     stopped = False
     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
     while step < t.steps:
+        start = ckpt.StepStart.take(engine.module)  # to save this state if the step's loss is not finite
         t0 = time.perf_counter()
         batch = next(loader)
         window_wait += time.perf_counter() - t0
@@ -403,14 +455,8 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
             engine.backward(loss)
             if running and info.world_size > 1:  # every rank holds the mean over the global batch's micro-batches
                 running.set_mean(running.flat(), 1, info.world_size)
-        engine.step()
-        step += 1
-        samples += t.global_batch_size
-        if cfg.debug.sigkill_after_step == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        window_steps += 1
-
-        # one small all-reduce per step: stop flag, corrupt counts, loss and retrieval metrics
+        # one small all-reduce per step, before the update: stop flag, corrupt counts, loss, retrieval metrics, and
+        # the number of ranks whose loss is not finite (then every rank stops before the optimizer takes the step)
         m = retrieval_metrics(cm, z_img, z_clim)
         vec = torch.stack(
             [
@@ -418,9 +464,19 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
                 *corrupt,
                 loss.detach().float().cpu(),
                 *(v.cpu() for v in m.values()),
+                torch.tensor(float(not bool(torch.isfinite(loss.detach()).all()))),
             ]
         ).to(info.device if info.backend == "nccl" else "cpu")
         tot = all_reduce_sum(vec).cpu()
+        if tot[-1] > 0:
+            meta = checkpoint_meta(cfg, base, step, samples, shards)
+            raise stop_on_nonfinite(engine, root, start, meta, info, int(tot[-1]), loss, batch["ids"], cfg)
+        engine.step()
+        step += 1
+        samples += t.global_batch_size
+        if cfg.debug.sigkill_after_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        window_steps += 1
         stop_now = bool(tot[0] > 0)
         n_corrupt, n_read = float(tot[1]), float(tot[2])
         if n_corrupt > d.max_corrupt_fraction * n_read:
@@ -470,17 +526,7 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
         if bar is not None:
             bar.update(1)
         if step % cfg.checkpoint.every_steps == 0 or step == t.steps or stop_now:
-            meta = {
-                **base,
-                "step": step,
-                "samples": samples,
-                "loader": {"samples_seen": samples, "seed": d.seed, "global_batch_size": t.global_batch_size},
-                "config": to_plain(cfg),
-                "schema": shards.schema.to_dict(),
-                "model": to_plain(cfg.model),
-                "code_version": code_version(),
-                "time": time.time(),
-            }
+            meta = checkpoint_meta(cfg, base, step, samples, shards)
             ckpt.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last)
         if stop_now and step < t.steps:
             stopped = True
