@@ -1,5 +1,7 @@
 """Random and spatially blocked folds: partitions, and the exclusion buffer property."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,23 @@ def test_spatial_validation_and_calibration_are_buffered_like_the_test_fold():
     for held in (val, cal):
         d = SP.nearest_distance_km(lon[train], lat[train], lon[held], lat[held])
         assert d.min() >= 40.0
+
+
+RACA_DEV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "raca_dev"
+
+
+@pytest.mark.skipif(not RACA_DEV.is_dir(), reason="the seed's RaCA development half is not in ../shared/data")
+def test_raca_dev_twins_share_a_climate_series_and_stay_together(tmp_path):
+    """The seed's real RaCA tables: 50 pairs of labelled sites share all 13 series byte for byte."""
+    from soilnet.cli import main
+    from soilnet.config.finetune import FinetuneDataConfig
+    from soilnet.evaluate.labelled import load_labelled
+
+    argv = ["import-soilnet", "--climate", str(RACA_DEV), "--id-column", "rcasiteid"]
+    assert main([*argv, "--target-column", "SOCstock100", "--out", str(tmp_path / "raca")]) == 0
+    cfg = FinetuneDataConfig(shards=str(tmp_path / "raca"), target="soc_stock", use_coordinates=False)
+    data = load_labelled(cfg, ("climate",))
+    groups, info = SP.identical_input_groups(None, data.climate)
+    assert info == {"groups_with_identical_inputs": 50, "points_in_them": 100, "largest_group": 2}
+    assert any(set(groups[f.test]) & set(groups[f.train]) for f in SP.random_kfold(len(data), 5, 0))
+    assert not any(set(groups[f.test]) & set(groups[f.train]) for f in SP.random_kfold(len(data), 5, 0, groups))
