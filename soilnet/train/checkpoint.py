@@ -238,11 +238,15 @@ def _tracked_writes(engine, root: Path, written: list[Path]):
         written.append(Path(path))
         return result
 
+    own = "save" in vars(writer)  # an engine may set its own on the instance: put back exactly what was there
     writer.save = save  # on the instance, for this save only
     try:
         yield
     finally:
-        del writer.save
+        if own:
+            writer.save = original
+        else:
+            del writer.save
 
 
 def save(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int, rng: dict | None = None) -> Path:
