@@ -10,9 +10,9 @@
 ##SBATCH --gpus-per-node=1          # enable on GPU partitions, and set --ntasks-per-node to the same number
 #SBATCH --cpus-per-task=2
 #SBATCH --time=01:00:00
-#SBATCH --signal=USR2@120
-#SBATCH --requeue
-#SBATCH --open-mode=append
+#SBATCH --signal=USR2@120           # 2 minutes before the time limit every rank saves its fold's state and stops
+#SBATCH --requeue                   # ...and the job goes back to the queue, resuming from that checkpoint
+#SBATCH --open-mode=append          # a requeued job appends to the same log
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 

@@ -34,7 +34,7 @@ from soilnet.evaluate.labelled import LabelledData, load_labelled
 from soilnet.evaluate.metrics import regression_metrics
 from soilnet.evaluate.report import write_report
 from soilnet.train.resume import ResumeStore
-from soilnet.train.signals import StopFlag, StoppedEarly, stop_on_signals
+from soilnet.train.signals import StopFlag, StoppedEarly, ignore_stop_signals, stop_on_signals
 
 log = logging.getLogger("soilnet.evaluate")
 
@@ -140,7 +140,10 @@ def evaluate_resumably(cfg: FinetuneConfig, out: Path, final_model: bool = False
         try:
             metrics = evaluate(cfg, out, final_model=final_model, resume=store, stop=flag)
         except StoppedEarly:
-            return None
+            metrics = None
+    if metrics is None:
+        ignore_stop_signals()
+        return None
     store.clear()
     return metrics
 

@@ -38,7 +38,7 @@ from soilnet.train.export import shard_statistics
 from soilnet.train.gradcache import RunningStats, grad_cache
 from soilnet.train.optim import build_client_optimizer, check_optimizer, param_groups
 from soilnet.train.schedule import lr_at, scaled_lr
-from soilnet.train.signals import StopFlag, stop_on_signals, stop_signals_blocked
+from soilnet.train.signals import StopFlag, ignore_stop_signals, stop_on_signals, stop_signals_blocked
 
 log = logging.getLogger("soilnet.pretrain")
 
@@ -263,7 +263,7 @@ def run(cfg: PretrainConfig) -> dict:
     """
     with stop_on_signals(StopFlag()) as flag:
         try:
-            return _run(cfg, flag)
+            result = _run(cfg, flag)
         except RuntimeError as err:  # gloo and nccl report a dead peer (a crashed rank, a lost node) this way
             if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
                 last = ckpt.latest(Path(cfg.output_dir) / "checkpoints")
@@ -272,6 +272,9 @@ def run(cfg: PretrainConfig) -> dict:
                           "resumes from the last complete checkpoint (%s).", torch.distributed.get_rank(),
                           str(err).splitlines()[0][:300], where)  # fmt: skip
             raise
+    if result["stopped_early"]:
+        ignore_stop_signals()  # srun may SIGTERM this rank while it exits (see ignore_stop_signals)
+    return result
 
 
 def checkpoint_meta(cfg: PretrainConfig, base: dict, step: int, samples: int, shards) -> dict:

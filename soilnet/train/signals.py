@@ -48,6 +48,16 @@ def stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def ignore_stop_signals() -> None:
+    """After an orderly stop the process only exits: from here on SIGUSR2/SIGTERM are ignored.
+
+    ``srun --kill-on-bad-exit`` sends SIGTERM to the other tasks as soon as the first one has exited (75 is not
+    0); a rank still shutting down would die of it, srun would report the kill instead of 75, and the job script
+    would not requeue."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 @contextmanager
 def stop_on_signals(flag: StopFlag):
     """Route SIGUSR2 and SIGTERM to ``flag`` inside the block; the previous handlers come back after it."""
