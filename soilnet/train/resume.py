@@ -76,13 +76,14 @@ class ResumeStore:
         """The store of ``out``, after checking that checkpoints left there were written under ``cfg``.
 
         Raises ConfigError (on every rank) naming each key that differs; otherwise records ``cfg`` for a later
-        resumption."""
+        resumption. A run that saved nothing yet (it failed on bad input before its first epoch) is no reason to
+        refuse: its recorded config is replaced."""
         store = cls(Path(out), info)
         error = None
         if store.writes:
             current = to_plain(cfg)
             saved_file = store.root / CONFIG
-            if saved_file.is_file():
+            if saved_file.is_file() and any(store.root.glob("*.pt")):
                 diffs = config_differences(json.loads(saved_file.read_text()), current)
                 if diffs:
                     error = (

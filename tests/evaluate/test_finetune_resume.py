@@ -201,3 +201,22 @@ def test_config_differences_name_each_dotted_key():
         "train.lr: 0.001 then, 0.002 now",
     ]
     assert config_differences(saved, saved) == []
+
+
+def test_a_run_that_saved_nothing_does_not_block_a_corrected_config(tmp_path):
+    """A run that failed on bad input before its first epoch leaves only its config: the next run may differ."""
+    from soilnet.config.base import ConfigError, load_config
+    from soilnet.config.finetune import FinetuneConfig
+    from soilnet.train.resume import ResumeStore
+
+    def cfg(*extra):
+        return load_config(FinetuneConfig, None, [f"output_dir={tmp_path}", *extra])
+
+    ResumeStore.open(cfg("eval.split.folds=10"), tmp_path, None)  # say it failed: too few points per fold
+    store = ResumeStore.open(cfg("eval.split.folds=5"), tmp_path, None)
+    store.save("fold_0", {"kind": "training", "order": torch.arange(3)})
+    assert torch.equal(store.load("fold_0")["order"], torch.arange(3))
+    with pytest.raises(ConfigError, match=r"eval.split.folds: 5 then, 10 now"):
+        ResumeStore.open(cfg("eval.split.folds=10"), tmp_path, None)
+    store.clear()
+    ResumeStore.open(cfg("eval.split.folds=10"), tmp_path, None)
