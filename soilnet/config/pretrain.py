@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from soilnet.config.base import Section
-from soilnet.config.model import ModelConfig
+from soilnet.config.model import ModelConfig, lift_model_file_schema
 from soilnet.config.schema import SchemaConfig
 
 
@@ -138,12 +138,4 @@ class PretrainConfig(Section):
     def _model_file_schema(cls, tree: Any) -> Any:
         """A top-level ``schema`` (as in configs/model/*.yaml, which a pretraining config may ``include:``) is
         the data schema; it must not contradict an explicit ``data.schema``."""
-        if isinstance(tree, dict) and "schema" in tree:
-            tree = dict(tree)
-            top = tree.pop("schema")
-            data = dict(tree.get("data") or {})
-            if "schema" in data and data["schema"] != top:
-                raise ValueError(f"'schema' ({top}) and 'data.schema' ({data['schema']}) disagree; keep one")
-            data["schema"] = top
-            tree["data"] = data
-        return tree
+        return lift_model_file_schema(tree)

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from shards.pack import pack
+from soilnet.config import load_config
+from soilnet.config.pack import PackConfig
+
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster import start_cluster, why_unavailable  # noqa: E402
@@ -20,3 +25,13 @@ def slurm_cluster(tmp_path_factory):
     cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """192 synthetic-world samples in 3 shards, packed once for every Slurm job test (they only read them)."""
+    out = tmp_path_factory.mktemp("shards")
+    cfg = load_config(PackConfig, REPO / "configs/preprocess/demo.yaml",
+                      [f"output_dir={out}", "sampling.n=192", "shard.max_samples=64"])  # fmt: skip
+    pack(cfg)
+    return out

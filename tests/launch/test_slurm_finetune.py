@@ -12,10 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from shards.pack import pack
-from soilnet.config import load_config
-from soilnet.config.pack import PackConfig
-
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,15 +35,6 @@ def epochs(log: str) -> list[str]:
 def metrics_text(out: Path) -> str:
     """metrics.json with the output_dir (in the final model's path) written as OUT."""
     return (out / "metrics.json").read_text().replace(str(out), "OUT")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ft-shards")
-    cfg = load_config(PackConfig, REPO / "configs/preprocess/demo.yaml",
-                      [f"output_dir={out}", "sampling.n=192", "shard.max_samples=64"])  # fmt: skip
-    pack(cfg)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from shards.pack import pack
-from soilnet.config import load_config
-from soilnet.config.pack import PackConfig
 from soilnet.train.checkpoint import latest
 
 pytestmark = pytest.mark.slurm
@@ -51,15 +48,6 @@ def wait_for_checkpoint(out: Path, timeout: float = 120) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"no checkpoint in {out} after {timeout} s")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    cfg = load_config(PackConfig, REPO / "configs/preprocess/demo.yaml",
-                      [f"output_dir={out}", "sampling.n=192", "shard.max_samples=64"])  # fmt: skip
-    pack(cfg)
-    return out
 
 
 @pytest.fixture(scope="module")
