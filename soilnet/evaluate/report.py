@@ -173,6 +173,12 @@ def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
         out += [f"  - {kind}: {nz[kind]}" for kind in ("image", "climate") if kind in nz]
         if nz.get("warning"):
             out.append(f"- **warning:** {nz['warning']}")
+    if metrics.get("lr_groups"):
+        out += ["", "## Learning rates", "", f"`train.encoders: {resolved_config['train']['encoders']}`, "
+                f"`train.layer_decay: {resolved_config['train']['layer_decay']}`, `train.lr: "
+                f"{resolved_config['train']['lr']}`; scale 0: frozen.", "", "| group | parameters | lr scale |",
+                "|---|---:|---:|"]  # fmt: skip
+        out += [f"| {g['name']} | {g['parameters']:,} | {g['lr_scale']:.4g} |" for g in metrics["lr_groups"]]
     fm = metrics.get("final_model")
     if fm:
         out += [

@@ -273,6 +273,7 @@ def evaluate(
         "modalities": list(mods),
         "pretrained": cfg.pretrained,
         "normalisation": data.normalisation,
+        "lr_groups": _lr_groups(cfg, data, export),
     }
     if data.missing_ids and writes:
         metrics["data"]["ground_truth_ids_not_in_shards_file"] = str(out / "ground_truth_ids_not_in_shards.txt")
@@ -352,6 +353,18 @@ def _fold_results(cfg, data, index: int, parts, export, feats, resume: ResumeSto
     if resume:
         resume.save(key, done)
     return done
+
+
+def _lr_groups(cfg: FinetuneConfig, data: LabelledData, export) -> list[dict]:
+    """The learning-rate table every fit of this run uses (``name``, ``parameters``, ``lr_scale``), as logged."""
+    from soilnet.models.layer_decay import lr_groups, lr_table
+    from soilnet.train import finetune as FT
+
+    mods = FT.modalities_of(cfg.modalities)
+    model = FT.build_model(
+        FT.apply_export_model(cfg.model, export[1], mods) if export else cfg.model, data.schema, mods
+    )
+    return lr_table(lr_groups(model, cfg.train.encoders, cfg.train.layer_decay))
 
 
 def _final_model(

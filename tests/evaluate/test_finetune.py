@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
+from soilnet import schema as S
 from soilnet.cli import main
 from soilnet.config.base import load_config
 from soilnet.config.finetune import FinetuneConfig
 from soilnet.evaluate.labelled import DataError
 from soilnet.evaluate.metrics import METRIC_NAMES
 from soilnet.evaluate.run import EvaluationError
+from soilnet.train import finetune as FT
 from soilnet.train.finetune import PretrainedMismatch, run
 
 FAST = [
@@ -53,6 +55,19 @@ def test_bad_targets_are_dropped_and_counted(finetuned):
     assert (data["missing"], data["nan"], data["negative"], data["labelled"]) == (1, 1, 1, 300)
     report = (finetuned / "report.md").read_text()
     assert "missing 1, NaN 1, negative 1" in report
+
+
+def test_metrics_and_report_carry_the_learning_rate_table(finetuned):
+    metrics = json.loads((finetuned / "metrics.json").read_text())
+    groups = metrics["lr_groups"]
+    assert groups and all(g["name"].split(".")[0] in ("image_encoder", "climate_encoder", "head") for g in groups)
+    cfg = load_config(FinetuneConfig, finetuned / "config.yaml", [])
+    model = FT.build_model(
+        cfg.model, S.SampleSchema.from_dict(metrics["data"]["schema"]), FT.modalities_of(cfg.modalities)
+    )
+    assert sum(g["parameters"] for g in groups) == sum(p.numel() for p in model.parameters())
+    report = (finetuned / "report.md").read_text()
+    assert "## Learning rates" in report and f"| {groups[0]['name']} |" in report
 
 
 def test_report_plots_and_model_are_written(finetuned):
