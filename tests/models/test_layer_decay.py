@@ -104,8 +104,9 @@ def test_every_registered_encoder_lists_its_blocks_once(kind, name):
 
 
 def test_every_registered_encoder_is_covered():
-    assert set(names("image_encoder")) == set(IMAGE)
-    assert set(names("climate_encoder")) == set(CLIMATE)
+    # the library's own encoders; other tests register toy ones (test_*) in the same process
+    assert {n for n in names("image_encoder") if not n.startswith("test_")} == set(IMAGE)
+    assert {n for n in names("climate_encoder") if not n.startswith("test_")} == set(CLIMATE)
 
 
 def test_recurrent_layers_are_levels():
