@@ -375,6 +375,8 @@ def plan_import(args, duplicates: dict) -> tuple[ImportPlan, dict]:
     """The data set to import, and a summary of how it was assembled (counts, sources)."""
     if not args.climate and not args.images:
         raise ValueError("import-soilnet: give --climate (per-variable CSVs), --images (patches), or both")
+    if (args.climate or args.points) and not args.id_column:
+        raise ValueError("import-soilnet: --id-column is required with --climate or --points (e.g. Point_ID)")
     climate = read_climate(Path(args.climate), args.id_column, duplicates) if args.climate else None
     images = read_images(Path(args.images)) if args.images else None
     ids = list(climate.ids) if climate is not None else sorted(images)

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of {PointID}_{YYMMDD}.tif patches")
     p.add_argument("--climate", help="folder of per-variable climate CSVs")
     p.add_argument("--points", help="CSV with the ID and, optionally, lon/lat and the target (e.g. LUCAS)")
-    p.add_argument("--id-column", required=True)
+    p.add_argument("--id-column", help="the point-ID column of the climate CSVs and --points (e.g. Point_ID, "
+                   "rcasiteid); patches are named by their ID")  # fmt: skip
     p.add_argument("--target-column", help="target column in the climate CSVs or --points (default: SOCstock100 "
                    "when the climate CSVs have it)")  # fmt: skip
     p.add_argument("--target-name", default=None,

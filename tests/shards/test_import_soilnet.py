@@ -292,7 +292,7 @@ def test_images_only_takes_coordinates_from_the_patches(tmp_path):
         seed_layout.write_seed_patch(tmp_path / "img" / f"{pid}_150107.tif", lon, lat)
     seed_layout.write_seed_patch(tmp_path / "img" / "40463116_140107.tif", 0.0, 0.0)  # an older scene: not used
     out = tmp_path / "out"
-    run_cli(_args(images=str(tmp_path / "img"), out=str(out)))
+    _soilnet("import-soilnet", "--images", str(tmp_path / "img"), "--out", str(out))  # no ID column to name
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["modalities"] == ["image"] and manifest["import"]["coordinates"] == "images"
     assert manifest["schema"]["channels"] == list(seed_layout.SEED_BANDS) and manifest["targets"] == []
