@@ -78,47 +78,6 @@ def loss_fn(name: str, huber_delta: float = 1.0):
     }[name]
 
 
-def choose_normalisation(data: LabelledData, export_meta: dict | None, mode: str, where: str) -> dict:
-    """Put the statistics ``data.normalisation`` mode ``mode`` asks for into ``data`` and return what was used.
-
-    ``mode`` ``pretrained`` with an export that records ``normalisation`` (:mod:`soilnet.train.export`): the
-    pretraining shards' mean/std replace the data's, looked up by channel and variable name (the fine-tuning schema
-    may order or select them differently). An export without them leaves the data's, with a ``warning``. ``data``,
-    or no export: the data's own. Returns ``data.normalisation``: ``used`` (``pretrained``/``data``),
-    ``requested`` and the source of each modality's statistics."""
-    info = {**data.normalisation, "requested": mode if export_meta is not None else "data (no pretrained export)"}
-    stats = json.loads(export_meta["normalisation"]) if export_meta and export_meta.get("normalisation") else None
-    if export_meta is not None and mode == "pretrained" and stats is None:
-        info["warning"] = (
-            f"{where} records no pretraining normalisation statistics (exported before they were recorded): the "
-            "inputs are normalised with the fine-tuning data's statistics, not as the encoders saw them in "
-            "pretraining; re-export the checkpoint to fix this"
-        )
-        log.warning(info["warning"])
-    if export_meta is None or mode != "pretrained" or stats is None:
-        data.normalisation = info
-        return info
-    picked = {}
-    for kind, names in (("image", data.schema.channels), ("climate", data.schema.climate_variables)):
-        if getattr(data, f"{kind}_mean") is None:
-            continue  # the run does not use this modality
-        table = stats.get(kind) or {}
-        missing = [n for n in names if n not in table]
-        if missing:
-            raise PretrainedMismatch(f"{where}: its normalisation statistics lack {kind} {missing}")
-        picked[kind] = (
-            np.array([table[n]["mean"] for n in names], dtype=np.float32),
-            np.array([table[n]["std"] for n in names], dtype=np.float32),
-        )
-    for kind, (mean, std) in picked.items():
-        setattr(data, f"{kind}_mean", mean)
-        setattr(data, f"{kind}_std", np.where(np.isfinite(std) & (std > 0), std, 1.0).astype(np.float32))
-        info[kind] = f"pretraining statistics of {stats.get('source', '?')} (from {where})"
-    info["used"] = "pretrained"
-    data.normalisation = info
-    return info
-
-
 # ------------------------------------------------------------------------------------------ normalising
 
 
@@ -162,6 +121,47 @@ class Normaliser:
             return None if v is None else np.asarray(v, dtype=np.float32)
 
         return cls(*(arr(d.get(k)) for k in ("image_mean", "image_std", "climate_mean", "climate_std")))
+
+
+def choose_normalisation(data: LabelledData, export_meta: dict | None, mode: str, where: str) -> dict:
+    """Put the statistics ``data.normalisation`` mode ``mode`` asks for into ``data`` and return what was used.
+
+    ``mode`` ``pretrained`` with an export that records ``normalisation`` (:mod:`soilnet.train.export`): the
+    pretraining shards' mean/std replace the data's, looked up by channel and variable name (the fine-tuning schema
+    may order or select them differently). An export without them leaves the data's, with a ``warning``. ``data``,
+    or no export: the data's own. Returns ``data.normalisation``: ``used`` (``pretrained``/``data``),
+    ``requested`` and the source of each modality's statistics."""
+    info = {**data.normalisation, "requested": mode if export_meta is not None else "data (no pretrained export)"}
+    stats = json.loads(export_meta["normalisation"]) if export_meta and export_meta.get("normalisation") else None
+    if export_meta is not None and mode == "pretrained" and stats is None:
+        info["warning"] = (
+            f"{where} records no pretraining normalisation statistics (exported before they were recorded): the "
+            "inputs are normalised with the fine-tuning data's statistics, not as the encoders saw them in "
+            "pretraining; re-export the checkpoint to fix this"
+        )
+        log.warning(info["warning"])
+    if export_meta is None or mode != "pretrained" or stats is None:
+        data.normalisation = info
+        return info
+    picked = {}
+    for kind, names in (("image", data.schema.channels), ("climate", data.schema.climate_variables)):
+        if getattr(data, f"{kind}_mean") is None:
+            continue  # the run does not use this modality
+        table = stats.get(kind) or {}
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise PretrainedMismatch(f"{where}: its normalisation statistics lack {kind} {missing}")
+        picked[kind] = (
+            np.array([table[n]["mean"] for n in names], dtype=np.float32),
+            np.array([table[n]["std"] for n in names], dtype=np.float32),
+        )
+    for kind, (mean, std) in picked.items():
+        setattr(data, f"{kind}_mean", mean)
+        setattr(data, f"{kind}_std", np.where(np.isfinite(std) & (std > 0), std, 1.0).astype(np.float32))
+        info[kind] = f"pretraining statistics of {stats.get('source', '?')} (from {where})"
+    info["used"] = "pretrained"
+    data.normalisation = info
+    return info
 
 
 def draw_flips(n: int, gen: torch.Generator) -> torch.Tensor:
