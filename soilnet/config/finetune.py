@@ -87,6 +87,9 @@ class FinetuneTrainConfig(Section):
     encoders: Literal["frozen", "full", "lrd"] = "full"
     layer_decay: float = 0.75
     patience: int = 5
+    # the validation score that picks the epoch kept and stops training: RMSE in the target's original units, or
+    # the training loss in the transformed space (with log1p: log units, where a skewed target's R² is judged)
+    early_stopping: Literal["val_rmse", "val_loss"] = "val_rmse"
     val_fraction: float = Field(0.15, gt=0, lt=1)
     label_fraction: float = Field(
         1.0, gt=0, le=1

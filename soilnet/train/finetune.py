@@ -687,8 +687,9 @@ def fit(
         p.history["val_loss"].append(val_loss)
         p.history["val_rmse"].append(val_rmse)
         log.info("%s epoch %d: train %.4f  val %.4f  val RMSE %.3f", label, p.epoch, train_loss, val_loss, val_rmse)
-        if val_rmse < p.best_val:
-            p.best_val, p.best_epoch, p.stale = val_rmse, p.epoch, 0
+        score = val_loss if tc.early_stopping == "val_loss" else val_rmse
+        if score < p.best_val:
+            p.best_val, p.best_epoch, p.stale = score, p.epoch, 0
             p.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             p.stale += 1
