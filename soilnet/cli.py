@@ -101,10 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "rcasiteid); patches are named by their ID")  # fmt: skip
     p.add_argument("--target-column", help="target column in the climate CSVs or --points (default: SOCstock100 "
                    "when the climate CSVs have it)")  # fmt: skip
-    p.add_argument("--target-name", default=None,
-                   help="schema target the column holds (default: OC -> soc, SOCstock100 -> soc_stock, else soc)")
-    p.add_argument("--require-target", action="store_true",
-                   help="drop points without a usable target (default: keep them unlabelled)")
+    p.add_argument(
+        "--target-name",
+        default=None,
+        help="schema target the column holds (default: OC -> soc, SOCstock100 -> soc_stock, else soc)",
+    )
+    p.add_argument(
+        "--require-target",
+        action="store_true",
+        help="drop points without a usable target (default: keep them unlabelled)",
+    )
     p.add_argument("--lon-column", default=None)
     p.add_argument("--lat-column", default=None)
     p.add_argument("--out", required=True, help="output shard folder")
@@ -119,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a pretraining checkpoint's encoders as plain safetensors")
     p.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or one checkpoint")
     p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--shards", default=None, help="pretraining shards to read the normalisation statistics from, "
-                   "when the checkpoint predates recording them and its data.shards has moved")
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="pretraining shards to read the normalisation statistics from, "
+        "when the checkpoint predates recording them and its data.shards has moved",
+    )
 
     p = sub.add_parser(
         "verify",
