@@ -248,18 +248,16 @@ def warp_patch(path: Path, date: str, names: tuple[str, ...], lon: float, lat: f
     return Patch(image, date, {"file": path.name, "edge_filled_pixels": int(gap.sum())})
 
 
-def clean_targets(values: pd.Series) -> tuple[np.ndarray, dict[str, int]]:
-    """``(N,)`` float64 targets with NaN for unusable ones, and the counts of each kind (never raises)."""
+def clean_targets(values: pd.Series) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(N,)`` float64 targets with NaN for unusable ones, and ``(N,)`` masks of each kind: ``labelled``,
+    ``missing`` (empty cell), ``nan`` (NaN, inf or not a number), ``negative``. Never raises."""
     numeric = pd.to_numeric(values, errors="coerce")
     missing = values.isna().to_numpy()
-    not_number = numeric.isna().to_numpy() & ~missing
     y = numeric.to_numpy(dtype=np.float64)
     negative = np.nan_to_num(y, nan=0.0) < 0
-    infinite = np.isinf(y)
-    y = np.where(negative | infinite, np.nan, y)
-    counts = {"labelled": int(np.isfinite(y).sum()), "missing": int(missing.sum()),
-              "nan": int(not_number.sum() + infinite.sum()), "negative": int(negative.sum())}  # fmt: skip
-    return y, counts
+    nan = (numeric.isna().to_numpy() & ~missing) | np.isinf(y)
+    y = np.where(negative | nan, np.nan, y)
+    return y, {"labelled": np.isfinite(y), "missing": missing, "nan": nan, "negative": negative}
 
 
 @dataclass
@@ -293,7 +291,8 @@ class ImportPlan:
 
         pid = str(self.ids[i])
         try:
-            return build_sample(self.schema, pid, *self._coords(i), *self._arrays(i), self._targets(i),
+            lon, lat = self._coords(i)
+            return build_sample(self.schema, pid, lon, lat, *self._arrays(i, lon, lat), self._targets(i),
                                 on_nonfinite, self.name, self._qa(i))  # fmt: skip
         except Rejected as err:
             return {"id": pid, "reason": err.reason, "detail": err.detail}
@@ -307,7 +306,7 @@ class ImportPlan:
             return image_centre(self.images[str(self.ids[i])][0])
         return None, None
 
-    def _arrays(self, i: int) -> tuple[Patch | None, np.ndarray | None]:
+    def _arrays(self, i: int, lon: float | None, lat: float | None) -> tuple[Patch | None, np.ndarray | None]:
         pid = str(self.ids[i])
         climate = None
         if self.climate is not None:
@@ -320,7 +319,6 @@ class ImportPlan:
         if self.images is not None:
             if pid not in self.images:
                 raise Rejected("no_scene", f"no {pid}_YYMMDD.tif")
-            lon, lat = self._coords(i)
             patch = warp_patch(*self.images[pid], self.image_names, lon, lat, self.schema)
         return patch, climate
 
@@ -406,9 +404,9 @@ def plan_import(args, duplicates: dict) -> tuple[ImportPlan, dict]:
     stacked = stack_climate(climate, ids, args.climate_units == "stored") if climate is not None else None
     y, target_counts = np.full(len(ids), np.nan), {}
     if series is not None:
-        y, _ = clean_targets(series.reindex(ids))
-        usable = np.ones(len(ids), bool) if stacked is None else stacked.present & ~stacked.all_missing
-        _, target_counts = clean_targets(series.reindex(np.array(ids, dtype=object)[usable]))  # of the kept points
+        y, kinds = clean_targets(series.reindex(ids))
+        kept = np.ones(len(ids), bool) if stacked is None else stacked.present & ~stacked.all_missing
+        target_counts = {kind: int((mask & kept).sum()) for kind, mask in kinds.items()}  # of the points kept
     image_names = _channel_names(images)
     # a schema names at least one channel and variable: a modality the data lacks keeps the defaults, and the
     # manifest's ``modalities`` says which arrays the samples hold
@@ -468,9 +466,6 @@ def run_cli(args) -> int:
     from shards.pack import PARTS, _atomic_json, acquire_in_order, pack_shard, shard_points, write_manifest
     from soilnet.config.pack import PackConfig
 
-    for name, default in (("climate_units", "stored"), ("require_target", False)):
-        if not hasattr(args, name):
-            setattr(args, name, default)
     out = Path(args.out)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     _check_rerun(out, _arguments(args))

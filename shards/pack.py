@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +34,7 @@ from shards import stats
 from shards.parallel import Workers, workers_from_env
 from shards.sources.base import Patch, Rejected, Source
 from soilnet import __version__
+from soilnet.atomic import atomic_file
 from soilnet.config.base import ConfigError, save_resolved, to_plain
 from soilnet.config.pack import PackConfig
 from soilnet.schema import SampleSchema
@@ -99,38 +100,24 @@ def make_source(cfg: PackConfig, schema: SampleSchema) -> Source:
     return earthengine(schema, cfg.source.earthengine, cfg.output_dir)
 
 
-def _no_space(err: OSError, path: Path, written: int) -> OSError:
-    """The error for a full disk (or quota) while writing ``path``: the path, how far it got, the space left."""
+def _no_space(err: OSError, path: Path) -> OSError:
+    """The error for a full disk (or quota) while writing ``path``: the path and the space left."""
     usage = shutil.disk_usage(path.parent)
-    return OSError(err.errno, f"writing {path}: {os.strerror(err.errno)} after {written / 2**20:.1f} MiB of it "
-                   f"(removed; now {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on the file "
-                   f"system of {path.parent}). Free space (or set output_dir elsewhere) and rerun the same command: "
-                   "complete shards are kept, this one is written again")  # fmt: skip
+    return OSError(err.errno, f"writing {path}: {os.strerror(err.errno)} (removed; now {usage.free / 2**20:.1f} MiB "
+                   f"free of {usage.total / 2**20:.1f} MiB on the file system of {path.parent}). Free space (or set "
+                   "output_dir elsewhere) and rerun the same command: complete shards are kept, this one is written "
+                   "again")  # fmt: skip
 
 
 @contextmanager
 def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that appears at ``path`` only whole: written to ``<path>.tmp``, fsynced, then renamed over
-    ``path``, so a reader or a rerun after kill -9 sees the old file or the complete new one. On any error the
-    temporary file is closed and removed (a full disk keeps no half shard), and a full disk (ENOSPC, EDQUOT)
-    becomes an error naming the path and the free space."""
-    tmp = path.with_name(path.name + ".tmp")
-    f = None
+    """:func:`soilnet.atomic.atomic_file`, with a full disk (ENOSPC, EDQUOT) named: the path and the free space."""
     try:
-        f = open(tmp, "wb")  # noqa: SIM115 - closed below, on success and on failure
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException as err:
-        if f is not None:
-            with suppress(OSError):  # its buffered bytes cannot be flushed to a full disk; the fd is closed anyway
-                f.close()
-        written = tmp.stat().st_size if tmp.exists() else 0
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _no_space(err, path, written) from err
+        with atomic_file(path) as f:
+            yield f
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(err, path) from err
         raise
 
 

@@ -201,6 +201,7 @@ def evaluate(
         test = fold.test
         done = _fold_results(cfg, data, fold.index, (train, val, cal, test), export, feats, resume, stop)
         histories[f"fold {fold.index}"] = done["history"]
+        lr_groups = done["lr_groups"]  # the same table for every fold: one model config
         p_test, p_cal = done["p_test"].numpy(), done["p_cal"].numpy()
         q = C.calibrate(data.y[cal], p_cal, level, space)
         lo, hi = C.intervals(p_test, q, space=space)
@@ -273,7 +274,7 @@ def evaluate(
         "modalities": list(mods),
         "pretrained": cfg.pretrained,
         "normalisation": data.normalisation,
-        "lr_groups": _lr_groups(cfg, data, export),
+        "lr_groups": lr_groups,
     }
     if data.missing_ids and writes:
         metrics["data"]["ground_truth_ids_not_in_shards_file"] = str(out / "ground_truth_ids_not_in_shards.txt")
@@ -330,6 +331,7 @@ def _fold_results(cfg, data, index: int, parts, export, feats, resume: ResumeSto
         "kind": "results",
         "history": fitted.history,
         "best_epoch": fitted.best_epoch,
+        "lr_groups": fitted.lr_groups,
         "p_test": torch.from_numpy(np.asarray(FT.predict(fitted, data, test, mods), dtype=np.float64)),
         "p_test_uncorrected": torch.from_numpy(np.asarray(FT.predict(fitted, data, test, mods, False), np.float64)),
         "smearing": fitted.transform.smearing,
@@ -353,18 +355,6 @@ def _fold_results(cfg, data, index: int, parts, export, feats, resume: ResumeSto
     if resume:
         resume.save(key, done)
     return done
-
-
-def _lr_groups(cfg: FinetuneConfig, data: LabelledData, export) -> list[dict]:
-    """The learning-rate table every fit of this run uses (``name``, ``parameters``, ``lr_scale``), as logged."""
-    from soilnet.models.layer_decay import lr_groups, lr_table
-    from soilnet.train import finetune as FT
-
-    mods = FT.modalities_of(cfg.modalities)
-    model = FT.build_model(
-        FT.apply_export_model(cfg.model, export[1], mods) if export else cfg.model, data.schema, mods
-    )
-    return lr_table(lr_groups(model, cfg.train.encoders, cfg.train.layer_decay))
 
 
 def _final_model(

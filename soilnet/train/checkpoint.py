@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from soilnet.atomic import fsync_path, write_text
 from soilnet.distributed import barrier
 
 log = logging.getLogger("soilnet.pretrain")
@@ -92,26 +92,11 @@ def write_error(path: Path, root: Path, err: BaseException) -> CheckpointWriteEr
     )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, text: str, root: Path) -> None:
-    """Write ``text`` to a temporary name, fsync, rename over ``path``, fsync the folder (the rename itself)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """:func:`soilnet.atomic.write_text`, a failure named as a checkpoint's (:func:`write_error`)."""
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-        _fsync(path.parent)
+        write_text(path, text)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise write_error(path, root, err) from err
 
 
@@ -289,7 +274,7 @@ def save(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int, r
     try:
         torch.save(rng if rng is not None else rng_state(), rng_file)
         for f in [*written, rng_file]:  # this rank's files reach the disk before the checkpoint is marked complete
-            _fsync(f)
+            fsync_path(f)
     except (OSError, RuntimeError) as err:
         raise write_error(rng_file, root, err) from err
     barrier()

@@ -16,7 +16,6 @@ folder is removed when the run has written its metrics: a finished run starts af
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from soilnet.atomic import atomic_file, write_json
 from soilnet.config.base import ConfigError, Section, to_plain
 from soilnet.distributed import DistInfo
 
@@ -52,15 +52,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         for k in sorted(set(a) | set(b))
         if k not in IGNORED_KEYS and a.get(k, missing) != b.get(k, missing)
     ]
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 class ResumeStore:
@@ -94,9 +85,7 @@ class ResumeStore:
                     )
             else:
                 store.root.mkdir(parents=True, exist_ok=True)
-                tmp = saved_file.with_name(f".{CONFIG}.tmp{os.getpid()}")
-                tmp.write_text(json.dumps(current, indent=1))
-                tmp.replace(saved_file)
+                write_json(saved_file, current, indent=1)
         error = store._from_rank0(error)
         if error:
             raise ConfigError(error)
@@ -123,7 +112,8 @@ class ResumeStore:
         """Write ``state`` (tensors and plain values) under ``key``; a no-op on ranks other than 0."""
         if self.writes:
             self.root.mkdir(parents=True, exist_ok=True)
-            _atomic_save(state, self.path(key))
+            with atomic_file(self.path(key)) as f:
+                torch.save(state, f)
 
     def clear(self) -> None:
         """Remove every checkpoint (the run is complete)."""

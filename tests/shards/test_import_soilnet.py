@@ -35,7 +35,8 @@ def _climate_csv(path, ids, id_col, value, extra=None, seed=0):
 
 def _args(**kw):
     base = dict(images=None, climate=None, points=None, id_column="Point_ID", target_column=None, target_name=None,
-                lon_column=None, lat_column=None, out=None, max_samples=2)  # fmt: skip
+                lon_column=None, lat_column=None, out=None, max_samples=2, climate_units="stored",
+                require_target=False)  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
 

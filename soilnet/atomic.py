@@ -1,0 +1,58 @@
+"""Files that appear whole or not at all (shards, part records, manifests, checkpoints).
+
+A file is written to ``<name>.tmp`` beside its target, flushed and fsynced, renamed over the target, and the folder
+is fsynced (the rename itself), so a reader, or a rerun after kill -9, finds the old file or the complete new one,
+never a part of one. On any error the temporary file is removed and the error is raised as it came; a caller that
+names the file and the free space (a full disk) does so around :func:`atomic_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync a file, or a folder (which makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file handle whose bytes appear at ``path`` only once the block has completed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    f = open(tmp, "wb")  # noqa: SIM115 - closed below, on success and on failure
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except BaseException:
+        with suppress(OSError):  # buffered bytes cannot be flushed to a full disk; the descriptor is closed anyway
+            f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, obj: Any, **dump_kwargs) -> None:
+    write_text(path, json.dumps(obj, **dump_kwargs))
