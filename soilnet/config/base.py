@@ -28,11 +28,12 @@ class Section(BaseModel):
 C = TypeVar("C", bound=Section)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """A copy of ``base`` with ``update`` merged in, recursing into dicts both hold; neither input changes."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -56,8 +57,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         includes = [includes]
     merged: dict = {}
     for inc in includes:
-        merged = _merge(merged, read_yaml(path.parent / inc, (*_seen, path.resolve())))
-    return _merge(merged, tree)
+        merged = deep_merge(merged, read_yaml(path.parent / inc, (*_seen, path.resolve())))
+    return deep_merge(merged, tree)
 
 
 def apply_override(tree: dict, override: str) -> dict:

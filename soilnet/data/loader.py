@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from soilnet.data.augment import AugmentSpec, apply_view, augment_climate, draw_view, normalise
 from soilnet.data.decode import CLIMATE, IMAGE, BatchDecoder, RawRows
 from soilnet.data.index import OpenShards
+from soilnet.data.manifest import DataError
 from soilnet.data.order import batch_ids, micro_batch, step_epoch
-from soilnet.data.shards import DataError, ShardSet
+from soilnet.data.shards import ShardSet
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from soilnet import schema as S
-from soilnet.config.base import ConfigError
 from soilnet.config.schema import SchemaConfig
-from soilnet.evaluate.labelled import manifest_path, read_manifest, select_schema
-
-
-class DataError(ConfigError):
-    """Shards that cannot be used for pretraining; the message names the manifest, shard or sample.
-
-    A :class:`ConfigError`, so ``soilnet`` reports it as one line instead of a traceback."""
+from soilnet.data.manifest import (
+    DataError,
+    all_finite,
+    manifest_path,
+    read_manifest,
+    required_statistics,
+    select_schema,
+)
 
 
 @dataclass(frozen=True)
@@ -61,24 +61,6 @@ class ShardSet:
         return s, gid - self.starts[s]
 
 
-def _stats(manifest: dict, kind: str, names: tuple[str, ...], where: Path) -> tuple[np.ndarray, np.ndarray]:
-    table = (manifest.get("stats") or {}).get(kind)
-    if not table:
-        raise DataError(f"{where}: no stats.{kind}; pretraining normalises with the manifest's statistics")
-    missing = [n for n in names if n not in table]
-    if missing:
-        raise DataError(f"{where}: stats.{kind} lacks {missing}")
-    mean = np.array([table[n]["mean"] for n in names], dtype=np.float32)
-    std = np.array([table[n]["std"] for n in names], dtype=np.float32)
-    return mean, np.where(np.isfinite(std) & (std > 0), std, 1.0).astype(np.float32)
-
-
-def _all_finite(manifest: dict, kind: str, names: tuple[str, ...], values: int) -> bool:
-    """Whether stats.<kind> counts ``values`` finite values (statistics count finite values only) for each name."""
-    table = manifest["stats"][kind]
-    return all(int(table[n].get("count", -1)) == values for n in names)
-
-
 def open_shards(shards: str | Path, requested: SchemaConfig) -> ShardSet:
     """Read and check the manifest of ``shards`` (a folder or its manifest.json) for a run using ``requested``.
 
@@ -110,8 +92,8 @@ def open_shards(shards: str | Path, requested: SchemaConfig) -> ShardSet:
     counts = np.array([int(e["samples"]) for e in entries], dtype=np.int64)
     if counts.sum() <= 0:
         raise DataError(f"{mpath}: the shards hold no samples")
-    im_mean, im_std = _stats(manifest, "image", schema.channels, mpath)
-    cl_mean, cl_std = _stats(manifest, "climate", schema.climate_variables, mpath)
+    im_mean, im_std = required_statistics(manifest, "image", schema.channels, mpath)
+    cl_mean, cl_std = required_statistics(manifest, "climate", schema.climate_variables, mpath)
     return ShardSet(
         manifest_file=mpath,
         urls=urls,
@@ -127,5 +109,5 @@ def open_shards(shards: str | Path, requested: SchemaConfig) -> ShardSet:
         channel_index=tuple(available.channel_indices(schema.channels)),
         variable_index=tuple(available.climate_indices(schema.climate_variables)),
         month_index=tuple(available.month_indices(schema.months)),
-        image_finite=_all_finite(manifest, "image", schema.channels, int(counts.sum()) * schema.patch_size**2),
+        image_finite=all_finite(manifest, "image", schema.channels, int(counts.sum()) * schema.patch_size**2),
     )

@@ -306,7 +306,7 @@ def source_acquire(checkpoint: Path, model, overrides: list[str]) -> Acquire:
     from shards.sources.base import Rejected
     from soilnet.config.base import ConfigError, apply_override
     from soilnet.config.pack import PackConfig
-    from soilnet.evaluate.labelled import read_manifest
+    from soilnet.data.manifest import read_manifest
 
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     cfg_file = run_dir / "config.yaml"

@@ -25,12 +25,12 @@ import torch
 
 from soilnet.config.base import save_resolved, to_plain
 from soilnet.config.finetune import EvaluateConfig, FinetuneConfig
+from soilnet.data.labelled import LabelledData, load_labelled
 from soilnet.evaluate import baseline as B
 from soilnet.evaluate import conformal as C
 from soilnet.evaluate import plots as P
 from soilnet.evaluate import splits as SP
 from soilnet.evaluate import targets as TG
-from soilnet.evaluate.labelled import LabelledData, load_labelled
 from soilnet.evaluate.metrics import regression_metrics
 from soilnet.evaluate.report import write_report
 from soilnet.train.resume import ResumeStore

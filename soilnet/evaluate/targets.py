@@ -10,7 +10,7 @@ import logging
 import numpy as np
 
 from soilnet.config.finetune import TargetConfig
-from soilnet.evaluate.labelled import LabelledData
+from soilnet.data.labelled import LabelledData
 from soilnet.evaluate.metrics import bias
 from soilnet.train.targets import check_range
 

@@ -2,7 +2,7 @@
 pretrained encoder export, then evaluate honestly (:mod:`soilnet.evaluate`).
 
 Fine-tuning sets hold thousands of points, so every labelled sample sits in memory
-(:mod:`soilnet.evaluate.labelled`) and the job trains each cross-validation fold in turn. Early stopping and the
+(:mod:`soilnet.data.labelled`) and the job trains each cross-validation fold in turn. Early stopping and the
 choice of epoch use the validation points only; test points are touched once, for the final predictions.
 
 One process trains with plain PyTorch. When launched as one of several processes (``WORLD_SIZE`` > 1 from
@@ -34,10 +34,11 @@ from soilnet import schema as S
 from soilnet.config.base import to_plain
 from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig
 from soilnet.config.model import ModelConfig
+from soilnet.data.labelled import LabelledData
 from soilnet.distributed import DistInfo, all_reduce_sum, barrier, environment, gather_with_grad, init_distributed
-from soilnet.evaluate.labelled import LabelledData
 from soilnet.models.layer_decay import lr_groups, lr_table
 from soilnet.train.checkpoint import rng_state, set_rng_state
+from soilnet.train.deepspeed_config import adamw, deepspeed_config
 from soilnet.train.optim import param_groups
 from soilnet.train.resume import ResumeStore
 from soilnet.train.signals import StopFlag, StoppedEarly
@@ -388,7 +389,7 @@ def gather_batch(pred: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return full[keep]
 
 
-def deepspeed_config(tc: FinetuneTrainConfig, world: int) -> dict:
+def engine_config(tc: FinetuneTrainConfig, world: int) -> dict:
     """ZeRO stage 0 (plain data parallelism: every rank keeps the whole fp32 model and optimizer) with torch's
     AdamW; each rank's micro batch is its share of ``train.batch_size``."""
     if tc.batch_size % world:
@@ -396,19 +397,13 @@ def deepspeed_config(tc: FinetuneTrainConfig, world: int) -> dict:
             f"train.batch_size={tc.batch_size} must be a multiple of the {world} ranks of this run (each rank "
             "takes an equal share of every global batch)"
         )
-    return {
-        "train_batch_size": tc.batch_size,
-        "train_micro_batch_size_per_gpu": tc.batch_size // world,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 0},
-        "gradient_clipping": 0.0,  # the single process does not clip; DeepSpeed's default (1.0) would
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": tc.lr, "weight_decay": tc.weight_decay, "torch_adam": True},
-        },
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    return deepspeed_config(
+        global_batch=tc.batch_size,
+        micro=tc.batch_size // world,
+        accumulation=1,
+        grad_clip=0.0,  # the single process does not clip; DeepSpeed's default (1.0) would
+        optimizer=adamw(tc.lr, tc.weight_decay),
+    )
 
 
 def build_engine(model: nn.Module, tc: FinetuneTrainConfig, info: DistInfo):
@@ -427,7 +422,7 @@ def build_engine(model: nn.Module, tc: FinetuneTrainConfig, info: DistInfo):
             tc.batch_size,
         )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=optimizer_groups(model, tc), config=deepspeed_config(tc, info.world_size)
+        model=model, model_parameters=optimizer_groups(model, tc), config=engine_config(tc, info.world_size)
     )
     return engine
 

@@ -29,11 +29,12 @@ from soilnet.config.base import ConfigError, save_resolved, to_plain
 from soilnet.config.pretrain import PretrainConfig
 from soilnet.data import BatchSizeError, LoaderSpec, build_loader, micro_batch, open_shards
 from soilnet.data.augment import AugmentSpec
+from soilnet.data.manifest import DataError
 from soilnet.data.order import steps_per_epoch
-from soilnet.data.shards import DataError
 from soilnet.distributed import DistInfo, all_reduce_sum, gather_no_grad, init_distributed
 from soilnet.losses import ContrastiveLoss, retrieval_metrics
 from soilnet.train import checkpoint as ckpt
+from soilnet.train.deepspeed_config import adamw, deepspeed_config
 from soilnet.train.export import shard_statistics
 from soilnet.train.gradcache import RunningStats, grad_cache
 from soilnet.train.optim import build_client_optimizer, check_optimizer, param_groups
@@ -123,40 +124,24 @@ def precision(cfg: PretrainConfig, info: DistInfo) -> str:
     return cfg.train.precision
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def deepspeed_config(
+def engine_config(
     cfg: PretrainConfig, world: int, prec: str, peak_lr: float, universal: bool, micro: int | None = None
 ) -> dict:
     """The DeepSpeed config: ``cfg.deepspeed`` over what the job derives; batch sizes are always derived: ``micro``
     samples per device and forward (default ``G / world``), accumulated over ``G / (world * micro)`` micro-batches.
     """
     t = cfg.train
-    derived = {
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": 0},
-        "bf16": {"enabled": prec == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if t.optimizer == "adamw":
-        derived["optimizer"] = {
-            "type": "AdamW",
-            "params": {"lr": peak_lr, "betas": list(t.betas), "weight_decay": t.weight_decay, "torch_adam": True},
-        }
-    out = _merge(derived, cfg.deepspeed)
-    out["train_batch_size"] = t.global_batch_size
     micro = micro or micro_batch(t.global_batch_size, world)
-    out["train_micro_batch_size_per_gpu"] = micro
-    out["gradient_accumulation_steps"] = accumulation_steps(t.global_batch_size, micro, world)
-    if universal:
-        out.setdefault("checkpoint", {})["load_universal"] = True
-    return out
+    return deepspeed_config(
+        global_batch=t.global_batch_size,
+        micro=micro,
+        accumulation=accumulation_steps(t.global_batch_size, micro, world),
+        grad_clip=t.grad_clip,
+        bf16=prec == "bf16",
+        optimizer=adamw(peak_lr, t.weight_decay, t.betas) if t.optimizer == "adamw" else None,
+        overrides=cfg.deepspeed,
+        load_universal=universal,
+    )
 
 
 def zero_stage(cfg: PretrainConfig) -> int:
@@ -380,7 +365,7 @@ def _run(cfg: PretrainConfig, flag: StopFlag) -> dict:
     module = PretrainModule(model, loss_fn)
     groups = param_groups(module, t.weight_decay)
     client_opt = build_client_optimizer(t.optimizer, groups, peak, t.betas, t.weight_decay)
-    ds_cfg = deepspeed_config(cfg, info.world_size, prec, peak, universal, micro)
+    ds_cfg = engine_config(cfg, info.world_size, prec, peak, universal, micro)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=groups if client_opt is None else None,

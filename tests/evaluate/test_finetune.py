@@ -12,7 +12,7 @@ from soilnet import schema as S
 from soilnet.cli import main
 from soilnet.config.base import load_config
 from soilnet.config.finetune import FinetuneConfig
-from soilnet.evaluate.labelled import DataError
+from soilnet.data.labelled import DataError
 from soilnet.evaluate.metrics import METRIC_NAMES
 from soilnet.evaluate.run import EvaluationError
 from soilnet.train import finetune as FT

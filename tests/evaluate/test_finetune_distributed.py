@@ -147,12 +147,12 @@ def test_rank_rows_cover_the_global_batch_in_order():
         assert all(sizes == parts[0][1] and max(sizes) - min(sizes) <= 1 for _, sizes in parts)
 
 
-def test_deepspeed_config_splits_the_batch_and_adds_nothing_the_single_process_lacks():
+def test_engine_config_splits_the_batch_and_adds_nothing_the_single_process_lacks():
     from soilnet.config.finetune import FinetuneTrainConfig
-    from soilnet.train.finetune import deepspeed_config
+    from soilnet.train.finetune import engine_config
 
     tc = FinetuneTrainConfig(batch_size=64, lr=2e-3, weight_decay=1e-4)
-    ds = deepspeed_config(tc, 4)
+    ds = engine_config(tc, 4)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         64,
         16,
@@ -161,4 +161,4 @@ def test_deepspeed_config_splits_the_batch_and_adds_nothing_the_single_process_l
     assert ds["zero_optimization"] == {"stage": 0} and ds["gradient_clipping"] == 0.0
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 1e-4, "torch_adam": True}}
     with pytest.raises(ValueError, match=r"train.batch_size=64 must be a multiple of the 3 ranks"):
-        deepspeed_config(tc, 3)
+        engine_config(tc, 3)

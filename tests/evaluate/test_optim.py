@@ -8,7 +8,7 @@ import torch
 
 from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig
 from soilnet.config.model import ComponentConfig, ModelConfig
-from soilnet.evaluate.labelled import load_labelled
+from soilnet.data.labelled import load_labelled
 from soilnet.models import build_regression_model
 from soilnet.schema import SampleSchema
 from soilnet.train import finetune as FT

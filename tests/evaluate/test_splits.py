@@ -107,7 +107,7 @@ def test_random_kfold_keeps_identical_inputs_together():
 def test_random_validation_and_calibration_keep_twins_together():
     """plan_split hands the identical-input groups to the carving of validation and calibration parts."""
     from soilnet.config.finetune import FinetuneConfig
-    from soilnet.evaluate.labelled import LabelledData
+    from soilnet.data.labelled import LabelledData
     from soilnet.evaluate.run import plan_split
     from soilnet.schema import SampleSchema, month_range
 
@@ -146,7 +146,7 @@ def test_raca_dev_twins_share_a_climate_series_and_stay_together(tmp_path):
     """The seed's real RaCA tables: 50 pairs of labelled sites share all 13 series byte for byte."""
     from soilnet.cli import main
     from soilnet.config.finetune import FinetuneDataConfig
-    from soilnet.evaluate.labelled import load_labelled
+    from soilnet.data.labelled import load_labelled
 
     argv = ["import-soilnet", "--climate", str(RACA_DEV), "--id-column", "rcasiteid"]
     assert main([*argv, "--target-column", "SOCstock100", "--out", str(tmp_path / "raca")]) == 0

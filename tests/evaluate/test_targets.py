@@ -141,7 +141,7 @@ def test_model_and_forest_in_both_units_with_their_transforms(dropped_run):
 
 @pytest.mark.parametrize("score", ["val_loss", "val_rmse"])
 def test_early_stopping_keeps_the_epoch_best_on_the_chosen_validation_score(labelled_shards, score):
-    from soilnet.evaluate.labelled import load_labelled
+    from soilnet.data.labelled import load_labelled
     from soilnet.train import finetune as FT
 
     cfg = FinetuneConfig.model_validate({

@@ -282,9 +282,9 @@ def test_micro_batch_is_kept_on_resume_and_the_world_size_must_share_its_micro_b
         accumulation_steps(16, 8, 4)
     with pytest.raises(BatchSizeError, match="not a multiple of train.micro_batch_size=5"):
         accumulation_steps(16, 5, 1)
-    from soilnet.train.pretrain import deepspeed_config
+    from soilnet.train.pretrain import engine_config
 
-    ds = deepspeed_config(cfg, 1, "fp32", 1e-3, False, micro=8)
+    ds = engine_config(cfg, 1, "fp32", 1e-3, False, micro=8)
     sizes = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     assert sizes == (16, 8, 2)
 

@@ -7,7 +7,6 @@ precision) and are normalised per batch.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +17,7 @@ import webdataset as wds
 
 from soilnet import schema as S
 from soilnet.config.finetune import FinetuneDataConfig, GroundTruthConfig
-from soilnet.config.schema import SchemaConfig
-
-
-class DataError(ValueError):
-    """Labelled data that cannot be used: names the file, column or sample."""
+from soilnet.data.manifest import DataError, manifest_path, read_manifest, select_schema, statistics
 
 
 @dataclass
@@ -62,56 +57,6 @@ class LabelledData:
         return t.unit if t else ""
 
 
-def manifest_path(shards: str | Path) -> Path:
-    """``shards`` may be the folder or its manifest.json."""
-    p = Path(shards)
-    p = p / "manifest.json" if p.is_dir() or p.suffix != ".json" else p
-    if not p.is_file():
-        raise FileNotFoundError(f"shard manifest not found: {p} (pack or import labelled shards first)")
-    return p
-
-
-def read_manifest(shards: str | Path) -> tuple[dict, Path]:
-    """The manifest dict and the folder that holds its shards."""
-    path = manifest_path(shards)
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON: {err}") from err
-    for key in ("schema", "shards"):
-        if key not in manifest:
-            raise DataError(f"{path}: missing key '{key}' (see docs/data-format.md)")
-    return manifest, path.parent
-
-
-def select_schema(requested: SchemaConfig, available: S.SampleSchema) -> S.SampleSchema:
-    """The schema a run uses: what ``requested`` names, defaulting to everything the data holds.
-
-    Fields the config leaves unset follow the data; names the data lacks are an error naming them.
-    """
-    given = requested.model_fields_set
-    channels = tuple(requested.channels) if requested.channels is not None else available.channels
-    variables = (
-        tuple(requested.climate_variables) if requested.climate_variables is not None else available.climate_variables
-    )
-    if "first_month" in given or "last_month" in given:
-        months = S.month_range(requested.first_month, requested.last_month)
-    else:
-        months = available.months
-    chosen = S.SampleSchema(
-        channels=channels,
-        climate_variables=variables,
-        months=months,
-        patch_size=requested.patch_size if "patch_size" in given else available.patch_size,
-        pixel_size_m=requested.pixel_size_m if "pixel_size_m" in given else available.pixel_size_m,
-    )
-    if not chosen.subset_of(available):
-        raise S.SchemaError(
-            "the requested schema is not available in the shards: " + "; ".join(chosen.differences(available))
-        )
-    return chosen
-
-
 def read_ground_truth(gt: GroundTruthConfig) -> pd.DataFrame:
     """Columns ``id`` (str), ``target`` (float, NaN where unparsable) and optional ``lon``/``lat``."""
     path = Path(gt.path)
@@ -128,18 +73,6 @@ def read_ground_truth(gt: GroundTruthConfig) -> pd.DataFrame:
         if wanted[role] is not None:
             out[role] = pd.to_numeric(table[wanted[role]], errors="coerce")
     return out
-
-
-def _stats(manifest: dict, kind: str, names: tuple[str, ...], where: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    table = manifest.get("stats", {}).get(kind)
-    if not table:
-        return None
-    missing = [n for n in names if n not in table]
-    if missing:
-        raise DataError(f"{where}: stats.{kind} lacks {missing}")
-    mean = np.array([table[n]["mean"] for n in names], dtype=np.float32)
-    std = np.array([table[n]["std"] for n in names], dtype=np.float32)
-    return mean, np.where(std > 0, std, 1.0).astype(np.float32)
 
 
 def _decode_image(raw: np.ndarray, encoding: dict) -> np.ndarray:
@@ -266,8 +199,8 @@ def load_labelled(
     counts["labelled"] = len(ys)
     counts["dropped"] = counts["missing"] + counts["nan"] + counts["negative"]
 
-    im_stats = _stats(manifest, "image", schema.channels, mpath) if ch_idx is not None else None
-    cl_stats = _stats(manifest, "climate", schema.climate_variables, mpath) if var_idx is not None else None
+    im_stats = statistics(manifest, "image", schema.channels, mpath) if ch_idx is not None else None
+    cl_stats = statistics(manifest, "climate", schema.climate_variables, mpath) if var_idx is not None else None
     image = np.stack(images) if ch_idx is not None else None
     climate = np.stack(climates) if var_idx is not None else None
     normalisation = {"used": "data"}
