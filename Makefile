@@ -1,4 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Each does its own set-up.
+# For contributors: `make check` (ruff, import contracts, mypy) and `make test-fast` (the suite without the
+# slurm, mpi and slow markers). CI runs .ci/run: check, then the whole suite.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint lint-imports typecheck check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,8 +19,19 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -q -ra tests
 
+test-fast: setup
+	@$(PY) -m pytest -q -ra -m "not slurm and not mpi and not slow" tests
+
 lint: setup
 	@$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+lint-imports: setup
+	@$(VENV)/bin/lint-imports --no-logo
+
+typecheck: setup
+	@$(VENV)/bin/mypy
+
+check: lint lint-imports typecheck
 
 clean:
 	rm -rf outputs

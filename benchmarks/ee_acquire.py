@@ -31,48 +31,89 @@ REPO = Path(__file__).resolve().parents[1]
 REQUESTS_PER_SAMPLE = 2
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=800, help="points to pack")
     parser.add_argument("--latency-s", type=float, default=0.3, help="injected latency of every API call")
     parser.add_argument("--max-in-flight", type=int, default=40, help="the project's concurrent-request quota")
-    parser.add_argument("--workers", type=int, default=2 if shutil.which("mpirun") else 1,
-                        help="MPI ranks (default 2 with mpirun; one process is CPU-bound near 50/s)")  # fmt: skip
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2 if shutil.which("mpirun") else 1,
+        help="MPI ranks (default 2 with mpirun; one process is CPU-bound near 50/s)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="threads per worker (default: quota / workers)")
-    args = parser.parse_args()
-    threads = args.threads or -(-args.max_in_flight // args.workers)
+    return parser.parse_args()
 
+
+def write_points(path: Path, n: int) -> None:
+    """``n`` random points over Europe, seeded."""
+    rng = np.random.default_rng(0)
+    lon, lat = rng.uniform(-9, 30, n), rng.uniform(36, 70, n)
+    rows = ["id,lon,lat", *(f"b{i:07d},{x:.5f},{y:.5f}" for i, (x, y) in enumerate(zip(lon, lat, strict=True)))]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def pack_command(args: argparse.Namespace, d: Path, url: str, threads: int) -> tuple[list[str], dict[str, str]]:
+    """``soilnet pack`` against the fake at ``url`` (under mpirun for more than one worker), and its environment."""
+    overrides = [
+        f"output_dir={d / 'shards'}",
+        f"sampling.points={d / 'points.csv'}",
+        "sampling.region=null",
+        f"source.earthengine.url={url}",
+        f"source.earthengine.service_account_key={d / 'key.json'}",
+        "source.earthengine.project=bench",
+        f"source.earthengine.max_in_flight={args.max_in_flight}",
+        f"source.earthengine.threads={threads}",
+        f"shard.max_samples={max(1, args.n // (4 * args.workers))}",
+    ]
+    argv = [sys.executable, "-m", "soilnet.cli", "pack", "--config", "configs/preprocess/europe.yaml"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if args.workers > 1:
+        if shutil.which("mpirun") is None:
+            sys.exit("--workers > 1 needs mpirun (Debian's openmpi-bin)")
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        argv = ["mpirun", "-n", str(args.workers), "--oversubscribe", *argv]
+    return [*argv, *overrides], env
+
+
+def acquire(args: argparse.Namespace, threads: int) -> tuple[float, dict]:
+    """Pack ``--n`` points against a fake Earth Engine; the wall time with start-up and the fake's statistics."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        fake = subprocess.Popen([sys.executable, str(REPO / "tests/shards/fake_earthengine.py"), "--key",
-                                 str(d / "key.json"), "--latency-s", str(args.latency_s)],
-                                cwd=REPO, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        fake = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "tests/shards/fake_earthengine.py"),
+                "--key",
+                str(d / "key.json"),
+                "--latency-s",
+                str(args.latency_s),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
+            assert fake.stdout is not None
             url = fake.stdout.readline().strip()
-            rng = np.random.default_rng(0)
-            lon, lat = rng.uniform(-9, 30, args.n), rng.uniform(36, 70, args.n)
-            rows = ["id,lon,lat", *(f"b{i:07d},{x:.5f},{y:.5f}" for i, (x, y) in enumerate(zip(lon, lat, strict=True)))]
-            (d / "points.csv").write_text("\n".join(rows) + "\n")
-            overrides = [f"output_dir={d / 'shards'}", f"sampling.points={d / 'points.csv'}", "sampling.region=null",
-                         f"source.earthengine.url={url}", f"source.earthengine.service_account_key={d / 'key.json'}",
-                         "source.earthengine.project=bench", f"source.earthengine.max_in_flight={args.max_in_flight}",
-                         f"source.earthengine.threads={threads}",
-                         f"shard.max_samples={max(1, args.n // (4 * args.workers))}"]  # fmt: skip
-            argv = [sys.executable, "-m", "soilnet.cli", "pack", "--config", "configs/preprocess/europe.yaml"]
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            if args.workers > 1:
-                if shutil.which("mpirun") is None:
-                    sys.exit("--workers > 1 needs mpirun (Debian's openmpi-bin)")
-                env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-                argv = ["mpirun", "-n", str(args.workers), "--oversubscribe", *argv]
+            write_points(d / "points.csv", args.n)
+            argv, env = pack_command(args, d, url, threads)
             wall = time.perf_counter()
-            subprocess.run([*argv, *overrides], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+            subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=True)
             wall = time.perf_counter() - wall
             with urllib.request.urlopen(url + "/stats") as answer:
                 stats = json.load(answer)
         finally:
             fake.kill()
             fake.wait()
+    return wall, stats
+
+
+def main() -> None:
+    args = parse_args()
+    threads = args.threads or -(-args.max_in_flight // args.workers)
+    wall, stats = acquire(args, threads)
     ceiling = args.max_in_flight / args.latency_s / REQUESTS_PER_SAMPLE
     achieved = args.n / (stats["last_answer_s"] - stats["first_call_s"])
     result = {

@@ -56,8 +56,19 @@ def import_in_process(climate: Path, out: Path) -> float:
     from soilnet.cli import main as soilnet
 
     start = time.perf_counter()
-    soilnet(["import-soilnet", "--climate", str(climate), "--id-column", "rcasiteid", "--target-column",
-             "SOCstock100", "--out", str(out)])  # fmt: skip
+    soilnet(
+        [
+            "import-soilnet",
+            "--climate",
+            str(climate),
+            "--id-column",
+            "rcasiteid",
+            "--target-column",
+            "SOCstock100",
+            "--out",
+            str(out),
+        ]
+    )
     return time.perf_counter() - start
 
 
@@ -70,9 +81,25 @@ def main() -> None:
     try:
         seed_layout.write_raca(work / "climate", args.sites)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "soilnet.cli", "import-soilnet", "--climate", str(work / "climate"),
-                        "--id-column", "rcasiteid", "--target-column", "SOCstock100", "--out", str(work / "cold")],
-                       cwd=REPO, check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "soilnet.cli",
+                "import-soilnet",
+                "--climate",
+                str(work / "climate"),
+                "--id-column",
+                "rcasiteid",
+                "--target-column",
+                "SOCstock100",
+                "--out",
+                str(work / "cold"),
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
         command_s = time.perf_counter() - start
         seconds = import_in_process(work / "climate", work / "shards")
         samples = json.loads((work / "shards" / "manifest.json").read_text())["samples"]
@@ -80,12 +107,23 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rate = args.sites / seconds
-    print(json.dumps({"sites": args.sites, "samples": samples, "seconds": round(seconds, 2),
-                      "samples_per_s": round(rate), "command_s": round(command_s, 2),
-                      "command_samples_per_s": round(args.sites / command_s),
-                      "baseline_samples_per_s": round(baseline, 1), "vs_per_point_lookup": round(rate / baseline, 1),
-                      "pandas": pd.__version__, "cpus": os.cpu_count(),
-                      "load_average": os.getloadavg()[0]}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "sites": args.sites,
+                "samples": samples,
+                "seconds": round(seconds, 2),
+                "samples_per_s": round(rate),
+                "command_s": round(command_s, 2),
+                "command_samples_per_s": round(args.sites / command_s),
+                "baseline_samples_per_s": round(baseline, 1),
+                "vs_per_point_lookup": round(rate / baseline, 1),
+                "pandas": pd.__version__,
+                "cpus": os.cpu_count(),
+                "load_average": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,21 @@ X0, Y0, PX, SIZE = 4_300_000.0, 2_700_000.0, 30.0, 4096
 def write_world(d: Path, schema: SampleSchema) -> tuple[Path, list[Path], str]:
     rng = np.random.default_rng(0)
     mosaic = d / "mosaic.tif"
-    with rasterio.open(mosaic, "w", driver="GTiff", width=SIZE, height=SIZE, count=schema.n_channels,
-                       dtype="float32", crs="EPSG:3035", transform=from_origin(X0, Y0, PX, PX), nodata=-9999.0,
-                       tiled=True, blockxsize=256, blockysize=256) as dst:  # fmt: skip
+    with rasterio.open(
+        mosaic,
+        "w",
+        driver="GTiff",
+        width=SIZE,
+        height=SIZE,
+        count=schema.n_channels,
+        dtype="float32",
+        crs="EPSG:3035",
+        transform=from_origin(X0, Y0, PX, PX),
+        nodata=-9999.0,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    ) as dst:
         for k in range(schema.n_channels):
             dst.write(rng.random((SIZE, SIZE), dtype=np.float32), k + 1)
     first = schema.months[0]
@@ -53,8 +65,18 @@ def write_world(d: Path, schema: SampleSchema) -> tuple[Path, list[Path], str]:
         path = d / f"{var}.tif"
         data = rng.integers(0, 1000, (schema.n_months, 80, 80)).astype(np.int16)
         geo = from_origin(8.0, 49.0, 0.05, 0.05)
-        with rasterio.open(path, "w", driver="COG", width=80, height=80, count=schema.n_months, dtype="int16",
-                           crs="EPSG:4326", transform=geo, nodata=-32768) as dst:  # fmt: skip
+        with rasterio.open(
+            path,
+            "w",
+            driver="COG",
+            width=80,
+            height=80,
+            count=schema.n_months,
+            dtype="int16",
+            crs="EPSG:4326",
+            transform=geo,
+            nodata=-32768,
+        ) as dst:
             dst.write(data)
         files.append(path)
     return mosaic, files, first
@@ -96,24 +118,40 @@ def main() -> None:
         mosaic, climate, first = write_world(d, schema)
         pts = points(args.n)
         pts.to_csv(d / "points.csv", index=False)
-        cfg = PackConfig.model_validate({
-            "output_dir": str(d / "out"),
-            "schema": {"first_month": schema.months[0], "last_month": schema.months[-1]},
-            "sampling": {"points": str(d / "points.csv")},
-            "source": {"kind": "rasters", "rasters": {
-                "images": [{"path": str(mosaic), "bands": list(schema.channels)}],
-                "climate": [{"path": str(p), "variable": v, "first_month": first}
-                            for p, v in zip(climate, schema.climate_variables, strict=True)]}},
-            "shard": {"max_samples": 100},
-        })  # fmt: skip
+        cfg = PackConfig.model_validate(
+            {
+                "output_dir": str(d / "out"),
+                "schema": {"first_month": schema.months[0], "last_month": schema.months[-1]},
+                "sampling": {"points": str(d / "points.csv")},
+                "source": {
+                    "kind": "rasters",
+                    "rasters": {
+                        "images": [{"path": str(mosaic), "bands": list(schema.channels)}],
+                        "climate": [
+                            {"path": str(p), "variable": v, "first_month": first}
+                            for p, v in zip(climate, schema.climate_variables, strict=True)
+                        ],
+                    },
+                },
+                "shard": {"max_samples": 100},
+            }
+        )
         raw = bench_raw(pts, mosaic, climate, schema)
         start = time.perf_counter()
         manifest = pack(cfg, Workers(0, 1))
         packed = args.n / (time.perf_counter() - start)
         assert manifest is not None and manifest["samples"] == args.n, "every benchmark point must pack"
         print(f"{'pack':>10}: {packed:10.1f} samples/s\n{'raw reads':>10}: {raw:10.1f} samples/s")
-        print(json.dumps({"samples": args.n, "pack": round(packed, 2), "raw_reads": round(raw, 2),
-                          "vs_raw_reads": round(packed / raw, 4)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "samples": args.n,
+                    "pack": round(packed, 2),
+                    "raw_reads": round(raw, 2),
+                    "vs_raw_reads": round(packed / raw, 4),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -58,10 +58,19 @@ def main() -> None:
     seed_layout.write_raca(climate, args.sites)
     shards, run_dir = out / "shards", out / "finetune"
     import_s = timed(
-        ["import-soilnet", "--climate", str(climate), "--id-column", "rcasiteid", "--target-column", "SOCstock100",
-         "--out", str(shards)],
+        [
+            "import-soilnet",
+            "--climate",
+            str(climate),
+            "--id-column",
+            "rcasiteid",
+            "--target-column",
+            "SOCstock100",
+            "--out",
+            str(shards),
+        ],
         out / "import.log",
-    )  # fmt: skip
+    )
     finetune_s = timed(
         ["finetune", "--config", str(CONFIG), f"data.shards={shards}", f"output_dir={run_dir}", *args.overrides],
         out / "finetune.log",

@@ -51,6 +51,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,7 @@ def draw_points(bbox, n: int, seed: int, block_km: float, buffer_km: float) -> t
         "inductive_points_in_a_labelled_block": int(sum(tuple(b) in taken for b in cand_blocks[free])),
         "min_distance_to_a_labelled_point_km": float(
             nearest_distance_km(ind["lon"], ind["lat"], lab["lon"], lab["lat"]).min()
-        ),  # fmt: skip
+        ),
         "buffer_km": buffer_km,
         "block_km": block_km,
     }
@@ -202,7 +203,33 @@ def t_interval(d: np.ndarray, level: float = 0.95) -> tuple[float, float | None,
     return mean, mean - half, mean + half
 
 
-def main(argv: list[str] | None = None) -> dict:
+@dataclass
+class Finetunes:
+    """What the fine-tuning runs gave, keyed ``(arm, variant, pretrain seed, fraction label, seed)``."""
+
+    r2: dict = field(default_factory=dict)
+    rmse: dict = field(default_factory=dict)
+    architectures: dict[str, set[str]] = field(default_factory=lambda: {"scratch": set(), "ssl": set()})
+    arch_detail: dict[str, dict] = field(default_factory=dict)
+    normalisation: dict[str, set[str]] = field(default_factory=lambda: {"scratch": set(), "ssl": set()})
+    rf: dict[str, float] = field(default_factory=dict)
+    n_train: dict[str, list[int]] = field(default_factory=dict)
+
+    def record(self, key: tuple, m: dict, seen: list[dict]) -> None:
+        """One run's metrics.json and the fingerprints of the models it built."""
+        arm, frac = key[0], key[3]
+        self.r2[key], self.rmse[key] = m["model"]["r2"], m["model"]["rmse"]
+        for f in seen:
+            self.architectures[arm].add(f["sha256"])
+            self.arch_detail[f["sha256"]] = f
+        self.normalisation[arm].add((m.get("normalisation") or {}).get("used", "?"))
+        if m.get("baseline_rf"):
+            self.rf[frac] = m["baseline_rf"]["r2"]
+        self.n_train[frac] = [f["n_train"] for f in m["folds"]]
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The command line, and the variants it asks for."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/benchmarks/ssl_gain")
     p.add_argument("--samples", type=int, default=512, help="labelled points, and points per pretraining set")
@@ -212,8 +239,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds (folds and label subsets fixed)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="transductive,inductive or one of them")
     p.add_argument("--config", default="configs/finetune/demo.yaml", help="fine-tuning config (both arms)")
-    p.add_argument("--fractions", type=lambda v: [float(x) for x in v.split(",")], default=[0.05, 0.2, 1.0],
-                   help="label fractions, comma-separated (default 0.05,0.2,1)")  # fmt: skip
+    p.add_argument(
+        "--fractions",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[0.05, 0.2, 1.0],
+        help="label fractions, comma-separated (default 0.05,0.2,1)",
+    )
     p.add_argument(
         "--budget",
         choices=["samples", "epochs"],
@@ -228,25 +259,15 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
-    logging.basicConfig(level=logging.WARNING)
-    out = (REPO / args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    timings: dict[str, float] = {}
+    return args, variants
 
+
+def pack_worlds(out: Path, points: dict, variants: list[str]) -> dict[str, Path]:
+    """The labelled world, and the inductive pretraining world when that variant runs; packed ones are reused."""
     from shards.pack import pack
     from soilnet.config.base import load_config
-    from soilnet.config.finetune import FinetuneConfig
     from soilnet.config.pack import PackConfig
-    from soilnet.train.export import export
 
-    base = load_config(FinetuneConfig, REPO / args.config, args.overrides)
-    split = base.eval.split
-    buffer_km = split.block_km if split.buffer_km is None else split.buffer_km
-    bbox = load_config(PackConfig, PACK, []).source.bbox
-    points, inductive_check = draw_points(bbox, args.samples, args.points_seed, split.block_km, buffer_km)
-
-    t0 = time.time()
     worlds = {}
     for name, prefix in (("labelled", "L"), ("inductive", "U")):
         if name == "inductive" and "inductive" not in variants:
@@ -258,9 +279,15 @@ def main(argv: list[str] | None = None) -> dict:
             with contextlib.redirect_stdout(io.StringIO()):
                 pack(pack_cfg)  # in this process: no start-up per world
         worlds[name] = folder
-    timings["pack_s"] = round(time.time() - t0, 1)
+    return worlds
 
-    t0 = time.time()
+
+def pretrain_variants(
+    args: argparse.Namespace, out: Path, variants: list[str], worlds: dict[str, Path]
+) -> tuple[dict[str, list[Path]], dict[str, list[dict]]]:
+    """Every variant's pretraining runs and exports (finished ones reused), and a summary of each run."""
+    from soilnet.train.export import export
+
     exports: dict[str, list[Path]] = {v: [] for v in variants}
     pretrain_summary: dict[str, list[dict]] = {v: [] for v in variants}
     for v in variants:
@@ -269,126 +296,196 @@ def main(argv: list[str] | None = None) -> dict:
             pre = out / f"pretrain_{v}_seed{ps}_{args.pretrain_steps}"
             enc = out / f"encoders_{v}_seed{ps}_{args.pretrain_steps}.safetensors"
             if not enc.is_file():
-                sh(["pretrain", "--config", str(PRETRAIN), f"output_dir={pre}", f"data.shards={shards}",
-                    f"train.steps={args.pretrain_steps}", f"checkpoint.every_steps={args.pretrain_steps}",
-                    f"train.seed={ps}", f"data.seed={ps}", "train.tensorboard=false", "train.log_every_steps=50"],
-                   out / f"pretrain_{v}_seed{ps}.log")  # fmt: skip
+                sh(
+                    [
+                        "pretrain",
+                        "--config",
+                        str(PRETRAIN),
+                        f"output_dir={pre}",
+                        f"data.shards={shards}",
+                        f"train.steps={args.pretrain_steps}",
+                        f"checkpoint.every_steps={args.pretrain_steps}",
+                        f"train.seed={ps}",
+                        f"data.seed={ps}",
+                        "train.tensorboard=false",
+                        "train.log_every_steps=50",
+                    ],
+                    out / f"pretrain_{v}_seed{ps}.log",
+                )
                 export(pre, enc)  # plain file reading, no process group: in this process
             rows = [json.loads(ln) for ln in (pre / "metrics.jsonl").read_text().splitlines()]
             summary = {k: rows[-1].get(k) for k in ("step", "loss", "top1", "top5", "embedding_std")}
             pretrain_summary[v].append({**summary, "first_loss": rows[0]["loss"]})
             exports[v].append(enc)
-    timings["pretrain_s"] = round(time.time() - t0, 1)
+    return exports, pretrain_summary
 
+
+def schedule(args: argparse.Namespace, base, frac: float) -> list[str]:
+    """The fine-tuning overrides of ``--budget samples``: epochs and patience scaled by 1 / fraction."""
+    if args.budget == "epochs":
+        return []
+    epochs = min(args.max_epochs, math.ceil(base.train.epochs / frac))
+    patience = min(epochs, math.ceil(base.train.patience / frac))
+    return [f"train.epochs={epochs}", f"train.patience={patience}"]
+
+
+def finetune_all(
+    args: argparse.Namespace,
+    out: Path,
+    variants: list[str],
+    worlds: dict[str, Path],
+    exports: dict[str, list[Path]],
+    base,
+) -> Finetunes:
+    """Both arms at every fraction and seed, the scratch arm paired with every SSL run of the same seed."""
     from soilnet.train.finetune import read_export
 
     export_meta = read_export(exports[variants[0]][0])[1]
-
-    def schedule(frac: float) -> list[str]:
-        if args.budget == "epochs":
-            return []
-        epochs = min(args.max_epochs, math.ceil(base.train.epochs / frac))
-        patience = min(epochs, math.ceil(base.train.patience / frac))
-        return [f"train.epochs={epochs}", f"train.patience={patience}"]
-
-    r2: dict = {}  # (arm, variant, pretrain seed, fraction, seed) -> R²
-    rmse: dict = {}
-    architectures: dict[str, set[str]] = {"scratch": set(), "ssl": set()}
-    arch_detail: dict[str, dict] = {}
-    normalisation: dict[str, set[str]] = {"scratch": set(), "ssl": set()}
-    rf: dict[str, float] = {}
-    n_train: dict[str, list[int]] = {}
-    t0 = time.time()
+    runs = Finetunes()
     for frac in args.fractions:
-        runs = [("scratch", None, None, "null")]
-        runs += [("ssl", v, ps, str(exports[v][ps])) for v in variants for ps in range(args.pretrain_seeds)]
+        arms = [("scratch", None, None, "null")]
+        arms += [("ssl", v, ps, str(exports[v][ps])) for v in variants for ps in range(args.pretrain_seeds)]
         for seed in range(args.seeds):
-            for arm, v, ps, pretrained in runs:
+            for arm, v, ps, pretrained in arms:
                 tag = "scratch" if arm == "scratch" else f"ssl_{v}_p{ps}"
                 run_dir = out / "runs" / f"{tag}_{label(frac).rstrip('%')}pct_seed{seed}"
                 m, seen = finetune(
                     args.config,
-                    [f"data.shards={worlds['labelled']}", f"output_dir={run_dir}", f"pretrained={pretrained}",
-                     f"train.label_fraction={frac}", f"train.seed={seed}", "final_model=false", "eval.plots=false",
-                     # the forest sees the same folds and subsets in every run: fit it once per fraction
-                     f"eval.baseline.enabled={str(arm == 'scratch' and seed == 0).lower()}",
-                     *args.overrides, *schedule(frac)],
+                    [
+                        f"data.shards={worlds['labelled']}",
+                        f"output_dir={run_dir}",
+                        f"pretrained={pretrained}",
+                        f"train.label_fraction={frac}",
+                        f"train.seed={seed}",
+                        "final_model=false",
+                        "eval.plots=false",
+                        # the forest sees the same folds and subsets in every run: fit it once per fraction
+                        f"eval.baseline.enabled={str(arm == 'scratch' and seed == 0).lower()}",
+                        *args.overrides,
+                        *schedule(args, base, frac),
+                    ],
                     export_meta,
-                )  # fmt: skip
+                )
                 key = (arm, v, ps, label(frac), seed)
-                r2[key], rmse[key] = m["model"]["r2"], m["model"]["rmse"]
-                for f in seen:
-                    architectures[arm].add(f["sha256"])
-                    arch_detail[f["sha256"]] = f
-                normalisation[arm].add((m.get("normalisation") or {}).get("used", "?"))
-                if m.get("baseline_rf"):
-                    rf[label(frac)] = m["baseline_rf"]["r2"]
-                n_train[label(frac)] = [f["n_train"] for f in m["folds"]]
-                print(f"{label(frac):>5} {tag:20s} seed {seed}: R² {r2[key]:.3f}", file=sys.stderr)
+                runs.record(key, m, seen)
+                print(f"{label(frac):>5} {tag:20s} seed {seed}: R² {runs.r2[key]:.3f}", file=sys.stderr)
+    return runs
+
+
+def gain_row(args: argparse.Namespace, runs: Finetunes, v: str, f: str) -> dict:
+    """The paired SSL gain of one variant at one fraction label, with its 95 % interval."""
+    r2, rmse = runs.r2, runs.rmse
+    pairs = np.array(
+        [
+            r2[("ssl", v, ps, f, s)] - r2[("scratch", None, None, f, s)]
+            for ps in range(args.pretrain_seeds)
+            for s in range(args.seeds)
+        ]
+    )
+    d_rmse = np.array(
+        [
+            rmse[("ssl", v, ps, f, s)] - rmse[("scratch", None, None, f, s)]
+            for ps in range(args.pretrain_seeds)
+            for s in range(args.seeds)
+        ]
+    )
+    gain, lo, hi = t_interval(pairs)
+    return {
+        "gain": gain,
+        "ci_low": lo,
+        "ci_high": hi,
+        "seeds": {"finetune": args.seeds, "pretrain": args.pretrain_seeds, "pairs": len(pairs)},
+        "r2_scratch": float(np.mean([r2[("scratch", None, None, f, s)] for s in range(args.seeds)])),
+        "r2_ssl": float(
+            np.mean([r2[("ssl", v, ps, f, s)] for ps in range(args.pretrain_seeds) for s in range(args.seeds)])
+        ),
+        "gain_by_pretrain_seed": [
+            float(np.mean(pairs[k * args.seeds : (k + 1) * args.seeds])) for k in range(args.pretrain_seeds)
+        ],
+        "rmse_change": float(np.mean(d_rmse)),
+        "rf_r2": runs.rf.get(f),
+        "n_train_per_fold": runs.n_train[f],
+    }
+
+
+def settings(args: argparse.Namespace, base) -> dict:
+    """The run's settings, as the summary records them."""
+    return {
+        "samples": args.samples,
+        "pretrain_steps": args.pretrain_steps,
+        "seeds": args.seeds,
+        "pretrain_seeds": args.pretrain_seeds,
+        "fractions": args.fractions,
+        "budget": args.budget,
+        "schedule": {label(f): schedule(args, base, f) for f in args.fractions},
+        "overrides": args.overrides,
+        "config": args.config,
+    }
+
+
+def print_table(result: dict) -> None:
+    """The gains as a Markdown table."""
+    print("\n| variant | labels | R² scratch | R² SSL | gain [95 % CI] | pairs | RF R² |")
+    print("|---|---|---|---|---|---|---|")
+    for v, rows in result.items():
+        for f, r in rows.items():
+            ci = "–" if r["ci_low"] is None else f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            rf_r2 = "–" if r["rf_r2"] is None else f"{r['rf_r2']:.3f}"
+            print(
+                f"| {v} | {f} | {r['r2_scratch']:.3f} | {r['r2_ssl']:.3f} | {r['gain']:+.3f} {ci} | "
+                f"{r['seeds']['pairs']} | {rf_r2} |"
+            )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, variants = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    from soilnet.config.base import load_config
+    from soilnet.config.finetune import FinetuneConfig
+    from soilnet.config.pack import PackConfig
+
+    base = load_config(FinetuneConfig, REPO / args.config, args.overrides)
+    split = base.eval.split
+    buffer_km = split.block_km if split.buffer_km is None else split.buffer_km
+    bbox = load_config(PackConfig, PACK, []).source.bbox
+    points, inductive_check = draw_points(bbox, args.samples, args.points_seed, split.block_km, buffer_km)
+
+    t0 = time.time()
+    worlds = pack_worlds(out, points, variants)
+    timings["pack_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    exports, pretrain_summary = pretrain_variants(args, out, variants, worlds)
+    timings["pretrain_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    runs = finetune_all(args, out, variants, worlds, exports, base)
     timings["finetune_s"] = round(time.time() - t0, 1)
+    architectures = runs.architectures
     identical = len(architectures["scratch"] | architectures["ssl"]) == 1
     if not identical:
-        raise SystemExit(f"the arms trained different architectures: {architectures} ({arch_detail})")
+        raise SystemExit(f"the arms trained different architectures: {architectures} ({runs.arch_detail})")
 
-    result: dict = {}
-    for v in variants:
-        result[v] = {}
-        for frac in args.fractions:
-            f = label(frac)
-            pairs = np.array([r2[("ssl", v, ps, f, s)] - r2[("scratch", None, None, f, s)]
-                              for ps in range(args.pretrain_seeds) for s in range(args.seeds)])  # fmt: skip
-            d_rmse = np.array([rmse[("ssl", v, ps, f, s)] - rmse[("scratch", None, None, f, s)]
-                               for ps in range(args.pretrain_seeds) for s in range(args.seeds)])  # fmt: skip
-            gain, lo, hi = t_interval(pairs)
-            result[v][f] = {
-                "gain": gain,
-                "ci_low": lo,
-                "ci_high": hi,
-                "seeds": {"finetune": args.seeds, "pretrain": args.pretrain_seeds, "pairs": len(pairs)},
-                "r2_scratch": float(np.mean([r2[("scratch", None, None, f, s)] for s in range(args.seeds)])),
-                "r2_ssl": float(
-                    np.mean([r2[("ssl", v, ps, f, s)] for ps in range(args.pretrain_seeds) for s in range(args.seeds)])
-                ),  # fmt: skip
-                "gain_by_pretrain_seed": [
-                    float(np.mean(pairs[k * args.seeds : (k + 1) * args.seeds])) for k in range(args.pretrain_seeds)
-                ],  # fmt: skip
-                "rmse_change": float(np.mean(d_rmse)),
-                "rf_r2": rf.get(f),
-                "n_train_per_fold": n_train[f],
-            }
+    result = {v: {label(frac): gain_row(args, runs, v, label(frac)) for frac in args.fractions} for v in variants}
     summary = {
         **result,
         "architecture": {
             "scratch": sorted(architectures["scratch"]),
             "ssl": sorted(architectures["ssl"]),
             "identical": identical,
-            "model": arch_detail[next(iter(architectures["ssl"]))],
-        },  # fmt: skip
-        "normalisation": {k: sorted(s) for k, s in normalisation.items()},
+            "model": runs.arch_detail[next(iter(architectures["ssl"]))],
+        },
+        "normalisation": {k: sorted(s) for k, s in runs.normalisation.items()},
         "inductive_check": inductive_check if "inductive" in variants else None,
         "pretrain": pretrain_summary,
-        "settings": {
-            "samples": args.samples,
-            "pretrain_steps": args.pretrain_steps,
-            "seeds": args.seeds,
-            "pretrain_seeds": args.pretrain_seeds,
-            "fractions": args.fractions,
-            "budget": args.budget,
-            "schedule": {label(f): schedule(f) for f in args.fractions},
-            "overrides": args.overrides,
-            "config": args.config,
-        },  # fmt: skip
+        "settings": settings(args, base),
         "seconds": {**timings, "total_s": round(time.time() - t_start, 1)},
     }
     (out / "ssl_gain.json").write_text(json.dumps(summary, indent=1))
-    print("\n| variant | labels | R² scratch | R² SSL | gain [95 % CI] | pairs | RF R² |")
-    print("|---|---|---|---|---|---|---|")
-    for v in variants:
-        for f, r in result[v].items():
-            ci = "–" if r["ci_low"] is None else f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
-            rf_r2 = "–" if r["rf_r2"] is None else f"{r['rf_r2']:.3f}"
-            print(f"| {v} | {f} | {r['r2_scratch']:.3f} | {r['r2_ssl']:.3f} | {r['gain']:+.3f} {ci} | "
-                  f"{r['seeds']['pairs']} | {rf_r2} |")  # fmt: skip
+    print_table(result)
     print(json.dumps(summary))
     return summary
 

@@ -19,8 +19,20 @@ import numpy as np
 import pandas as pd
 
 SEED_DATES = [f"{y}{m:02d}01" for y in range(2010, 2015) for m in range(1, 13)] + ["20150101"]
-SEED_BANDS = ("SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7", "clayIndex", "ferrousIndex",
-              "carbonateIndex", "rockOutcropIndex", "NDVI")  # fmt: skip
+SEED_BANDS = (
+    "SR_B1",
+    "SR_B2",
+    "SR_B3",
+    "SR_B4",
+    "SR_B5",
+    "SR_B6",
+    "SR_B7",
+    "clayIndex",
+    "ferrousIndex",
+    "carbonateIndex",
+    "rockOutcropIndex",
+    "NDVI",
+)
 RACA_VARIABLES = ("aet", "def", "pdsi", "pet", "pr", "ro", "soil", "srad", "swe", "tmmn", "tmmx", "vap", "vpd")
 
 
@@ -29,8 +41,14 @@ def seed_date_order(seed: int = 0) -> list[str]:
     return [SEED_DATES[k] for k in np.random.default_rng(seed).permutation(len(SEED_DATES))]
 
 
-def write_climate_csv(path: Path, ids: list[str], stored: np.ndarray, id_col: str = "rcasiteid",
-                      targets: list[float | None] | None = None, order_seed: int = 0) -> Path:  # fmt: skip
+def write_climate_csv(
+    path: Path,
+    ids: list[str],
+    stored: np.ndarray,
+    id_col: str = "rcasiteid",
+    targets: list[float | None] | None = None,
+    order_seed: int = 0,
+) -> Path:
     """One variable's CSV. ``stored``: ``(len(ids), 61)`` in Earth Engine's stored units, month order of
     ``SEED_DATES``; a 0 is written as -999 as the seed did. ``targets``: ``SOCstock100`` per row (None: empty)."""
     stored = np.where(stored == 0, -999.0, stored).astype(np.float64)
@@ -57,19 +75,33 @@ def raca_physical(lon: np.ndarray, lat: np.ndarray, rng: np.random.Generator) ->
     pet = np.clip(40.0 + 5.0 * tmean, 0, None)
     aet = np.minimum(pet, pr + 20.0)
     physical = {
-        "aet": aet, "def": pet - aet, "pdsi": np.clip((pr - pet) / 30.0, -8, 8), "pet": pet, "pr": pr,
-        "ro": np.clip(pr - aet, 0, None) * 0.3, "soil": np.clip(50.0 + pr - aet, 0, None),
-        "srad": 200.0 + 80.0 * season - 2.0 * (lat[:, None] - 25.0), "swe": np.clip(-10.0 * tmean, 0, None),
-        "tmmn": tmean - 6.0, "tmmx": tmean + 6.0, "vap": 0.6 + 0.05 * np.clip(tmean, 0, None) * (0.5 + wet),
+        "aet": aet,
+        "def": pet - aet,
+        "pdsi": np.clip((pr - pet) / 30.0, -8, 8),
+        "pet": pet,
+        "pr": pr,
+        "ro": np.clip(pr - aet, 0, None) * 0.3,
+        "soil": np.clip(50.0 + pr - aet, 0, None),
+        "srad": 200.0 + 80.0 * season - 2.0 * (lat[:, None] - 25.0),
+        "swe": np.clip(-10.0 * tmean, 0, None),
+        "tmmn": tmean - 6.0,
+        "tmmx": tmean + 6.0,
+        "vap": 0.6 + 0.05 * np.clip(tmean, 0, None) * (0.5 + wet),
         "vpd": np.clip(0.1 + 0.06 * tmean * (1.2 - wet), 0, None),
-    }  # fmt: skip
+    }
     assert set(physical) <= set(S.CLIMATE_BY_NAME)
     log_soc = 4.8 + 0.6 * (pr.mean(1) / 60.0 - 1.0) - 0.03 * (tmean.mean(1) - 12.0) + 0.3 * np.sin(lon / 3.0)
     return physical, np.round(np.exp(log_soc + rng.normal(0, 0.3, n)), 6)
 
 
-def write_raca(folder: Path, sites: int, seed: int = 0, empty_target_share: float = 0.044,
-               all_missing: int = 2, duplicated: int = 2) -> dict:  # fmt: skip
+def write_raca(
+    folder: Path,
+    sites: int,
+    seed: int = 0,
+    empty_target_share: float = 0.044,
+    all_missing: int = 2,
+    duplicated: int = 2,
+) -> dict:
     """The seed's 13 ``RaCA_<var>.csv`` files under ``folder`` for ``sites`` synthetic sites.
 
     Like the real files: about 4.4 % of the targets empty, ``all_missing`` sites at -999 in every variable and
@@ -96,9 +128,16 @@ def write_raca(folder: Path, sites: int, seed: int = 0, empty_target_share: floa
         stored_all[var] = stored
         rows = np.concatenate([stored, stored[dup] + 7.0])  # the duplicate's second row differs
         write_climate_csv(folder / f"RaCA_{var}.csv", row_ids, rows, "rcasiteid", targets)
-    return {"ids": ids, "soc": soc, "stored": stored_all, "duplicated": [ids[i] for i in dup],
-            "all_missing": [ids[i] for i in missing], "empty_target": [ids[i] for i in np.flatnonzero(empty)],
-            "lon": lon, "lat": lat}  # fmt: skip
+    return {
+        "ids": ids,
+        "soc": soc,
+        "stored": stored_all,
+        "duplicated": [ids[i] for i in dup],
+        "all_missing": [ids[i] for i in missing],
+        "empty_target": [ids[i] for i in np.flatnonzero(empty)],
+        "lon": lon,
+        "lat": lat,
+    }
 
 
 def write_seed_patch(path: Path, lon: float, lat: float, seed: int = 0, size: int = 103) -> Path:
@@ -114,12 +153,28 @@ def write_seed_patch(path: Path, lon: float, lat: float, seed: int = 0, size: in
     transform = from_origin(x - size * res / 2, y + size * res / 2, res, res)
     yy, xx = np.mgrid[0:size, 0:size] / size
     refl = np.stack([0.05 + 0.04 * b + 0.1 * xx + 0.05 * yy + rng.normal(0, 0.005, (size, size)) for b in range(7)])
-    ratios = np.stack([refl[5] / refl[6], refl[2] / refl[4], refl[3] / refl[2], refl[1] / refl[3],
-                       (refl[4] - refl[3]) / (refl[4] + refl[3])])  # fmt: skip
+    ratios = np.stack(
+        [
+            refl[5] / refl[6],
+            refl[2] / refl[4],
+            refl[3] / refl[2],
+            refl[1] / refl[3],
+            (refl[4] - refl[3]) / (refl[4] + refl[3]),
+        ]
+    )
     data = np.concatenate([refl, ratios]).astype(np.float64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=12, dtype="float64",
-                       crs="EPSG:3857", transform=transform) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=12,
+        dtype="float64",
+        crs="EPSG:3857",
+        transform=transform,
+    ) as dst:
         dst.write(data)
         for k, name in enumerate(SEED_BANDS, start=1):
             dst.set_band_description(k, name)
