@@ -51,7 +51,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -203,17 +202,17 @@ def t_interval(d: np.ndarray, level: float = 0.95) -> tuple[float, float | None,
     return mean, mean - half, mean + half
 
 
-@dataclass
 class Finetunes:
     """What the fine-tuning runs gave, keyed ``(arm, variant, pretrain seed, fraction label, seed)``."""
 
-    r2: dict = field(default_factory=dict)
-    rmse: dict = field(default_factory=dict)
-    architectures: dict[str, set[str]] = field(default_factory=lambda: {"scratch": set(), "ssl": set()})
-    arch_detail: dict[str, dict] = field(default_factory=dict)
-    normalisation: dict[str, set[str]] = field(default_factory=lambda: {"scratch": set(), "ssl": set()})
-    rf: dict[str, float] = field(default_factory=dict)
-    n_train: dict[str, list[int]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.r2: dict = {}
+        self.rmse: dict = {}
+        self.architectures: dict[str, set[str]] = {"scratch": set(), "ssl": set()}
+        self.arch_detail: dict[str, dict] = {}
+        self.normalisation: dict[str, set[str]] = {"scratch": set(), "ssl": set()}
+        self.rf: dict[str, float] = {}
+        self.n_train: dict[str, list[int]] = {}
 
     def record(self, key: tuple, m: dict, seen: list[dict]) -> None:
         """One run's metrics.json and the fingerprints of the models it built."""
