@@ -56,19 +56,7 @@ def import_in_process(climate: Path, out: Path) -> float:
     from soilnet.cli import main as soilnet
 
     start = time.perf_counter()
-    soilnet(
-        [
-            "import-soilnet",
-            "--climate",
-            str(climate),
-            "--id-column",
-            "rcasiteid",
-            "--target-column",
-            "SOCstock100",
-            "--out",
-            str(out),
-        ]
-    )
+    soilnet(seed_layout.raca_import_argv(climate, out))
     return time.perf_counter() - start
 
 
@@ -82,20 +70,7 @@ def main() -> None:
         seed_layout.write_raca(work / "climate", args.sites)
         start = time.perf_counter()
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "soilnet.cli",
-                "import-soilnet",
-                "--climate",
-                str(work / "climate"),
-                "--id-column",
-                "rcasiteid",
-                "--target-column",
-                "SOCstock100",
-                "--out",
-                str(work / "cold"),
-            ],
+            [sys.executable, "-m", "soilnet.cli", *seed_layout.raca_import_argv(work / "climate", work / "cold")],
             cwd=REPO,
             check=True,
             capture_output=True,

@@ -57,20 +57,7 @@ def main() -> None:
     climate = out / "raw" / "climate"
     seed_layout.write_raca(climate, args.sites)
     shards, run_dir = out / "shards", out / "finetune"
-    import_s = timed(
-        [
-            "import-soilnet",
-            "--climate",
-            str(climate),
-            "--id-column",
-            "rcasiteid",
-            "--target-column",
-            "SOCstock100",
-            "--out",
-            str(shards),
-        ],
-        out / "import.log",
-    )
+    import_s = timed(seed_layout.raca_import_argv(climate, shards), out / "import.log")
     finetune_s = timed(
         ["finetune", "--config", str(CONFIG), f"data.shards={shards}", f"output_dir={run_dir}", *args.overrides],
         out / "finetune.log",

@@ -17,6 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import rasterio
+from pyproj import Transformer
+from rasterio.transform import from_origin
+
+from soilnet import schema
 
 SEED_DATES = [f"{y}{m:02d}01" for y in range(2010, 2015) for m in range(1, 13)] + ["20150101"]
 SEED_BANDS = (
@@ -64,8 +69,6 @@ def write_climate_csv(
 
 def raca_physical(lon: np.ndarray, lat: np.ndarray, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
     """A plausible climate per site and month (physical units) and a log-normal SOC stock that depends on it."""
-    from soilnet import schema as S
-
     n = len(lon)
     m = np.array([int(d[4:6]) for d in SEED_DATES])
     season = np.cos(2 * np.pi * (m - 7) / 12)[None, :]  # +1 in July
@@ -89,7 +92,7 @@ def raca_physical(lon: np.ndarray, lat: np.ndarray, rng: np.random.Generator) ->
         "vap": 0.6 + 0.05 * np.clip(tmean, 0, None) * (0.5 + wet),
         "vpd": np.clip(0.1 + 0.06 * tmean * (1.2 - wet), 0, None),
     }
-    assert set(physical) <= set(S.CLIMATE_BY_NAME)
+    assert set(physical) <= set(schema.CLIMATE_BY_NAME)
     log_soc = 4.8 + 0.6 * (pr.mean(1) / 60.0 - 1.0) - 0.03 * (tmean.mean(1) - 12.0) + 0.3 * np.sin(lon / 3.0)
     return physical, np.round(np.exp(log_soc + rng.normal(0, 0.3, n)), 6)
 
@@ -109,8 +112,6 @@ def write_raca(
     ``swe`` all year. Returns the truth: ``ids`` (unique, file order), ``soc``, ``stored`` (var -> ``(N, 61)``),
     ``duplicated``, ``all_missing`` IDs and ``empty_target`` IDs.
     """
-    from soilnet import schema as S
-
     rng = np.random.default_rng(seed)
     ids = [f"{'ABC'[i % 3]}{i:04d}{'PWRX'[i // 3 % 4]}{7 * i % 97:02d}" for i in range(sites)]  # like A0108P92
     n = len(ids)
@@ -123,7 +124,7 @@ def write_raca(
     targets = [None if e else float(s) for e, s in zip(empty, soc, strict=True)] + [float(soc[i]) for i in dup]
     stored_all = {}
     for var, values in physical.items():
-        stored = np.round(values / S.CLIMATE_BY_NAME[var].scale)
+        stored = np.round(values / schema.CLIMATE_BY_NAME[var].scale)
         stored[missing] = 0.0  # written as -999 everywhere: a missing record
         stored_all[var] = stored
         rows = np.concatenate([stored, stored[dup] + 7.0])  # the duplicate's second row differs
@@ -143,9 +144,6 @@ def write_raca(
 def write_seed_patch(path: Path, lon: float, lat: float, seed: int = 0, size: int = 103) -> Path:
     """A ``{PointID}_{YYMMDD}.tif`` patch as the seed exported it: 12 float64 bands, EPSG:3857, 30 m, centred
     on (lon, lat). Reflectance in 0.02..0.4; bands 8..11 are the seed's ratios (recomputed on import)."""
-    import rasterio
-    from pyproj import Transformer
-    from rasterio.transform import from_origin
 
     rng = np.random.default_rng(seed)
     x, y = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(lon, lat)
@@ -179,3 +177,9 @@ def write_seed_patch(path: Path, lon: float, lat: float, seed: int = 0, size: in
         for k, name in enumerate(SEED_BANDS, start=1):
             dst.set_band_description(k, name)
     return path
+
+
+def raca_import_argv(climate: Path, out: Path) -> list[str]:
+    """``soilnet import-soilnet``'s arguments for a folder :func:`write_raca` wrote."""
+    columns = ["--id-column", "rcasiteid", "--target-column", "SOCstock100"]
+    return ["import-soilnet", "--climate", str(climate), *columns, "--out", str(out)]
