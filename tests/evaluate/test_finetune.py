@@ -191,6 +191,7 @@ def test_target_transforms_round_trip():
         TargetConfig(transform="scale")
 
 
+@pytest.mark.slow
 def test_recovers_a_known_soc_function(tmp_path, kit):
     """SOC = 8 + 30 NDVI + 0.01 elevation + 0.1 pr (+ noise): held-out R² >= 0.8, pooled over spatial folds."""
     shards = kit.write_shards(tmp_path / "shards", n=600, seed=3, bad_targets=False)

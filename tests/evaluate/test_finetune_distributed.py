@@ -97,6 +97,7 @@ def runs(tmp_path_factory, kit):
     return root, logs
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes(runs):
     root, logs = runs
     for prefix in ("", "bn_"):
@@ -109,6 +110,7 @@ def test_only_rank_0_writes(runs):
     assert "learning_curves.png" in {p.name for p in (root / "rank0").iterdir()}
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_single_process_model(runs):
     """Same global batches, same updates: the saved weights, the chosen epochs and the scores agree."""
     root, logs = runs
@@ -127,6 +129,7 @@ def test_two_ranks_train_the_single_process_model(runs):
         assert m2["model"][key] == pytest.approx(m1["model"][key], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_batch_norm_model_trains_on_two_ranks_close_to_one(runs):
     """Per-rank batch statistics on CPUs (module docstring): the same folds and points, a close score."""
     root, logs = runs

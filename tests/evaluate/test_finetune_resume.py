@@ -127,6 +127,7 @@ def uninterrupted(shards, tmp_path_factory) -> dict[int, Path]:
     return {1: single, 2: rank0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])
 def test_signal_mid_fold_exits_75_and_the_rerun_ends_as_the_uninterrupted_run(signum, shards, uninterrupted,
                                                                               tmp_path):  # fmt: skip
@@ -148,6 +149,7 @@ def test_signal_mid_fold_exits_75_and_the_rerun_ends_as_the_uninterrupted_run(si
     assert not ck.exists()
 
 
+@pytest.mark.slow
 def test_kill_minus_9_mid_fold_reruns_to_the_same_result(shards, uninterrupted, tmp_path):
     out = tmp_path / "killed"
     procs = _runs(shards, [out])
@@ -158,6 +160,7 @@ def test_kill_minus_9_mid_fold_reruns_to_the_same_result(shards, uninterrupted, 
     _same_outputs(out, uninterrupted[1])
 
 
+@pytest.mark.slow
 def test_resuming_under_another_config_is_refused_naming_the_key(shards, tmp_path):
     out = tmp_path / "changed"
     procs = _runs(shards, [out])
@@ -173,6 +176,7 @@ def test_resuming_under_another_config_is_refused_naming_the_key(shards, tmp_pat
     assert (out / "config.yaml").read_bytes() == config
 
 
+@pytest.mark.slow
 def test_two_ranks_stop_together_when_one_is_signalled_and_resume_to_the_uninterrupted_result(
     shards, uninterrupted, tmp_path
 ):

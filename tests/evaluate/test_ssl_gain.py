@@ -21,6 +21,7 @@ def load_benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_ssl_gain_pairs_identical_architectures_over_seeds_in_both_variants(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     bench = load_benchmark()

@@ -12,6 +12,7 @@ import rasterio
 from soilnet.cli import main
 
 pytest.importorskip("shards.pack", reason="the packer (shards/pack.py) is needed to pack the synthetic world")
+pytestmark = pytest.mark.slow
 
 # Small patches and one year of months keep packing and training within seconds; the SOC function itself is
 # evaluated on the full schema by the synthetic world.

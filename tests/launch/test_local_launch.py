@@ -67,6 +67,7 @@ def test_bad_config_fails_before_submission(tmp_path, standin_spec, capsys, argv
     assert not (tmp_path / "run").exists()  # nothing was submitted
 
 
+@pytest.mark.slow
 def test_launcher_modules_have_help(repo_root):
     import subprocess
 

@@ -53,6 +53,7 @@ def test_lucas_config_is_resnet101_glam_lstm_with_block_wise_decay(repo_root, ca
     assert climate == ["climate_encoder.rnn.l0", "climate_encoder.rnn.l1", "climate_encoder.out"]
 
 
+@pytest.mark.slow
 def test_vit_transformer_lrd_counts_embedding_blocks_and_norm(repo_root, tmp_path, capsys):
     cfg = tmp_path / "vit_lrd.yaml"
     model_file = repo_root / "configs/model/vit_transformer.yaml"

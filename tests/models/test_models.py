@@ -206,6 +206,7 @@ def test_glam_global_channel_attention_has_its_own_key_convolution():
     assert gca.conv_k.weight.grad is not None and gca.conv_k.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_vgg_glam_flag_adds_glam_only_when_asked():
     plain = build("image_encoder", "vgg16", SCHEMA, out=8)
     with_glam = build("image_encoder", "vgg16_glam", SCHEMA, out=8)
@@ -252,6 +253,7 @@ def test_forward_backward_under_bf16_autocast_on_cpu():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_model_summary_prints_one_json_object(repo_root):
     proc = subprocess.run(
         [sys.executable, "-m", "soilnet.cli", "model-summary", "--config", "configs/model/vit_transformer.yaml"],

@@ -159,6 +159,7 @@ def test_429_and_5xx_are_retried_with_backoff_and_a_persistent_failure_is_record
     assert record["id"] == "e0000" and record["reason"] == "error" and "HTTP 503" in record["detail"]
 
 
+@pytest.mark.slow
 def test_the_in_flight_budget_is_shared_by_every_mpi_rank_and_thread(fake, tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun is not installed (Debian's openmpi-bin; scripts/setup.sh installs it as root)")
@@ -175,6 +176,7 @@ def test_the_in_flight_budget_is_shared_by_every_mpi_rank_and_thread(fake, tmp_p
     assert fake.max_in_flight == 3  # 2 ranks x 4 threads want 8; the shared budget holds them to 3
 
 
+@pytest.mark.slow
 def test_an_auth_failure_is_a_clear_error_before_any_work_and_shows_no_secret(fake, tmp_path):
     fake.reject_auth = True
     out = tmp_path / "shards"

@@ -106,6 +106,7 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["before-part-record", "mid-shard"])
 def test_kill_9_in_the_write_path_then_rerun_equals_an_uninterrupted_run(reference, tmp_path, where):
     out, k = tmp_path / "killed", 2
@@ -145,6 +146,7 @@ def small_disk(tmp_path, reference):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_a_clear_error_and_the_rerun_with_space_back_completes(reference, small_disk):
     out = small_disk / "shards"
     full = subprocess.run([sys.executable, "-m", "soilnet.cli", *cli(out)], cwd=REPO, capture_output=True, text=True,

@@ -214,6 +214,7 @@ def test_fixture_has_the_seed_layout(raca):
     assert not {"lon", "lat", "long", "latitude"} & set(header)
 
 
+@pytest.mark.slow
 def test_climate_only_without_coordinates_takes_the_target_from_the_climate_csvs(raca, tmp_path):
     folder, truth = raca
     out = tmp_path / "shards"
@@ -367,6 +368,7 @@ def test_a_failure_in_a_late_shard_loses_nothing_and_the_rerun_completes_it(raca
         run_cli(_args(**{**args, "max_samples": 4}, out=str(tmp_path / "out")))
 
 
+@pytest.mark.slow
 def test_import_then_finetune_the_documented_raca_config(raca, tmp_path):
     folder, _ = raca
     shards = tmp_path / "shards"
@@ -386,6 +388,7 @@ def test_import_then_finetune_the_documented_raca_config(raca, tmp_path):
     assert proc.returncode != 0 and "import.coordinates is 'none'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_the_seed_raca_development_half_imports_as_documented(shared_data, tmp_path):
     folder = shared_data / "raca_dev"
     out = tmp_path / "shards"

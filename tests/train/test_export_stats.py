@@ -91,6 +91,7 @@ def test_export_records_the_pretraining_statistics_by_name_with_their_schema(exp
     assert Path(stats["source"]) == shards / "manifest.json"
 
 
+@pytest.mark.slow
 def test_export_of_a_checkpoint_without_recorded_statistics_reads_the_pretraining_manifest(
     pretrained, export, shards, tmp_path
 ):

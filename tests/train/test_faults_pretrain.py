@@ -120,6 +120,7 @@ def straight(shards, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_kill_minus_9_in_the_middle_of_a_save_resumes_from_the_previous_complete_checkpoint(straight, shards, tmp_path):
     from soilnet.train import checkpoint as ckpt
 
@@ -139,6 +140,7 @@ def test_kill_minus_9_in_the_middle_of_a_save_resumes_from_the_previous_complete
     assert_equal_states(state(root / "step_00000006"), state(straight / "checkpoints" / "step_00000006"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_marked_complete_but_missing_a_file_is_never_picked(straight, tmp_path):
     """The completion marker lists every file with its size: a checkpoint that lost or truncated one (a pruning
     or copy cut short) is passed over for the newest complete one, whatever ``latest`` says."""
@@ -185,6 +187,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_names_the_path_and_free_space_and_keeps_the_previous_checkpoint(
     straight, shards, tmp_path, small_tmpfs
 ):
@@ -315,6 +318,7 @@ def test_verify_names_each_bad_or_missing_shard_and_fails_else_prints_one_line(s
     assert missing.returncode == 2 and "manifest not found" in missing.stderr
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_every_rank_with_the_state_before_that_step_saved(shards, tmp_path):
     """A learning rate far too high makes the weights overflow after a few steps, and the loss becomes NaN. Every
     rank stops before the optimizer takes that step, saves the state of before it (parameters, optimizer, BatchNorm

@@ -114,6 +114,7 @@ def test_straight_run_writes_checkpoints_config_metrics_and_plot(straight):
     assert sorted(i for ids in seq[:4] for i in ids) == list(range(64))  # epoch 0: every sample once
 
 
+@pytest.mark.slow
 def test_kill_minus_9_then_resume_is_bitwise_identical(straight, shards, tmp_path):
     out = tmp_path / "run"
     codes = run(out, shards, 2, "debug.sigkill_after_step=5")
@@ -145,6 +146,7 @@ def resume_from_step_3(source: Path, out: Path) -> None:
     (out / "checkpoints" / "latest").write_text("step_00000003")
 
 
+@pytest.mark.slow
 def test_world_size_change_2_to_1_converts_to_universal_and_continues_the_sequence(straight_flat, shards, tmp_path):
     out = tmp_path / "run"
     resume_from_step_3(straight_flat, out)
@@ -158,6 +160,7 @@ def test_world_size_change_2_to_1_converts_to_universal_and_continues_the_sequen
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
 
 
+@pytest.mark.slow
 def test_world_size_change_1_to_2_continues_the_same_run(straight_flat, shards, tmp_path):
     one = tmp_path / "one"
     # 1 rank runs 4 of the 6 steps in micro-batches of 8 (as 2 ranks do) and dies (its checkpoint at 3 stands),
@@ -172,6 +175,7 @@ def test_world_size_change_1_to_2_continues_the_same_run(straight_flat, shards, 
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
 
 
+@pytest.mark.slow
 def test_world_size_change_under_zero_stage_0_loads_the_checkpoint_as_it_is_and_continues(shards, tmp_path):
     """ZeRO stage 0 (LARS needs it): every rank holds the whole model and optimizer state, which DeepSpeed writes
     once (``mp_rank_00_model_states.pt``), so a checkpoint loads on another world size (2 -> 1, 1 -> 2) without
@@ -224,6 +228,7 @@ def assert_same_run(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol:
     assert max(errors.values()) <= tol, {k: f"{e:.2e}" for k, e in errors.items()}
 
 
+@pytest.mark.slow
 def test_world_size_change_2_to_1_with_batchnorm_matches_the_uninterrupted_2_rank_run(straight, shards, tmp_path):
     """The demo model has BatchNorm. Stopped at step 3 of 6 on 2 ranks (8 samples each), resumed on 1 rank: it
     keeps micro-batches of 8 (two per step, accumulated through GradCache), so every BatchNorm normalises the same
@@ -243,6 +248,7 @@ def test_world_size_change_2_to_1_with_batchnorm_matches_the_uninterrupted_2_ran
     assert any(not torch.equal(a[k], fresh[k]) for k in a if k.endswith("running_mean"))  # the resumed steps did train
 
 
+@pytest.mark.slow
 def test_world_size_change_1_to_2_with_batchnorm_matches_the_uninterrupted_1_rank_run(shards, tmp_path):
     """1 rank with micro-batches of 8 (two per step through GradCache), killed after step 4 (its checkpoint at 3
     stands), resumed on 2 ranks with one micro-batch each: the same function, so the same weights and BatchNorm
@@ -289,6 +295,7 @@ def test_micro_batch_is_kept_on_resume_and_the_world_size_must_share_its_micro_b
     assert sizes == (16, 8, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])
 def test_signal_on_one_rank_stops_every_rank_at_the_same_step_after_saving_and_the_rerun_resumes(
     signum, shards, tmp_path
@@ -357,6 +364,7 @@ def test_export_writes_plain_encoder_weights_with_schema_and_model_metadata(stra
     assert one.is_file()
 
 
+@pytest.mark.slow
 def test_grad_cache_gives_the_full_batch_update(shards, tmp_path):
     _needs_model()
     plain, cached = tmp_path / "plain", tmp_path / "cached"
