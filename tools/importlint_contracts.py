@@ -22,6 +22,7 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from grimp import ImportGraph
 from importlinter import Contract, ContractCheck, fields, output
@@ -116,14 +117,15 @@ class ModuleLevelImportsContract(Contract):
     allowed_lazy = fields.ListField(subfield=fields.StringField(), required=False)
 
     def validate(self) -> None:
-        self.allowed = parse_allowed(list(self.allowed_lazy or []), self.root_packages())
+        entries = cast(list[str] | None, self.allowed_lazy) or []
+        self.allowed = parse_allowed(entries, self.root_packages())
 
     def root_packages(self) -> list[str]:
         roots = self.session_options.get("root_packages") or [self.session_options["root_package"]]
         return list(roots)
 
     def check(self, graph: ImportGraph, verbose: bool) -> ContractCheck:
-        found = []
+        found: list[LazyImport] = []
         for package in self.root_packages():
             for path in package_files(package):
                 found.extend(lazy_imports(path, shown_path(path)))
