@@ -97,8 +97,14 @@ class RasterSource:
             if left < b.left or right > b.right or bottom < b.bottom or top > b.top:
                 raise Rejected("outside", f"footprint leaves {path.name}")
             try:
-                with WarpedVRT(src, crs=crs, transform=grid, width=s.patch_size, height=s.patch_size,
-                               resampling=Resampling.bilinear) as vrt:  # fmt: skip
+                with WarpedVRT(
+                    src,
+                    crs=crs,
+                    transform=grid,
+                    width=s.patch_size,
+                    height=s.patch_size,
+                    resampling=Resampling.bilinear,
+                ) as vrt:
                     data = vrt.read([i + 1 for i in wanted], masked=True)
             except rasterio.errors.RasterioError as err:
                 raise OSError(f"{path}: read failed ({err})") from None
