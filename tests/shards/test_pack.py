@@ -72,8 +72,17 @@ def test_kill_9_then_rerun_packs_every_point_exactly_once(tmp_path):
     reference = tmp_path / "reference"
     pack(demo_cfg(reference, "sampling.n=96"))
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "soilnet.cli", "pack", "--config", str(DEMO), f"output_dir={out}",
-            "sampling.n=96", "shard.max_samples=16"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "soilnet.cli",
+        "pack",
+        "--config",
+        str(DEMO),
+        f"output_dir={out}",
+        "sampling.n=96",
+        "shard.max_samples=16",
+    ]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list((out / ".parts").glob("*.json")) and time.time() < deadline:
@@ -98,10 +107,27 @@ def test_two_mpi_ranks_give_the_same_shards_and_statistics_as_one(tmp_path):
     two = tmp_path / "two"
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        ["mpirun", "-n", "2", "--oversubscribe", sys.executable, "-m", "soilnet.cli", "pack", "--config", str(DEMO),
-         f"output_dir={two}", "sampling.n=40", "shard.max_samples=16"],
-        cwd=REPO, env=env, check=True, capture_output=True, timeout=180,
-    )  # fmt: skip
+        [
+            "mpirun",
+            "-n",
+            "2",
+            "--oversubscribe",
+            sys.executable,
+            "-m",
+            "soilnet.cli",
+            "pack",
+            "--config",
+            str(DEMO),
+            f"output_dir={two}",
+            "sampling.n=40",
+            "shard.max_samples=16",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     parts = sorted((two / ".parts").glob("*.json"))
     assert len(parts) == 3
     assert shard_contents(two) == shard_contents(one)
