@@ -49,9 +49,6 @@ import numpy as np
 import pandas as pd
 import rasterio
 from pyproj import Transformer
-from rasterio.enums import Resampling
-from rasterio.transform import from_origin
-from rasterio.vrt import WarpedVRT
 from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
@@ -65,7 +62,7 @@ from shards.pack import (
     write_manifest,
 )
 from shards.sources.base import Patch, Rejected
-from shards.sources.rasters import utm_crs
+from shards.sources.rasters import patch_vrt, utm_crs
 from soilnet import __version__
 from soilnet.config.pack import PackConfig
 from soilnet.schema import (
@@ -242,22 +239,10 @@ def warp_patch(path: Path, date: str, names: tuple[str, ...], lon: float, lat: f
     """image: ``(C, H, W)`` float32 on the schema grid (local UTM around lon/lat), indices recomputed."""
     crs = utm_crs(lon, lat)
     x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
-    half = schema.patch_size * schema.pixel_size_m / 2.0
-    grid = from_origin(x - half, y + half, schema.pixel_size_m, schema.pixel_size_m)
-    with (
-        rasterio.open(path) as src,
-        WarpedVRT(
-            src,
-            crs=crs,
-            transform=grid,
-            width=schema.patch_size,
-            height=schema.patch_size,
-            resampling=Resampling.bilinear,
-            src_nodata=src.nodata if src.nodata is not None else np.nan,
-            nodata=np.nan,
-        ) as vrt,
-    ):
-        data = vrt.read().astype(np.float32)
+    with rasterio.open(path) as src:
+        src_nodata = src.nodata if src.nodata is not None else np.nan
+        with patch_vrt(src, crs, x, y, schema, src_nodata=src_nodata, nodata=np.nan) as vrt:
+            data = vrt.read().astype(np.float32)
     layers = dict(zip(names, data, strict=True))
     layers.update(
         compute_indices(layers, tuple(c for c in schema.channels if c in layers or CHANNELS_BY_NAME[c].kind == "index"))

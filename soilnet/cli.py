@@ -26,15 +26,16 @@ EXIT_STOPPED_EARLY = 75
 
 
 def git_commit() -> str:
-    """The commit of this source tree (git, when it is a checkout), else the one in the version, else unknown."""
-    try:
-        shown = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-        if shown.returncode == 0 and shown.stdout.strip():
-            return shown.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    """The commit of this source tree (git, when it runs from a checkout), else the one in the version (an
+    installed copy: setuptools-scm's ``+g<hash>``), else unknown."""
+    here = Path(__file__).resolve().parent
+    if "site-packages" not in here.parts:
+        try:
+            shown = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+            if shown.returncode == 0 and shown.stdout.strip():
+                return shown.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
     local = re.search(r"\+g([0-9a-f]+)", __version__)  # setuptools-scm: 0.1.dev3+g1a2b3c4[.dYYYYMMDD]
     return local.group(1) if local else "unknown"
 

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +22,7 @@ from soilnet.schema import CLIMATE_BY_NAME, SampleSchema, compute_indices
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_earthengine import SR_BANDS, FakeEarthEngine, default_pixels, make_service_account_key  # noqa: E402
-from shard_reader import shard_samples  # noqa: E402
+from shard_reader import mpirun_pack, shard_samples  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 EUROPE = REPO / "configs" / "preprocess" / "europe.yaml"
@@ -182,27 +180,10 @@ def test_429_and_5xx_are_retried_with_backoff_and_a_persistent_failure_is_record
 
 
 def test_the_in_flight_budget_is_shared_by_every_mpi_rank_and_thread(fake, tmp_path):
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed (Debian's openmpi-bin; scripts/setup.sh installs it as root)")
     fake.latency_s = 0.05
     pts = points_csv(tmp_path / "p.csv", [(5.0 + 0.1 * i, 50.0) for i in range(24)])
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
-    argv = [
-        "mpirun",
-        "-n",
-        "2",
-        "--oversubscribe",
-        sys.executable,
-        "-m",
-        "soilnet.cli",
-        "pack",
-        "--config",
-        str(EUROPE),
-        *overrides(
-            fake, tmp_path / "shards", pts, "source.earthengine.max_in_flight=3", "source.earthengine.threads=4"
-        ),
-    ]
-    subprocess.run(argv, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    budget = ("source.earthengine.max_in_flight=3", "source.earthengine.threads=4")
+    mpirun_pack(2, EUROPE, *overrides(fake, tmp_path / "shards", pts, *budget), cwd=REPO, timeout=300)
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["samples"] == 24
     api_calls = [c for c in fake.calls if c["kind"] in ("value", "pixels")]
     assert len(api_calls) == 48

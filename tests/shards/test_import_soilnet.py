@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -213,10 +214,12 @@ import seed_layout  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
+# `soilnet import-soilnet` of the seed's RaCA climate CSVs: the folder comes next
+RACA_IMPORT = ("import-soilnet", "--id-column", "rcasiteid", "--target-column", "SOCstock100", "--climate")
+
+
 def _soilnet(*argv: str) -> str:
     """The documented command line, run as a user runs it (a subprocess of ``soilnet.cli``)."""
-    import subprocess
-
     proc = subprocess.run([sys.executable, "-m", "soilnet.cli", *argv], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -246,13 +249,8 @@ def test_climate_only_without_coordinates_takes_the_target_from_the_climate_csvs
     folder, truth = raca
     out = tmp_path / "shards"
     printed = _soilnet(
-        "import-soilnet",
-        "--climate",
+        *RACA_IMPORT,
         str(folder),
-        "--id-column",
-        "rcasiteid",
-        "--target-column",
-        "SOCstock100",
         "--out",
         str(out),
         "--max-samples",
@@ -420,13 +418,8 @@ def test_import_then_finetune_the_documented_raca_config(raca, tmp_path):
     folder, _ = raca
     shards = tmp_path / "shards"
     _soilnet(
-        "import-soilnet",
-        "--climate",
+        *RACA_IMPORT,
         str(folder),
-        "--id-column",
-        "rcasiteid",
-        "--target-column",
-        "SOCstock100",
         "--out",
         str(shards),
     )
@@ -462,13 +455,8 @@ def test_the_seed_raca_development_half_imports_as_documented(shared_data, tmp_p
     folder = shared_data / "raca_dev"
     out = tmp_path / "shards"
     printed = _soilnet(
-        "import-soilnet",
-        "--climate",
+        *RACA_IMPORT,
         str(folder),
-        "--id-column",
-        "rcasiteid",
-        "--target-column",
-        "SOCstock100",
         "--out",
         str(out),
     )
