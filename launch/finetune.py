@@ -3,9 +3,8 @@
 import sys
 
 from launch.submit import JobSpec, main
-from soilnet.config.finetune import FinetuneConfig
 
-SPEC = JobSpec("finetune", FinetuneConfig, "soilnet.train.finetune:run")
+SPEC = JobSpec.of("finetune")
 
 if __name__ == "__main__":
     sys.exit(main(SPEC))

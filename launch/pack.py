@@ -3,9 +3,8 @@
 import sys
 
 from launch.submit import JobSpec, main
-from soilnet.config.pack import PackConfig
 
-SPEC = JobSpec("pack", PackConfig, "shards.pack:run")
+SPEC = JobSpec.of("pack")
 
 if __name__ == "__main__":
     sys.exit(main(SPEC))

@@ -3,9 +3,8 @@
 import sys
 
 from launch.submit import JobSpec, main
-from soilnet.config.pretrain import PretrainConfig
 
-SPEC = JobSpec("pretrain", PretrainConfig, "soilnet.train.pretrain:run")
+SPEC = JobSpec.of("pretrain")
 
 if __name__ == "__main__":
     sys.exit(main(SPEC))

@@ -9,11 +9,8 @@ timed-out job, which then resumes from its ``output_dir``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,8 @@ from pathlib import Path
 import submitit
 
 from soilnet.config.base import ConfigError, Section, load_config
+from soilnet.distributed import node_address
+from soilnet.jobs.commands import COMMANDS, resolve
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,14 @@ class JobSpec:
     config_class: type[Section]
     entry_point: str
 
+    @classmethod
+    def of(cls, name: str) -> JobSpec:
+        """The spec of the registry's command ``name`` (:data:`soilnet.jobs.commands.COMMANDS`)."""
+        cmd = COMMANDS[name]
+        if cmd.config_class is None:
+            raise ValueError(f"{name} takes no config, so it cannot be launched")
+        return cls(name, resolve(cmd.config_class), cmd.run)
+
 
 def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -38,8 +45,12 @@ def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
         description=f"Submit `soilnet {spec.name}` through submitit (Slurm, local processes, or inline).",
     )
     p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--cluster", choices=["slurm", "local", "debug"], default=None,
-                   help="where to run (default: slurm when sbatch is on PATH, else local)")  # fmt: skip
+    p.add_argument(
+        "--cluster",
+        choices=["slurm", "local", "debug"],
+        default=None,
+        help="where to run (default: slurm when sbatch is on PATH, else local)",
+    )
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--tasks-per-node", type=int, default=1, help="processes per node (one per GPU)")
     p.add_argument("--gpus-per-node", type=int, default=0)
@@ -47,31 +58,17 @@ def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--time", type=int, default=60, help="time limit in minutes")
-    p.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which Slurm sends USR2 to checkpoint")  # fmt: skip
+    p.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds before the time limit at which Slurm sends USR2 to checkpoint",
+    )
     p.add_argument("--array", type=int, default=0, help="submit as a job array of this many tasks (packing)")
     p.add_argument("--logs", default=None, help="submitit log folder (default: <output_dir>/submitit)")
     p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it failed")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
-
-
-def resolve_host(host: str) -> str:
-    """An IP for the Slurm node ``host``: its ``NodeAddr`` when Slurm knows one, else what the resolver says.
-
-    gloo and nccl are happier with addresses than with names, and a node's name need not resolve at all where
-    slurm.conf gives each node a ``NodeAddr`` (as slurm/common.sh also assumes).
-    """
-    addr = host
-    try:
-        shown = subprocess.run(["scontrol", "show", "node", host, "-o"], capture_output=True, text=True, timeout=30)
-        addr = next((t.split("=", 1)[1] for t in shown.stdout.split() if t.startswith("NodeAddr=")), host)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        return socket.gethostbyname(addr)
-    except OSError:
-        return addr
 
 
 def export_distributed_env() -> None:
@@ -83,7 +80,7 @@ def export_distributed_env() -> None:
         WORLD_SIZE=str(env.num_tasks),
         LOCAL_RANK=str(env.local_rank),
         LOCAL_WORLD_SIZE=str(dist.local_world_size),
-        MASTER_ADDR=os.environ.get("SOILNET_MASTER_ADDR") or resolve_host(env.hostnames[0]),
+        MASTER_ADDR=os.environ.get("SOILNET_MASTER_ADDR") or node_address(env.hostnames[0]),
         MASTER_PORT=os.environ.get("MASTER_PORT") or str(dist.master_port),
     )
 
@@ -104,8 +101,7 @@ class Job(submitit.helpers.Checkpointable):
         export_distributed_env()
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         cfg = load_config(self.spec.config_class, self.config_path, self.overrides)
-        module, name = self.spec.entry_point.split(":")
-        result = getattr(importlib.import_module(module), name)(cfg)
+        result = resolve(self.spec.entry_point)(cfg)
         if isinstance(result, dict) and result.get("stopped_early") and callable(submitit_handler):
             submitit_handler(signal.SIGUSR2, None)  # rank 0: checkpoint() + scontrol requeue + exit
         return result

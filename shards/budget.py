@@ -59,10 +59,11 @@ class InFlightBudget:
         except OSError as err:
             if err.errno in (errno.EACCES, errno.EAGAIN):
                 return False
-            code = errno.errorcode.get(err.errno, str(err.errno))
+            number = err.errno or errno.ENOLCK
+            code = errno.errorcode.get(number, str(number))
             raise OSError(
-                err.errno,
-                f"request budget {self.directory}: cannot lock {name} ({code}: {os.strerror(err.errno)}). The budget "
+                number,
+                f"request budget {self.directory}: cannot lock {name} ({code}: {os.strerror(number)}). The budget "
                 "needs POSIX (fcntl) locks on a file system that every worker shares: a local disk (one machine), "
                 "NFSv4 or NFSv3 with lockd, Lustre mounted with -o flock (-o localflock locks within one node only, "
                 "so the limit then holds per node), GPFS. Set source.earthengine.budget_dir to a folder on one.",

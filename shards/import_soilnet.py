@@ -43,18 +43,37 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import rasterio
-from rasterio.enums import Resampling
-from rasterio.transform import from_origin
-from rasterio.vrt import WarpedVRT
+from pyproj import Transformer
+from scipy.ndimage import distance_transform_edt
+from tqdm import tqdm
 
+from shards.pack import (
+    PARTS,
+    _atomic_json,
+    acquire_in_order,
+    build_sample,
+    pack_shard,
+    shard_points,
+    write_manifest,
+)
 from shards.sources.base import Patch, Rejected
-from shards.sources.rasters import utm_crs
+from shards.sources.rasters import patch_vrt, utm_crs
 from soilnet import __version__
-from soilnet import schema as S
+from soilnet.config.pack import PackConfig
+from soilnet.schema import (
+    CHANNELS,
+    CHANNELS_BY_NAME,
+    CLIMATE_BY_NAME,
+    CLIMATE_VARIABLES,
+    TARGETS_BY_NAME,
+    SampleSchema,
+    compute_indices,
+)
 
 DATE_COLUMN = re.compile(r"^\d{8}$")
 IMAGE_NAME = re.compile(r"^(?P<id>[^_]+)_(?P<date>\d{6})\.tif$")
@@ -66,10 +85,11 @@ LON_COLUMNS, LAT_COLUMNS = ("long", "lon", "longitude", "x"), ("lat", "latitude"
 
 def variable_of(path: Path) -> str:
     """The TerraClimate variable a CSV holds, from its name (``aet.csv``, ``RaCA_aet.csv``, ``_aet_filled.csv``)."""
-    found = [t for t in re.split(r"[_\-.\s]+", path.stem) if t in S.CLIMATE_BY_NAME]
+    found = [t for t in re.split(r"[_\-.\s]+", path.stem) if t in CLIMATE_BY_NAME]
     if len(found) != 1:
-        raise ValueError(f"{path}: cannot tell the climate variable from the file name (known: "
-                         f"{', '.join(S.CLIMATE_BY_NAME)})")  # fmt: skip
+        raise ValueError(
+            f"{path}: cannot tell the climate variable from the file name (known: {', '.join(CLIMATE_BY_NAME)})"
+        )
     return found[0]
 
 
@@ -86,8 +106,11 @@ def _report_duplicates(duplicates: dict) -> None:
     for where, ids in duplicates.items():
         by_ids.setdefault(tuple(ids), []).append(where)
     for ids, files in by_ids.items():
-        print(f"import-soilnet: duplicated ID(s) {list(ids[:5])}{' ...' if len(ids) > 5 else ''} in "
-              f"{', '.join(files)}: the first row of each is used", file=sys.stderr)  # fmt: skip
+        print(
+            f"import-soilnet: duplicated ID(s) {list(ids[:5])}{' ...' if len(ids) > 5 else ''} in "
+            f"{', '.join(files)}: the first row of each is used",
+            file=sys.stderr,
+        )
 
 
 def _read_table(path: Path, id_col: str) -> pd.DataFrame:
@@ -137,7 +160,7 @@ def read_climate(folder: Path, id_col: str, duplicates: dict) -> ClimateTables:
         ids.update(dict.fromkeys(t.index))
     if not months:
         raise ValueError(f"{folder}: the climate files share no month")
-    variables = tuple(v.name for v in S.CLIMATE_VARIABLES if v.name in tables)
+    variables = tuple(v.name for v in CLIMATE_VARIABLES if v.name in tables)
     return ClimateTables(variables, tuple(sorted(months)), tables, list(ids), columns)
 
 
@@ -167,10 +190,9 @@ def stack_climate(climate: ClimateTables, ids: list[str], stored_units: bool) ->
         present &= rows >= 0
         raw[:, :, k] = table[list(climate.months)].to_numpy(dtype=np.float64)[np.maximum(rows, 0)]
     minus = raw == MISSING
-    scale = np.array([S.CLIMATE_BY_NAME[v].scale if stored_units else 1.0 for v in climate.variables])
+    scale = np.array([CLIMATE_BY_NAME[v].scale if stored_units else 1.0 for v in climate.variables])
     values = (np.where(minus, 0.0, raw) * scale).astype(np.float32)
-    return StackedClimate(values, present, minus.all(axis=(1, 2)) & (f > 0), minus.sum(axis=(1, 2)),
-                          minus.all(axis=1))  # fmt: skip
+    return StackedClimate(values, present, minus.all(axis=(1, 2)) & (f > 0), minus.sum(axis=(1, 2)), minus.all(axis=1))
 
 
 def read_images(folder: Path) -> dict[str, tuple[Path, str]]:
@@ -193,9 +215,9 @@ def image_channels(path: Path) -> tuple[str, ...]:
     with rasterio.open(path) as src:
         names = tuple(d or "" for d in src.descriptions)
         count = src.count
-    if all(n in S.CHANNELS_BY_NAME for n in names):
+    if all(n in CHANNELS_BY_NAME for n in names):
         return names
-    default = tuple(c.name for c in S.CHANNELS)
+    default = tuple(c.name for c in CHANNELS)
     if count in (12, 14):
         return default[:count]
     raise ValueError(f"{path}: {count} bands without channel descriptions (expected 12 or 14)")
@@ -203,8 +225,6 @@ def image_channels(path: Path) -> tuple[str, ...]:
 
 def image_centre(path: Path) -> tuple[float, float]:
     """(lon, lat) in degrees of a patch's centre: the seed exported each patch centred on its point."""
-    from pyproj import Transformer
-
     with rasterio.open(path) as src:
         b = src.bounds
         crs = src.crs
@@ -215,22 +235,18 @@ def image_centre(path: Path) -> tuple[float, float]:
     return float(lon), float(lat)
 
 
-def warp_patch(path: Path, date: str, names: tuple[str, ...], lon: float, lat: float, schema: S.SampleSchema) -> Patch:
+def warp_patch(path: Path, date: str, names: tuple[str, ...], lon: float, lat: float, schema: SampleSchema) -> Patch:
     """image: ``(C, H, W)`` float32 on the schema grid (local UTM around lon/lat), indices recomputed."""
-    from pyproj import Transformer
-
     crs = utm_crs(lon, lat)
     x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
-    half = schema.patch_size * schema.pixel_size_m / 2.0
-    grid = from_origin(x - half, y + half, schema.pixel_size_m, schema.pixel_size_m)
-    with rasterio.open(path) as src, WarpedVRT(src, crs=crs, transform=grid, width=schema.patch_size,
-                                               height=schema.patch_size, resampling=Resampling.bilinear,
-                                               src_nodata=src.nodata if src.nodata is not None else np.nan,
-                                               nodata=np.nan) as vrt:  # fmt: skip
-        data = vrt.read().astype(np.float32)
+    with rasterio.open(path) as src:
+        src_nodata = src.nodata if src.nodata is not None else np.nan
+        with patch_vrt(src, crs, x, y, schema, src_nodata=src_nodata, nodata=np.nan) as vrt:
+            data = vrt.read().astype(np.float32)
     layers = dict(zip(names, data, strict=True))
-    layers.update(S.compute_indices(layers, tuple(c for c in schema.channels if c in layers or
-                                                  S.CHANNELS_BY_NAME[c].kind == "index")))  # fmt: skip
+    layers.update(
+        compute_indices(layers, tuple(c for c in schema.channels if c in layers or CHANNELS_BY_NAME[c].kind == "index"))
+    )
     missing = [c for c in schema.channels if c not in layers]
     if missing:
         raise Rejected("nodata", f"{path.name} lacks channels {missing}")
@@ -241,8 +257,6 @@ def warp_patch(path: Path, date: str, names: tuple[str, ...], lon: float, lat: f
     if gap.any():
         # The seed's ~103 px Web-Mercator export just misses the corners of the rotated UTM footprint at high
         # latitude; those few pixels take their nearest covered neighbour's value (counted in qa).
-        from scipy.ndimage import distance_transform_edt
-
         _, (iy, ix) = distance_transform_edt(gap, return_indices=True)
         image = image[:, iy, ix]
     return Patch(image, date, {"file": path.name, "edge_filled_pixels": int(gap.sum())})
@@ -265,7 +279,7 @@ class ImportPlan:
     """Everything a sample needs, one row per point: ``ids``; ``lon``/``lat`` (NaN: none); ``y`` (NaN: unlabelled);
     ``climate`` (None: image-only); ``images`` (None: climate-only)."""
 
-    schema: S.SampleSchema
+    schema: SampleSchema
     ids: np.ndarray
     lon: np.ndarray
     lat: np.ndarray
@@ -287,13 +301,20 @@ class ImportPlan:
 
     def sample(self, i: int, on_nonfinite: str) -> dict:
         """Point ``i`` as a shard sample, or its ledger record (``id``, ``reason``, ``detail``)."""
-        from shards.pack import build_sample
-
         pid = str(self.ids[i])
         try:
             lon, lat = self._coords(i)
-            return build_sample(self.schema, pid, lon, lat, *self._arrays(i, lon, lat), self._targets(i),
-                                on_nonfinite, self.name, self._qa(i))  # fmt: skip
+            return build_sample(
+                self.schema,
+                pid,
+                lon,
+                lat,
+                *self._arrays(i, lon, lat),
+                self._targets(i),
+                on_nonfinite,
+                self.name,
+                self._qa(i),
+            )
         except Rejected as err:
             return {"id": pid, "reason": err.reason, "detail": err.detail}
         except Exception as err:  # one broken file must not stop the import; it is recorded
@@ -319,6 +340,8 @@ class ImportPlan:
         if self.images is not None:
             if pid not in self.images:
                 raise Rejected("no_scene", f"no {pid}_YYMMDD.tif")
+            # an imaged point always has coordinates: from --points, else its image's centre (see _coords)
+            assert lon is not None and lat is not None
             patch = warp_patch(*self.images[pid], self.image_names, lon, lat, self.schema)
         return patch, climate
 
@@ -348,8 +371,8 @@ def _find_column(columns, options, given, what, path, required) -> str | None:
 
 def _target_name(column: str, given: str | None) -> str:
     name = given or KNOWN_TARGETS.get(column, "soc")
-    if name not in S.TARGETS_BY_NAME:
-        raise ValueError(f"--target-name {name!r} is not a schema target ({list(S.TARGETS_BY_NAME)})")
+    if name not in TARGETS_BY_NAME:
+        raise ValueError(f"--target-name {name!r} is not a schema target ({list(TARGETS_BY_NAME)})")
     return name
 
 
@@ -369,6 +392,72 @@ def _target_column(args, climate: ClimateTables | None, points: pd.DataFrame | N
     raise ValueError(f"no target column {column!r} in {' or '.join(where) or 'the inputs'}")
 
 
+@dataclass
+class PointTable:
+    """The points to import, in order, with their coordinates (NaN: none) and where those came from."""
+
+    ids: list[str]
+    lon: np.ndarray
+    lat: np.ndarray
+    coordinates: str  # "points", "images" or "none"
+    points: pd.DataFrame | None  # the --points table
+    not_in_points: int  # points with data that --points does not list
+
+
+def read_points(args, ids: list[str], images: dict | None, duplicates: dict) -> PointTable:
+    """``ids`` (the data's points), or those --points lists in its order, with coordinates from --points or images."""
+    if not args.points:
+        lon = np.full(len(ids), np.nan)
+        return PointTable(_check_ids(ids), lon, lon, "none" if images is None else "images", None, 0)
+    path = Path(args.points)
+    points = _dedupe(_read_table(path, args.id_column), args.id_column, path.name, duplicates)
+    lon_col = _find_column(points.columns, LON_COLUMNS, args.lon_column, "lon", path, bool(args.lat_column))
+    lat_col = _find_column(points.columns, LAT_COLUMNS, args.lat_column, "lat", path, bool(lon_col))
+    have = set(ids)
+    listed = _check_ids([p for p in points[args.id_column] if p in have])
+    if lon_col is None or lat_col is None:
+        lon = np.full(len(listed), np.nan)
+        return PointTable(listed, lon, lon, "none" if images is None else "images", points, len(ids) - len(listed))
+    table = points.set_index(args.id_column).reindex(listed)
+    lon, lat = table[lon_col].to_numpy(np.float64), table[lat_col].to_numpy(np.float64)
+    return PointTable(listed, lon, lat, "points", points, len(ids) - len(listed))
+
+
+def _check_ids(ids: list[str]) -> list[str]:
+    bad = [i for i in ids if "." in i]
+    if bad:
+        raise ValueError(f"point ids may not contain dots (WebDataset keys), e.g. {bad[:3]}")
+    return ids
+
+
+def _targets_of(series: pd.Series | None, ids: list[str], stacked: StackedClimate | None) -> tuple[np.ndarray, dict]:
+    """``(N,)`` targets (NaN: unlabelled) and the counts of each kind among the points kept."""
+    if series is None:
+        return np.full(len(ids), np.nan), {}
+    y, kinds = clean_targets(series.reindex(ids))
+    kept = np.ones(len(ids), bool) if stacked is None else stacked.present & ~stacked.all_missing
+    return y, {kind: int((mask & kept).sum()) for kind, mask in kinds.items()}
+
+
+def _schema_of(images: dict | None, image_names: tuple[str, ...], climate: ClimateTables | None) -> SampleSchema:
+    """A schema names at least one channel and variable: a modality the data lacks keeps the defaults, and the
+    manifest's ``modalities`` says which arrays the samples hold."""
+    kwargs: dict[str, Any] = {}
+    if images:
+        kwargs["channels"] = tuple(c.name for c in CHANNELS if c.name in image_names)
+    if climate:
+        kwargs.update(climate_variables=climate.variables, months=climate.months)
+    return SampleSchema(**kwargs)
+
+
+def _climate_counts(stacked: StackedClimate, variables: tuple[str, ...]) -> dict:
+    per_var = (stacked.variable_all_minus999 & ~stacked.all_missing[:, None] & stacked.present[:, None]).sum(0)
+    return {
+        "climate_missing": int((stacked.all_missing & stacked.present).sum()),
+        "variable_all_minus999": {v: int(c) for v, c in zip(variables, per_var, strict=True) if c},
+    }
+
+
 def plan_import(args, duplicates: dict) -> tuple[ImportPlan, dict]:
     """The data set to import, and a summary of how it was assembled (counts, sources)."""
     if not args.climate and not args.images:
@@ -377,54 +466,40 @@ def plan_import(args, duplicates: dict) -> tuple[ImportPlan, dict]:
         raise ValueError("import-soilnet: --id-column is required with --climate or --points (e.g. Point_ID)")
     climate = read_climate(Path(args.climate), args.id_column, duplicates) if args.climate else None
     images = read_images(Path(args.images)) if args.images else None
-    ids = list(climate.ids) if climate is not None else sorted(images)
-    points, lon_col, lat_col, not_in_points = None, None, None, 0
-    if args.points:
-        path = Path(args.points)
-        points = _dedupe(_read_table(path, args.id_column), args.id_column, path.name, duplicates)
-        lon_col = _find_column(points.columns, LON_COLUMNS, args.lon_column, "lon", path, bool(args.lat_column))
-        lat_col = _find_column(points.columns, LAT_COLUMNS, args.lat_column, "lat", path, bool(lon_col))
-        have = set(ids)
-        listed = [p for p in points[args.id_column] if p in have]
-        not_in_points = len(ids) - len(listed)
-        ids = listed
-    bad = [i for i in ids if "." in i]
-    if bad:
-        raise ValueError(f"point ids may not contain dots (WebDataset keys), e.g. {bad[:3]}")
-    lon = lat = np.full(len(ids), np.nan)
-    coordinates = "none"
-    if lon_col is not None:
-        table = points.set_index(args.id_column).reindex(ids)
-        lon, lat = table[lon_col].to_numpy(np.float64), table[lat_col].to_numpy(np.float64)
-        coordinates = "points"
-    elif images is not None:
-        coordinates = "images"
-    series, target_from = _target_column(args, climate, points)
-    target = None if series is None else _target_name(series.name, args.target_name)
+    table = read_points(args, list(climate.ids) if climate is not None else sorted(images or {}), images, duplicates)
+    ids = table.ids
+    series, target_from = _target_column(args, climate, table.points)
+    target = None if series is None else _target_name(str(series.name), args.target_name)
     stacked = stack_climate(climate, ids, args.climate_units == "stored") if climate is not None else None
-    y, target_counts = np.full(len(ids), np.nan), {}
-    if series is not None:
-        y, kinds = clean_targets(series.reindex(ids))
-        kept = np.ones(len(ids), bool) if stacked is None else stacked.present & ~stacked.all_missing
-        target_counts = {kind: int((mask & kept).sum()) for kind, mask in kinds.items()}  # of the points kept
+    y, target_counts = _targets_of(series, ids, stacked)
     image_names = _channel_names(images)
-    # a schema names at least one channel and variable: a modality the data lacks keeps the defaults, and the
-    # manifest's ``modalities`` says which arrays the samples hold
-    schema = S.SampleSchema(
-        **({"channels": tuple(c.name for c in S.CHANNELS if c.name in image_names)} if images else {}),
-        **({"climate_variables": climate.variables, "months": climate.months} if climate else {}),
+    schema = _schema_of(images, image_names, climate)
+    plan = ImportPlan(
+        schema,
+        np.array(ids, dtype=object),
+        table.lon,
+        table.lat,
+        y,
+        target,
+        stacked,
+        images,
+        image_names,
+        args.require_target,
     )
-    plan = ImportPlan(schema, np.array(ids, dtype=object), lon, lat, y, target, stacked, images, image_names,
-                      args.require_target)  # fmt: skip
-    counts = {"points": len(ids), "not_in_points": not_in_points, "targets": target_counts}
-    if stacked is not None:
-        counts["climate_missing"] = int((stacked.all_missing & stacked.present).sum())
-        per_var = (stacked.variable_all_minus999 & ~stacked.all_missing[:, None] & stacked.present[:, None]).sum(0)
-        counts["variable_all_minus999"] = {v: int(c) for v, c in zip(climate.variables, per_var, strict=True) if c}
-    summary = {"coordinates": coordinates, "target": target, "target_from": target_from, "counts": counts,
-               "variables": list(climate.variables) if climate else [],
-               "months": [climate.months[0], climate.months[-1]] if climate else [], "images": images is not None,
-               "climate_units": args.climate_units if climate else None, "duplicates": duplicates}  # fmt: skip
+    counts = {"points": len(ids), "not_in_points": table.not_in_points, "targets": target_counts}
+    if stacked is not None and climate is not None:
+        counts.update(_climate_counts(stacked, climate.variables))
+    summary = {
+        "coordinates": table.coordinates,
+        "target": target,
+        "target_from": target_from,
+        "counts": counts,
+        "variables": list(climate.variables) if climate else [],
+        "months": [climate.months[0], climate.months[-1]] if climate else [],
+        "images": images is not None,
+        "climate_units": args.climate_units if climate else None,
+        "duplicates": duplicates,
+    }
     return plan, summary
 
 
@@ -435,37 +510,43 @@ def _channel_names(images: dict | None) -> tuple[str, ...]:
             return image_channels(path)
         except (rasterio.errors.RasterioIOError, ValueError) as err:
             print(f"import-soilnet: {err}", file=sys.stderr)
-    return tuple(c.name for c in S.CHANNELS[:12]) if images else ()
+    return tuple(c.name for c in CHANNELS[:12]) if images else ()
 
 
 def _arguments(args) -> dict:
-    keys = ("images", "climate", "points", "id_column", "target_column", "target_name", "lon_column", "lat_column",
-            "max_samples", "climate_units", "require_target")  # fmt: skip
+    keys = (
+        "images",
+        "climate",
+        "points",
+        "id_column",
+        "target_column",
+        "target_name",
+        "lon_column",
+        "lat_column",
+        "max_samples",
+        "climate_units",
+        "require_target",
+    )
     return {k: getattr(args, k, None) for k in keys}
 
 
 def _check_rerun(out: Path, arguments: dict) -> None:
     """A rerun must import the same thing as the run whose shards it completes."""
-    from shards.pack import PARTS, _atomic_json
-
     record = out / PARTS / "import-arguments.json"
     if record.exists():
         before = json.loads(record.read_text())
         changed = [k for k in arguments if before.get(k) != arguments[k]]
         if changed:
-            raise ValueError(f"{out}: the shards there were imported with other arguments ({', '.join(changed)}: "
-                             f"{[before.get(k) for k in changed]} then, {[arguments[k] for k in changed]} now); "
-                             "use a new --out or the same arguments")  # fmt: skip
+            raise ValueError(
+                f"{out}: the shards there were imported with other arguments ({', '.join(changed)}: "
+                f"{[before.get(k) for k in changed]} then, {[arguments[k] for k in changed]} now); "
+                "use a new --out or the same arguments"
+            )
     else:
         _atomic_json(record, arguments)
 
 
 def run_cli(args) -> int:
-    from tqdm import tqdm
-
-    from shards.pack import PARTS, _atomic_json, acquire_in_order, pack_shard, shard_points, write_manifest
-    from soilnet.config.pack import PackConfig
-
     out = Path(args.out)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     _check_rerun(out, _arguments(args))
@@ -475,12 +556,18 @@ def run_cli(args) -> int:
     if not len(plan.ids):
         raise ValueError("import-soilnet: no point to import (check --id-column and that --points lists the IDs)")
     s = plan.schema
-    cfg = PackConfig.model_validate({
-        "output_dir": str(out),
-        "schema": {"channels": list(s.channels), "climate_variables": list(s.climate_variables),
-                   "first_month": s.months[0], "last_month": s.months[-1]},
-        "shard": {"max_samples": args.max_samples, "on_nonfinite": "reject"},
-    })  # fmt: skip
+    cfg = PackConfig.model_validate(
+        {
+            "output_dir": str(out),
+            "schema": {
+                "channels": list(s.channels),
+                "climate_variables": list(s.climate_variables),
+                "first_month": s.months[0],
+                "last_month": s.months[-1],
+            },
+            "shard": {"max_samples": args.max_samples, "on_nonfinite": "reject"},
+        }
+    )
     n, size = len(plan.ids), cfg.shard.max_samples
     n_shards = max(1, -(-n // size))
     todo = [k for k in range(n_shards) if not (out / PARTS / f"shard-{k:06d}.tar.json").exists()]
@@ -488,12 +575,18 @@ def run_cli(args) -> int:
     indices = (i for k in todo for i in shard_points(k, n, size))
     results = acquire_in_order(lambda i: plan.sample(i, cfg.shard.on_nonfinite), indices, threads)
     start = time.time()
-    with tqdm(total=sum(len(shard_points(k, n, size)) for k in todo), unit="sample", desc="import", file=sys.stderr,
-              disable=None) as progress:  # fmt: skip
+    with tqdm(
+        total=sum(len(shard_points(k, n, size)) for k in todo),
+        unit="sample",
+        desc="import",
+        file=sys.stderr,
+        disable=None,
+    ) as progress:
         for k in todo:
             pack_shard(k, results, len(shard_points(k, n, size)), cfg, s, out, progress)
     rate = n / max(time.time() - start, 1e-9)
     manifest = write_manifest(cfg, out, s, n_shards, plan)
+    assert manifest is not None  # this one process wrote every shard's part record
     if not plan.images:
         manifest["stats"]["image"] = {}
     manifest["import"] = summary
@@ -513,19 +606,27 @@ def describe(manifest: dict, out: Path) -> str:
         r = json.loads(line)["reason"]
         reasons[r] = reasons.get(r, 0) + 1
     t = counts["targets"]
-    labelled = (f"{t['labelled']} labelled ({info['target']} from {info['target_from']}); unlabelled: "
-                f"{t['missing']} missing, {t['nan']} NaN, {t['negative']} negative") if t else "no target"  # fmt: skip
+    labelled = (
+        (
+            f"{t['labelled']} labelled ({info['target']} from {info['target_from']}); unlabelled: "
+            f"{t['missing']} missing, {t['nan']} NaN, {t['negative']} negative"
+        )
+        if t
+        else "no target"
+    )
     lines = [
         f"imported {manifest['samples']} of {counts['points']} points ({', '.join(manifest['modalities'])}) into "
         f"{len(manifest['shards'])} shard(s); manifest: {out / 'manifest.json'}",
         f"targets: {labelled}",
         f"rejected: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items())) or 'none'} (ledger.jsonl)",
         f"coordinates: {info['coordinates']}"
-        + ("; spatial folds are impossible, random folds only" if info["coordinates"] == "none" else ""),  # fmt: skip
+        + ("; spatial folds are impossible, random folds only" if info["coordinates"] == "none" else ""),
     ]
     if "climate_missing" in counts:
-        lines.append(f"climate: {counts['climate_missing']} point(s) -999 in every variable and month (rejected); "
-                     f"a variable -999 all year, kept as 0: {counts['variable_all_minus999'] or 'none'}")  # fmt: skip
+        lines.append(
+            f"climate: {counts['climate_missing']} point(s) -999 in every variable and month (rejected); "
+            f"a variable -999 all year, kept as 0: {counts['variable_all_minus999'] or 'none'}"
+        )
     if counts["not_in_points"]:
         lines.append(f"{counts['not_in_points']} point(s) with data but not listed in --points were left out")
     return "\n".join(lines)

@@ -24,15 +24,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
+import pandas as pd
 import webdataset as wds
 from tqdm import tqdm
 
 from shards import stats
 from shards.parallel import Workers, workers_from_env
+from shards.sample import filters_from_args, sample_region
+from shards.sources import earthengine, rasters
 from shards.sources.base import Patch, Rejected, Source
+from shards.sources.synthetic import SyntheticWorld, sample_bbox
 from soilnet import __version__
 from soilnet.atomic import atomic_file
 from soilnet.config.base import ConfigError, save_resolved, to_plain
@@ -41,6 +45,14 @@ from soilnet.schema import SampleSchema
 
 FORMAT = "soilnet-shards/1"
 PARTS = ".parts"
+
+
+class Provenance(Protocol):
+    """What a manifest records of where its samples came from: a :class:`Source`, or an import's plan."""
+
+    name: str
+
+    def versions(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -59,8 +71,6 @@ def load_points(cfg: PackConfig) -> Points:
     """From ``sampling.points`` (parquet/csv with id, lon, lat), a ``sampling.region``, or the synthetic bbox."""
     s = cfg.sampling
     if s.points:
-        import pandas as pd
-
         path = Path(s.points)
         if not path.is_file():
             raise ConfigError(f"sampling.points: file not found: {path}")
@@ -74,39 +84,48 @@ def load_points(cfg: PackConfig) -> Points:
             raise ConfigError(f"{path}: point ids may not contain dots (WebDataset keys), e.g. {bad[:3]}")
         return Points(ids, table["lon"].to_numpy(float), table["lat"].to_numpy(float))
     if s.region:
-        from shards.sample import filters_from_args, sample_region
-
         table = sample_region(s.region, s.n, s.seed, filters_from_args(s))
         return Points(table["id"].to_numpy(), table["lon"].to_numpy(float), table["lat"].to_numpy(float))
     if cfg.source.kind != "synthetic":
         raise ConfigError("sampling: set sampling.region or sampling.points (only the synthetic world has a bbox)")
-    from shards.sources.synthetic import sample_bbox
-
     lon, lat = sample_bbox(cfg.source.bbox, s.n, s.seed)
     return Points(np.array([f"p{i:010d}" for i in range(s.n)]), lon, lat)
 
 
+def _synthetic(cfg: PackConfig, schema: SampleSchema) -> Source:
+    return SyntheticWorld(schema, cfg.source.seed, cfg.source.bbox)
+
+
+def _rasters(cfg: PackConfig, schema: SampleSchema) -> Source:
+    return rasters.from_config(schema, cfg.source.rasters)
+
+
+def _earthengine(cfg: PackConfig, schema: SampleSchema) -> Source:
+    return earthengine.from_config(schema, cfg.source.earthengine, cfg.output_dir)
+
+
+# ``source.kind`` -> the source it builds
+SOURCES: dict[str, Callable[[PackConfig, SampleSchema], Source]] = {
+    "synthetic": _synthetic,
+    "rasters": _rasters,
+    "earthengine": _earthengine,
+}
+
+
 def make_source(cfg: PackConfig, schema: SampleSchema) -> Source:
-    if cfg.source.kind == "synthetic":
-        from shards.sources.synthetic import SyntheticWorld
-
-        return SyntheticWorld(schema, cfg.source.seed, cfg.source.bbox)
-    if cfg.source.kind == "rasters":
-        from shards.sources.rasters import from_config
-
-        return from_config(schema, cfg.source.rasters)
-    from shards.sources.earthengine import from_config as earthengine
-
-    return earthengine(schema, cfg.source.earthengine, cfg.output_dir)
+    return SOURCES[cfg.source.kind](cfg, schema)
 
 
 def _no_space(err: OSError, path: Path) -> OSError:
     """The error for a full disk (or quota) while writing ``path``: the path and the space left."""
     usage = shutil.disk_usage(path.parent)
-    return OSError(err.errno, f"writing {path}: {os.strerror(err.errno)} (removed; now {usage.free / 2**20:.1f} MiB "
-                   f"free of {usage.total / 2**20:.1f} MiB on the file system of {path.parent}). Free space (or set "
-                   "output_dir elsewhere) and rerun the same command: complete shards are kept, this one is written "
-                   "again")  # fmt: skip
+    code = err.errno or errno.ENOSPC
+    return OSError(
+        code,
+        f"writing {path}: {os.strerror(code)} (removed; now {usage.free / 2**20:.1f} MiB free of "
+        f"{usage.total / 2**20:.1f} MiB on the file system of {path.parent}). Free space (or set output_dir "
+        "elsewhere) and rerun the same command: complete shards are kept, this one is written again",
+    )
 
 
 @contextmanager
@@ -148,13 +167,31 @@ def make_sample(source: Source, schema: SampleSchema, pid: str, lon: float, lat:
     climate = source.climate(lon, lat)
     targets = source.targets(lon, lat, patch, climate)
     modalities = getattr(source, "modalities", ("image", "climate"))
-    return build_sample(schema, pid, lon, lat, patch if "image" in modalities else None,
-                        climate if "climate" in modalities else None, targets, on_nonfinite, source.name)  # fmt: skip
+    return build_sample(
+        schema,
+        pid,
+        lon,
+        lat,
+        patch if "image" in modalities else None,
+        climate if "climate" in modalities else None,
+        targets,
+        on_nonfinite,
+        source.name,
+    )
 
 
-def build_sample(schema: SampleSchema, pid: str, lon: float | None, lat: float | None, patch: Patch | None,
-                 climate: np.ndarray | None, targets: dict[str, float], on_nonfinite: str, source_name: str,
-                 qa: dict | None = None) -> dict:  # fmt: skip
+def build_sample(
+    schema: SampleSchema,
+    pid: str,
+    lon: float | None,
+    lat: float | None,
+    patch: Patch | None,
+    climate: np.ndarray | None,
+    targets: dict[str, float],
+    on_nonfinite: str,
+    source_name: str,
+    qa: dict | None = None,
+) -> dict:
     """The shard sample (``__key__``, ``image.npy`` unless ``patch`` is None, ``climate.npy`` unless ``climate`` is
     None, ``meta.json``). ``image``: ``(C, H, W)``, stored float16; ``climate``: ``(T, F)`` float32. ``lon``/``lat``
     None: a data set without coordinates. ``targets`` empty: an unlabelled sample. Raises :class:`Rejected`."""
@@ -172,11 +209,17 @@ def build_sample(schema: SampleSchema, pid: str, lon: float | None, lat: float |
             if on_nonfinite == "reject":
                 raise Rejected("nonfinite", f"{bad} NaN/inf values in the {name}")
             qa[f"{name}_nonfinite"] = bad
-    meta = {"id": pid, "lon": None if lon is None else float(lon), "lat": None if lat is None else float(lat),
-            "scene_date": patch.scene_date if patch is not None else None, "source": source_name, "qa": qa}  # fmt: skip
+    meta = {
+        "id": pid,
+        "lon": None if lon is None else float(lon),
+        "lat": None if lat is None else float(lat),
+        "scene_date": patch.scene_date if patch is not None else None,
+        "source": source_name,
+        "qa": qa,
+    }
     if targets:
         meta["targets"] = targets
-    sample = {"__key__": pid}
+    sample: dict[str, Any] = {"__key__": pid}
     if patch is not None:
         sample["image.npy"] = np.nan_to_num(patch.image, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float16)
     if climate is not None:
@@ -235,10 +278,12 @@ def shard_points(k: int, n_points: int, max_samples: int) -> range:
     return range(k * max_samples, min((k + 1) * max_samples, n_points))
 
 
-def pack_shard(k: int, results: Iterator[dict], count: int, cfg: PackConfig, schema: SampleSchema, out: Path,
-               progress: tqdm) -> dict:  # fmt: skip
+def pack_shard(
+    k: int, results: Iterator[dict], count: int, cfg: PackConfig, schema: SampleSchema, out: Path, progress: tqdm
+) -> dict:
     """Write shard ``k`` from the next ``count`` results (its points) and return its part record."""
-    samples, rejected = [], []
+    samples: list[dict] = []
+    rejected: list[dict] = []
     for _ in range(count):
         result = next(results)
         (samples if "__key__" in result else rejected).append(result)
@@ -257,19 +302,21 @@ def pack_shard(k: int, results: Iterator[dict], count: int, cfg: PackConfig, sch
     return part
 
 
-def pack_shards(todo: list[int], points: Points, source: Source, cfg: PackConfig, out: Path,
-                progress: tqdm) -> Iterator[dict]:  # fmt: skip
+def pack_shards(
+    todo: list[int], points: Points, source: Source, cfg: PackConfig, out: Path, progress: tqdm
+) -> Iterator[dict]:
     """Write the shards ``todo`` in order, yielding each part record; points are acquired in order on
     ``source.concurrency`` threads (1 when the source does not say)."""
     size = cfg.shard.max_samples
     indices = (i for k in todo for i in shard_points(k, len(points), size))
-    results = acquire_in_order(lambda i: acquire(source, points, i, cfg.shard.on_nonfinite), indices,
-                               getattr(source, "concurrency", 1))  # fmt: skip
+    results = acquire_in_order(
+        lambda i: acquire(source, points, i, cfg.shard.on_nonfinite), indices, getattr(source, "concurrency", 1)
+    )
     for k in todo:
         yield pack_shard(k, results, len(shard_points(k, len(points), size)), cfg, source.schema, out, progress)
 
 
-def write_manifest(cfg: PackConfig, out: Path, schema: SampleSchema, n_shards: int, source: Source) -> dict | None:
+def write_manifest(cfg: PackConfig, out: Path, schema: SampleSchema, n_shards: int, source: Provenance) -> dict | None:
     """Merge every part record into ``manifest.json`` and ``ledger.jsonl``; None while parts are missing."""
     part_files = [out / PARTS / f"shard-{k:06d}.tar.json" for k in range(n_shards)]
     if not all(p.exists() for p in part_files):
@@ -286,9 +333,11 @@ def write_manifest(cfg: PackConfig, out: Path, schema: SampleSchema, n_shards: i
         "samples": sum(p["samples"] for p in parts),
         "stats": merged,
         "config": to_plain(cfg),
-        "sources": {"kind": source.name, "versions": {"soilnet": __version__, "webdataset": wds.__version__,
-                                                      **source.versions()}},
-    }  # fmt: skip
+        "sources": {
+            "kind": source.name,
+            "versions": {"soilnet": __version__, "webdataset": wds.__version__, **source.versions()},
+        },
+    }
     with _atomic_file(out / "ledger.jsonl") as f:
         for p in parts:
             for r in p["rejected"]:
@@ -319,14 +368,23 @@ def pack(cfg: PackConfig, workers: Workers | None = None) -> dict | None:
     total = sum(len(shard_points(k, len(points), cfg.shard.max_samples)) for k in todo)
     start = time.time()
     packed = rejected = 0
-    with tqdm(total=total, unit="sample", desc=f"pack[{workers.rank}/{workers.world}]", file=sys.stderr,
-              disable=None, dynamic_ncols=True) as progress:  # fmt: skip
+    with tqdm(
+        total=total,
+        unit="sample",
+        desc=f"pack[{workers.rank}/{workers.world}]",
+        file=sys.stderr,
+        disable=None,
+        dynamic_ncols=True,
+    ) as progress:
         for part in pack_shards(todo, points, source, cfg, out, progress):
             packed += part["samples"]
             rejected += len(part["rejected"])
     rate = (packed + rejected) / max(time.time() - start, 1e-9)
-    print(f"pack[{workers.rank}/{workers.world}]: {len(todo)} shard(s) written, {skipped} already complete; "
-          f"{packed} packed, {rejected} rejected ({rate:.0f} samples/s)", file=sys.stderr)  # fmt: skip
+    print(
+        f"pack[{workers.rank}/{workers.world}]: {len(todo)} shard(s) written, {skipped} already complete; "
+        f"{packed} packed, {rejected} rejected ({rate:.0f} samples/s)",
+        file=sys.stderr,
+    )
     workers.barrier()
     if workers.rank != 0 and workers.world > 1 and not workers.is_array:
         return None
@@ -342,12 +400,7 @@ def summary(manifest: dict, out: Path) -> str:
             reasons[r] = reasons.get(r, 0) + 1
     failed = reasons.pop("error", 0)
     by_reason = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none"
-    return (f"packed {manifest['samples']} samples in {len(manifest['shards'])} shards; rejected: {by_reason}; "
-            f"failed: {failed}. Manifest: {out / 'manifest.json'}")  # fmt: skip
-
-
-def run(cfg: PackConfig) -> int:
-    manifest = pack(cfg)
-    if manifest is not None:
-        print(summary(manifest, Path(cfg.output_dir)))
-    return 0
+    return (
+        f"packed {manifest['samples']} samples in {len(manifest['shards'])} shards; rejected: {by_reason}; "
+        f"failed: {failed}. Manifest: {out / 'manifest.json'}"
+    )

@@ -27,8 +27,13 @@ class Workers:
             self.comm.Barrier()
 
 
-ARRAY_ENV = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_COUNT",
-             "SLURM_ARRAY_TASK_STEP")  # fmt: skip
+ARRAY_ENV = (
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_STEP",
+)
 
 
 def array_task(env: Mapping[str, str]) -> tuple[int, int]:

@@ -17,14 +17,21 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
+import pyarrow
+import pyarrow.parquet
+import rasterio
 import shapely
+from pyproj import Transformer
+from rasterio.windows import from_bounds
 from shapely.geometry import shape
 
+from soilnet.atomic import atomic_file
 from soilnet.schema import PATCH_SIZE, PIXEL_SIZE_M
 
 EARTH_RADIUS_M = 6_371_008.8
@@ -165,11 +172,9 @@ class LandCoverExclusion:
     are not counted as excluded (the raster says nothing about them); the fraction is over the whole footprint.
     """
 
-    def __init__(self, path: str | Path, classes: list[int], max_fraction: float,
-                 footprint_m: float = PATCH_SIZE * PIXEL_SIZE_M) -> None:  # fmt: skip
-        import rasterio
-        from pyproj import Transformer
-
+    def __init__(
+        self, path: str | Path, classes: list[int], max_fraction: float, footprint_m: float = PATCH_SIZE * PIXEL_SIZE_M
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"exclusion raster not found: {self.path}")
@@ -184,8 +189,6 @@ class LandCoverExclusion:
         self.to_raster = Transformer.from_crs("EPSG:4326", self.src.crs, always_xy=True)
 
     def excluded_fraction(self, lon: float, lat: float) -> float:
-        from rasterio.windows import from_bounds
-
         x, y = self.to_raster.transform(lon, lat)
         if self.geographic:  # metres -> degrees at this latitude
             hy = self.half / (EARTH_RADIUS_M * math.pi / 180.0)
@@ -207,7 +210,7 @@ class LandCoverExclusion:
 Filter = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def iter_region(path: str | Path, n: int, seed: int, filters: list[Filter] = ()) -> Iterator[pd.DataFrame]:
+def iter_region(path: str | Path, n: int, seed: int, filters: Sequence[Filter] = ()) -> Iterator[pd.DataFrame]:
     """Chunks of the ``n`` points as DataFrames (``id`` str ``p0000000123``, ``lon``, ``lat`` in degrees)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -227,9 +230,11 @@ def iter_region(path: str | Path, n: int, seed: int, filters: list[Filter] = ())
                 x, y = x[keep], y[keep]
             rejected_in_a_row = 0 if len(x) else rejected_in_a_row + tried
             if rejected_in_a_row >= GIVE_UP_AFTER:
-                raise ValueError(f"{path}: {rejected_in_a_row} candidates in a row failed the filters after {done} of "
-                                 f"{n} points; too little of the region passes them (no land? more points than "
-                                 "climate cells or the spacing allow?)")  # fmt: skip
+                raise ValueError(
+                    f"{path}: {rejected_in_a_row} candidates in a row failed the filters after {done} of "
+                    f"{n} points; too little of the region passes them (no land? more points than "
+                    "climate cells or the spacing allow?)"
+                )
             take = min(len(x), n - done)
             ids = [f"p{i:010d}" for i in range(done, done + take)]
             done += take
@@ -237,7 +242,7 @@ def iter_region(path: str | Path, n: int, seed: int, filters: list[Filter] = ())
                 yield pd.DataFrame({"id": ids, "lon": x[:take], "lat": y[:take]})
 
 
-def sample_region(path: str | Path, n: int, seed: int, filters: list[Filter] = ()) -> pd.DataFrame:
+def sample_region(path: str | Path, n: int, seed: int, filters: Sequence[Filter] = ()) -> pd.DataFrame:
     """``n`` points uniform by area on the sphere inside the region: DataFrame(id, lon, lat), degrees WGS84."""
     chunks = list(iter_region(path, n, seed, filters))
     if not chunks:
@@ -258,37 +263,42 @@ def filters_from_args(args) -> list[Filter]:
     return filters
 
 
-def run_cli(args) -> int:
-    """``soilnet sample``: writes ``--out`` (.parquet, or .csv by suffix) atomically, streaming chunk by chunk."""
-    import os
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+def _write_points(f: BinaryIO, chunks: Iterator[pd.DataFrame], csv: bool) -> int:
+    """Stream ``chunks`` into ``f`` as CSV or Parquet (an empty table when there is none); the number of rows."""
     rows = 0
     writer = None
-    try:
-        for i, chunk in enumerate(iter_region(args.region, args.n, args.seed, filters_from_args(args))):
-            if out.suffix == ".csv":
-                chunk.to_csv(tmp, mode="w" if i == 0 else "a", header=i == 0, index=False)
-            else:
-                table = pa.Table.from_pandas(chunk, preserve_index=False)
-                writer = writer or pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-            rows += len(chunk)
-        if writer is not None:
-            writer.close()
-        elif out.suffix != ".csv":
-            pq.write_table(pa.table({"id": pa.array([], pa.string()), "lon": pa.array([], pa.float64()),
-                                     "lat": pa.array([], pa.float64())}), tmp)  # fmt: skip
-        elif rows == 0:
-            pd.DataFrame({"id": [], "lon": [], "lat": []}).to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    for i, chunk in enumerate(chunks):
+        if csv:
+            f.write(chunk.to_csv(header=i == 0, index=False).encode())
+        else:
+            table = pyarrow.Table.from_pandas(chunk, preserve_index=False)
+            writer = writer or pyarrow.parquet.ParquetWriter(f, table.schema)
+            writer.write_table(table)
+        rows += len(chunk)
+    if writer is not None:
+        writer.close()
+    elif not csv:
+        pyarrow.parquet.write_table(
+            pyarrow.table(
+                {
+                    "id": pyarrow.array([], pyarrow.string()),
+                    "lon": pyarrow.array([], pyarrow.float64()),
+                    "lat": pyarrow.array([], pyarrow.float64()),
+                }
+            ),
+            f,
+        )
+    elif rows == 0:
+        f.write(pd.DataFrame({"id": [], "lon": [], "lat": []}).to_csv(index=False).encode())
+    return rows
+
+
+def run_cli(args) -> int:
+    """``soilnet sample``: writes ``--out`` (.parquet, or .csv by suffix) atomically, streaming chunk by chunk."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as f:
+        chunks = iter_region(args.region, args.n, args.seed, filters_from_args(args))
+        rows = _write_points(f, chunks, out.suffix == ".csv")
     print(f"sampled {rows} points -> {out}", file=sys.stderr)
     return 0

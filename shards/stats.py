@@ -18,8 +18,13 @@ def describe(values: np.ndarray) -> dict:
     if v.size == 0:
         return {"count": 0, "mean": 0.0, "m2": 0.0, "min": math.inf, "max": -math.inf}
     mean = float(v.mean())
-    return {"count": int(v.size), "mean": mean, "m2": float(((v - mean) ** 2).sum()), "min": float(v.min()),
-            "max": float(v.max())}  # fmt: skip
+    return {
+        "count": int(v.size),
+        "mean": mean,
+        "m2": float(((v - mean) ** 2).sum()),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
 
 
 def merge(a: dict, b: dict) -> dict:

@@ -11,12 +11,10 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" 
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 export PYTHONUNBUFFERED=1
 
-# --- rendezvous: the first node of the allocation, as an IP ----------------------------------------------------
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-head_addr=$(scontrol show node "$head_node" -o | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
-head_addr=${head_addr:-$head_node}
-MASTER_ADDR=$(getent ahostsv4 "$head_addr" | awk 'NR == 1 {print $1}')
-export MASTER_ADDR=${MASTER_ADDR:-$head_addr}
+# --- rendezvous: the first node of the allocation, as an IP (its NodeAddr; soilnet.distributed.head_address) ---
+MASTER_ADDR=$(python -c 'import sys; from soilnet.distributed import head_address; print(head_address(sys.argv[1]))' \
+    "$SLURM_JOB_NODELIST")
+export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 
 echo "soilnet: job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}; ${SLURM_JOB_NUM_NODES:-1} node(s)" \
@@ -31,4 +29,18 @@ requeue_if_stopped_early() {
         exit 0
     fi
     exit "$rc"
+}
+
+# The tail of slurm/pretrain.sh and slurm/finetune.sh: `srun_soilnet COMMAND DEFAULT_CONFIG [CONFIG] [key=value ...]`
+# runs `soilnet COMMAND --config CONFIG key=value ...` on every task (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID give
+# each task its rank; soilnet.distributed reads them), then requeues after an orderly early stop.
+srun_soilnet() {
+    local command=$1 config=${3:-$2}
+    shift 2
+    if [ $# -gt 0 ]; then shift; fi
+    set +e
+    srun --kill-on-bad-exit=1 python -m soilnet.cli "$command" --config "$config" "$@"
+    local rc=$?
+    set -e
+    requeue_if_stopped_early "$rc"
 }

@@ -16,15 +16,7 @@
 ##SBATCH --account=...
 set -euo pipefail
 
-CONFIG=${1:-configs/pretrain/demo.yaml}
-[ $# -gt 0 ] && shift
 # Slurm runs a copy of this script from its spool folder, so shared code is found from the submit directory:
 # submit from the repository root.
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
-
-# SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID give each task its rank; soilnet.distributed reads them.
-set +e
-srun --kill-on-bad-exit=1 python -m soilnet.cli pretrain --config "$CONFIG" "$@"
-rc=$?
-set -e
-requeue_if_stopped_early "$rc"
+srun_soilnet pretrain configs/pretrain/demo.yaml "$@"

@@ -1,3 +1,8 @@
 """SoilNet at scale: cross-modal contrastive pretraining and SOC regression on Landsat patches and climate."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("soilnet")  # setuptools-scm wrote it from git at install time
+except PackageNotFoundError:  # a source tree run without being installed
+    __version__ = "0+unknown"

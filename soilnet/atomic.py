@@ -1,9 +1,10 @@
-"""Files that appear whole or not at all (shards, part records, manifests, checkpoints).
+"""Files that appear whole or not at all (shards, part records, manifests, checkpoints, maps, point lists).
 
 A file is written to ``<name>.tmp`` beside its target, flushed and fsynced, renamed over the target, and the folder
 is fsynced (the rename itself), so a reader, or a rerun after kill -9, finds the old file or the complete new one,
 never a part of one. On any error the temporary file is removed and the error is raised as it came; a caller that
-names the file and the free space (a full disk) does so around :func:`atomic_file`.
+names the file and the free space (a full disk) does so around :func:`atomic_file`. A writer that needs a file
+name rather than a handle (GDAL, for one) writes the name :func:`atomic_path` gives it.
 """
 
 from __future__ import annotations
@@ -25,22 +26,46 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Rename the complete ``tmp`` over ``path`` and make the rename durable."""
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file handle whose bytes appear at ``path`` only once the block has completed."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temporary(path)
     f = open(tmp, "wb")  # noqa: SIM115 - closed below, on success and on failure
     try:
         yield f
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        _commit(tmp, path)
     except BaseException:
         with suppress(OSError):  # buffered bytes cannot be flushed to a full disk; the descriptor is closed anyway
             f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file name for a writer that opens files itself; what it wrote there appears at ``path`` (fsynced)
+    only once the block has completed, and nothing does on an error."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        _commit(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 

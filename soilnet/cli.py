@@ -1,88 +1,77 @@
 """The ``soilnet`` console script: parses arguments and dispatches; the work lives in the modules it names.
 
-Config-driven commands share one loader: ``--config PATH`` plus ``key=value`` overrides. Each command's
-implementation is imported only when that command runs, so ``--help`` stays fast and a preprocessing node
-need not import the training stack.
+The commands, their help and their code come from one registry (:mod:`soilnet.jobs.commands`). Config-driven
+commands share one loader: ``--config PATH`` plus ``key=value`` overrides. Each command's implementation is
+imported only when that command runs, so ``--help`` stays fast and a preprocessing node need not import the
+training stack.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
+import re
+import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
+from soilnet import __version__
 from soilnet.config.base import ConfigError, load_config
+from soilnet.jobs.commands import COMMANDS, resolve
 
 # EX_TEMPFAIL: a job stopped on SIGUSR2/SIGTERM after every rank saved a checkpoint; run it again to resume.
 EXIT_STOPPED_EARLY = 75
 
 
-@dataclass(frozen=True)
-class ConfigCommand:
-    """A command whose whole input is one config tree; ``run(cfg)`` does the work."""
-
-    help: str
-    config_class: str  # "module:Class"
-    run: str  # "module:function"
-
-
-CONFIG_COMMANDS: dict[str, ConfigCommand] = {
-    "pack": ConfigCommand(
-        "sample or read points, acquire patches and climate, and pack them into WebDataset shards",
-        "soilnet.config.pack:PackConfig",
-        "shards.pack:run",
-    ),
-    "pretrain": ConfigCommand(
-        "cross-modal contrastive pretraining with DeepSpeed (torchrun, srun or a single process)",
-        "soilnet.config.pretrain:PretrainConfig",
-        "soilnet.train.pretrain:run",
-    ),
-    "finetune": ConfigCommand(
-        "fine-tune a SOC regressor on labelled shards, then evaluate it",
-        "soilnet.config.finetune:FinetuneConfig",
-        "soilnet.train.finetune:run",
-    ),
-    "evaluate": ConfigCommand(
-        "cross-validated evaluation with a random-forest baseline and prediction intervals",
-        "soilnet.config.finetune:EvaluateConfig",
-        "soilnet.evaluate.run:run",
-    ),
-    "model-summary": ConfigCommand(
-        "print one JSON object with the parameter count of each model component and the learning-rate groups "
-        "of a fine-tuning config (or a model file)",
-        "soilnet.config.finetune:FinetuneConfig",
-        "soilnet.models.summary:run",
-    ),
-}
+def git_commit() -> str:
+    """The commit of this source tree (git, when it runs from a checkout), else the one in the version (an
+    installed copy: setuptools-scm's ``+g<hash>``), else unknown."""
+    here = Path(__file__).resolve().parent
+    if "site-packages" not in here.parts:
+        try:
+            shown = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+            if shown.returncode == 0 and shown.stdout.strip():
+                return shown.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    local = re.search(r"\+g([0-9a-f]+)", __version__)  # setuptools-scm: 0.1.dev3+g1a2b3c4[.dYYYYMMDD]
+    return local.group(1) if local else "unknown"
 
 
-def _resolve(target: str):
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+def _installed(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="YAML config file")
+def version_report() -> str:
+    """``soilnet --version``: the package, its commit, torch and DeepSpeed (read from metadata, not imported)."""
+    return (
+        f"soilnet {__version__}\ncommit {git_commit()}\ntorch {_installed('torch')}\n"
+        f"deepspeed {_installed('deepspeed')}"
+    )
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked for (the git call stays out of every other invocation)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_report())
+        parser.exit()
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="soilnet",
-        description="SoilNet at scale: pack shards, pretrain, fine-tune, evaluate and map soil organic carbon.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    for name, cmd in CONFIG_COMMANDS.items():
-        _add_config_args(sub.add_parser(name, help=cmd.help, description=cmd.help))
-
-    p = sub.add_parser(
-        "sample",
-        help="random points uniform by area inside a region",
-        description="random points uniform by area on the sphere inside the (multi)polygons of a GeoJSON file",
-    )
+def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", required=True, help="GeoJSON file of (multi)polygons")
     p.add_argument("--n", type=int, required=True, help="number of points")
     p.add_argument("--seed", type=int, default=0)
@@ -93,14 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-spacing-m", type=float, default=0.0, help="minimum distance between points (metres)")
     p.add_argument("--one-per-climate-cell", action="store_true", help="keep at most one point per TerraClimate cell")
 
-    p = sub.add_parser("import-soilnet", help="pack the seed's layout (patches and/or climate CSVs) into shards")
+
+def _import_soilnet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="folder of {PointID}_{YYMMDD}.tif patches")
     p.add_argument("--climate", help="folder of per-variable climate CSVs")
     p.add_argument("--points", help="CSV with the ID and, optionally, lon/lat and the target (e.g. LUCAS)")
-    p.add_argument("--id-column", help="the point-ID column of the climate CSVs and --points (e.g. Point_ID, "
-                   "rcasiteid); patches are named by their ID")  # fmt: skip
-    p.add_argument("--target-column", help="target column in the climate CSVs or --points (default: SOCstock100 "
-                   "when the climate CSVs have it)")  # fmt: skip
+    p.add_argument(
+        "--id-column",
+        help="the point-ID column of the climate CSVs and --points (e.g. Point_ID, rcasiteid); patches are named "
+        "by their ID",
+    )
+    p.add_argument(
+        "--target-column",
+        help="target column in the climate CSVs or --points (default: SOCstock100 when the climate CSVs have it)",
+    )
     p.add_argument(
         "--target-name",
         default=None,
@@ -122,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="climate CSVs hold Earth Engine's stored integers (scaled on import) or physical values",
     )
 
-    p = sub.add_parser("export", help="write a pretraining checkpoint's encoders as plain safetensors")
+
+def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or one checkpoint")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument(
@@ -132,16 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         "when the checkpoint predates recording them and its data.shards has moved",
     )
 
-    p = sub.add_parser(
-        "verify",
-        help="check every shard of a manifest against its recorded sha256",
-        description="check every shard listed in manifest.json against its recorded sha256; names each bad or "
-        "missing shard and exits 1 if there is one, else prints a one-line summary",
-    )
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, help="shard folder or its manifest.json")
     p.add_argument("--workers", type=int, default=4, help="shards hashed at once")
 
-    p = sub.add_parser("predict-map", help="predict SOC over a grid and write a Cloud-Optimized GeoTIFF")
+
+def _predict_map_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a fine-tuning output_dir")
     p.add_argument("--region", required=True, help="GeoJSON file")
     p.add_argument("--resolution", type=float, required=True, help="grid spacing in metres")
@@ -150,16 +143,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, default=256, help="tile edge in grid cells (unit of resumption)")
     p.add_argument("--max-tiles", type=int, default=None, help="stop after this many new tiles (rerun resumes)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the source config")
+
+
+# the arguments of each command that is not config-driven
+ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "sample": _sample_args,
+    "import-soilnet": _import_soilnet_args,
+    "export": _export_args,
+    "verify": _verify_args,
+    "predict-map": _predict_map_args,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="soilnet",
+        description="SoilNet at scale: pack shards, pretrain, fine-tune, evaluate and map soil organic carbon.",
+    )
+    parser.add_argument("--version", action=_VersionAction, help="print the version, git commit, torch and DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
+        (_config_args if cmd.config_class else ARGUMENTS[name])(p)
     return parser
 
 
-OTHER_COMMANDS = {
-    "sample": "shards.sample:run_cli",
-    "import-soilnet": "shards.import_soilnet:run_cli",
-    "export": "soilnet.train.export:run_cli",
-    "verify": "soilnet.data.verify:run_cli",
-    "predict-map": "soilnet.evaluate.maps:run_cli",
-}
+def _dispatch(args: argparse.Namespace) -> object:
+    cmd = COMMANDS[args.command]
+    if cmd.config_class:
+        cfg = load_config(resolve(cmd.config_class), args.config, args.overrides)
+        return resolve(cmd.run)(cfg)
+    return resolve(cmd.run)(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,12 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        if args.command in CONFIG_COMMANDS:
-            cmd = CONFIG_COMMANDS[args.command]
-            cfg = load_config(_resolve(cmd.config_class), args.config, args.overrides)
-            result = _resolve(cmd.run)(cfg)
-        else:
-            result = _resolve(OTHER_COMMANDS[args.command])(args)
+        result = _dispatch(args)
     except (ConfigError, ValueError, OSError) as err:
         # bad input (a config, a path, a manifest, a schema mismatch): the message names it; a traceback would
         # only bury it. SOILNET_DEBUG=1 shows the traceback for a bug report.

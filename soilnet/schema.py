@@ -133,7 +133,7 @@ def month_range(first: str, last: str) -> tuple[str, ...]:
     return tuple(f"{k // 12:04d}-{k % 12 + 1:02d}" for k in range(start, stop + 1))
 
 
-def _check_names(kind: str, names: tuple[str, ...], known: dict) -> None:
+def check_names(kind: str, names: tuple[str, ...], known: dict) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SchemaError(f"unknown {kind} {unknown}; known: {list(known)}")
@@ -159,8 +159,8 @@ class SampleSchema:
     pixel_size_m: float = PIXEL_SIZE_M
 
     def __post_init__(self) -> None:
-        _check_names("channels", tuple(self.channels), CHANNELS_BY_NAME)
-        _check_names("climate variables", tuple(self.climate_variables), CLIMATE_BY_NAME)
+        check_names("channels", tuple(self.channels), CHANNELS_BY_NAME)
+        check_names("climate variables", tuple(self.climate_variables), CLIMATE_BY_NAME)
         canonical_c = tuple(c.name for c in CHANNELS if c.name in self.channels)
         canonical_v = tuple(v.name for v in CLIMATE_VARIABLES if v.name in self.climate_variables)
         object.__setattr__(self, "channels", canonical_c)
@@ -281,7 +281,7 @@ def compute_indices(reflectance: dict[str, np.ndarray], names: tuple[str, ...]) 
     out = {}
     for name in names:
         ch = CHANNELS_BY_NAME[name]
-        if ch.kind == "index":
+        if ch.kind == "index" and ch.bands is not None:
             a, b = ch.bands
             out[name] = normalized_difference(reflectance[a], reflectance[b])
     return out

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from soilnet import schema as S
+from soilnet.schema import CHANNELS_BY_NAME, SampleSchema, SchemaError, compute_indices, month_range
 
 
 def test_default_schema_has_the_papers_channels_variables_and_months():
-    s = S.SampleSchema()
+    s = SampleSchema()
     assert s.channels[:7] == tuple(f"SR_B{i}" for i in range(1, 8))
     assert s.channels[7:] == (
         "clayIndex",
@@ -37,34 +37,34 @@ def test_default_schema_has_the_papers_channels_variables_and_months():
     ],
 )
 def test_indices_are_the_documented_normalised_differences(name, a, b):
-    assert S.CHANNELS_BY_NAME[name].bands == (a, b)
+    assert CHANNELS_BY_NAME[name].bands == (a, b)
     rng = np.random.default_rng(0)
     refl = {f"SR_B{i}": rng.uniform(0.01, 0.5, (4, 4)).astype(np.float32) for i in range(1, 8)}
-    got = S.compute_indices(refl, (name,))[name]
+    got = compute_indices(refl, (name,))[name]
     np.testing.assert_allclose(got, (refl[a] - refl[b]) / (refl[a] + refl[b]), rtol=1e-6)
 
 
 def test_subsets_are_chosen_by_name_and_kept_in_canonical_order():
-    s = S.SampleSchema(channels=("NDVI", "SR_B1"), climate_variables=("vs", "aet"))
+    s = SampleSchema(channels=("NDVI", "SR_B1"), climate_variables=("vs", "aet"))
     assert s.channels == ("SR_B1", "NDVI")
     assert s.climate_variables == ("aet", "vs")
-    full = S.SampleSchema()
+    full = SampleSchema()
     assert full.channel_indices(["NDVI", "SR_B1"]) == [11, 0]
     assert s.subset_of(full) and not full.subset_of(s)
 
 
 def test_unknown_or_missing_names_are_errors_that_name_them():
-    with pytest.raises(S.SchemaError, match="NDWI"):
-        S.SampleSchema(channels=("SR_B1", "NDWI"))
-    twelve = S.SampleSchema(channels=tuple(c for c in S.SampleSchema().channels if c not in ("elevation", "slope")))
-    with pytest.raises(S.SchemaError, match="elevation"):
+    with pytest.raises(SchemaError, match="NDWI"):
+        SampleSchema(channels=("SR_B1", "NDWI"))
+    twelve = SampleSchema(channels=tuple(c for c in SampleSchema().channels if c not in ("elevation", "slope")))
+    with pytest.raises(SchemaError, match="elevation"):
         twelve.channel_indices(["elevation"])
 
 
 def test_month_range_and_schema_round_trip():
-    assert S.month_range("2014-11", "2015-02") == ("2014-11", "2014-12", "2015-01", "2015-02")
-    with pytest.raises(S.SchemaError):
-        S.month_range("2015-02", "2014-11")
-    s = S.SampleSchema(climate_variables=("aet", "pr"), months=S.month_range("2012-01", "2012-12"))
-    assert S.SampleSchema.from_dict(s.to_dict()) == s
-    assert S.SampleSchema().differences(s)  # non-empty, names what differs
+    assert month_range("2014-11", "2015-02") == ("2014-11", "2014-12", "2015-01", "2015-02")
+    with pytest.raises(SchemaError):
+        month_range("2015-02", "2014-11")
+    s = SampleSchema(climate_variables=("aet", "pr"), months=month_range("2012-01", "2012-12"))
+    assert SampleSchema.from_dict(s.to_dict()) == s
+    assert SampleSchema().differences(s)  # non-empty, names what differs

@@ -137,8 +137,15 @@ class EarthEngineSource:
                 .addBands(ndvi.rename("ndvi"))
                 .reduceRegion(reducer=ee.Reducer.mean(), geometry=footprint, crs=crs, scale=s.pixel_size_m)
             )
-            return ee.Feature(None, {"id": image.get("system:index"), "date": image.date().format("YYYY-MM-dd"),
-                                     "clear": means.get("clear"), "ndvi": means.get("ndvi")})  # fmt: skip
+            return ee.Feature(
+                None,
+                {
+                    "id": image.get("system:index"),
+                    "date": image.date().format("YYYY-MM-dd"),
+                    "clear": means.get("clear"),
+                    "ndvi": means.get("ndvi"),
+                },
+            )
 
         scenes = (
             ee.ImageCollection(LANDSAT)
@@ -155,7 +162,9 @@ class EarthEngineSource:
         )
         request = ee.Dictionary({"scenes": ee.FeatureCollection(scenes.map(describe)), "climate": climate})
         with self.budget.slot():
-            return request.getInfo()
+            info = request.getInfo()
+        assert isinstance(info, dict)  # an ee.Dictionary's value
+        return info
 
     def _pixels(self, scene_id: str, lon: float, lat: float) -> np.ndarray:
         """Request 2: a structured ``(H, W)`` array with the raw Landsat bands, elevation and slope."""
@@ -181,7 +190,7 @@ class EarthEngineSource:
                     "shearY": 0,
                     "scaleY": -s.pixel_size_m,
                     "translateY": top,
-                },  # fmt: skip
+                },
                 "crsCode": crs,
             },
         }
@@ -198,8 +207,13 @@ class EarthEngineSource:
         scene, rule = choose_scene(scenes, self.cfg.winter_months, self.cfg.min_clear_fraction)
         pixels = self._pixels(scene["id"], lon, lat)
         image, clear_fraction = decode_pixels(pixels, self.schema, scene["id"], self.cfg.min_clear_fraction)
-        qa = {"scene": scene["id"], "rule": rule, "clear_fraction": round(clear_fraction, 4),
-              "scenes_considered": len(scenes), "crs": utm_crs(lon, lat)}  # fmt: skip
+        qa = {
+            "scene": scene["id"],
+            "rule": rule,
+            "clear_fraction": round(clear_fraction, 4),
+            "scenes_considered": len(scenes),
+            "crs": utm_crs(lon, lat),
+        }
         return Patch(image=image, scene_date=scene["date"], qa=qa)
 
     def climate(self, lon: float, lat: float) -> np.ndarray:

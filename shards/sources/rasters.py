@@ -35,6 +35,21 @@ def utm_crs(lon: float, lat: float) -> str:
     return f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
 
 
+def patch_vrt(src, crs: str, x: float, y: float, schema: SampleSchema, **nodata) -> WarpedVRT:
+    """``src`` warped (bilinear) onto the schema's patch grid centred on ``(x, y)`` in ``crs`` (metres)."""
+    half = schema.patch_size * schema.pixel_size_m / 2.0
+    grid = from_origin(x - half, y + half, schema.pixel_size_m, schema.pixel_size_m)
+    return WarpedVRT(
+        src,
+        crs=crs,
+        transform=grid,
+        width=schema.patch_size,
+        height=schema.patch_size,
+        resampling=Resampling.bilinear,
+        **nodata,
+    )
+
+
 class RasterSource:
     """``images``: list of ``(path, bands)``; ``climate``: list of ``(path, variable, first_month, scale)``."""
 
@@ -83,7 +98,6 @@ class RasterSource:
         crs = utm_crs(lon, lat)
         x, y = self._transformer(crs).transform(lon, lat)
         half = s.patch_size * s.pixel_size_m / 2.0
-        grid = from_origin(x - half, y + half, s.pixel_size_m, s.pixel_size_m)
         layers: dict[str, np.ndarray] = {}
         for path, bands in self.images:
             wanted = [i for i, b in enumerate(bands) if b in s.channels]
@@ -97,8 +111,7 @@ class RasterSource:
             if left < b.left or right > b.right or bottom < b.bottom or top > b.top:
                 raise Rejected("outside", f"footprint leaves {path.name}")
             try:
-                with WarpedVRT(src, crs=crs, transform=grid, width=s.patch_size, height=s.patch_size,
-                               resampling=Resampling.bilinear) as vrt:  # fmt: skip
+                with patch_vrt(src, crs, x, y, s) as vrt:
                     data = vrt.read([i + 1 for i in wanted], masked=True)
             except rasterio.errors.RasterioError as err:
                 raise OSError(f"{path}: read failed ({err})") from None

@@ -27,7 +27,7 @@ import numpy as np
 
 from shards.sources.base import Patch
 from soilnet import __version__
-from soilnet import schema as S
+from soilnet.schema import SampleSchema, compute_indices
 
 NOISE_SD = 0.08
 M_PER_DEG_LAT = 110_540.0
@@ -52,8 +52,8 @@ class Waves:
         amp = rng.uniform(0.5, 1.0, n)
         return cls(k * np.cos(angle), k * np.sin(angle), rng.uniform(0, 2 * np.pi, n), amp / np.sqrt((amp**2).sum()))
 
-    def __call__(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-        arg = lon[..., None] * self.kx + lat[..., None] * self.ky + self.phase
+    def __call__(self, lon: np.ndarray | float, lat: np.ndarray | float) -> np.ndarray:
+        arg = np.asarray(lon)[..., None] * self.kx + np.asarray(lat)[..., None] * self.ky + self.phase
         return (np.sin(arg) * self.amp).sum(-1) * np.sqrt(2)
 
 
@@ -62,7 +62,7 @@ class SyntheticWorld:
 
     name = "synthetic"
 
-    def __init__(self, schema: S.SampleSchema, seed: int = 0, bbox=(5.0, 45.0, 15.0, 55.0)):
+    def __init__(self, schema: SampleSchema, seed: int = 0, bbox=(5.0, 45.0, 15.0, 55.0)):
         self.schema = schema
         self.seed = seed
         self.bbox = tuple(float(v) for v in bbox)
@@ -109,7 +109,7 @@ class SyntheticWorld:
         dy, dx = np.gradient(elev, self.schema.pixel_size_m)
         layers = {
             **bands,
-            **S.compute_indices(bands, self.schema.channels),
+            **compute_indices(bands, self.schema.channels),
             "elevation": elev.astype(np.float32),
             "slope": np.degrees(np.arctan(np.hypot(dx, dy))).astype(np.float32),
         }
@@ -145,9 +145,21 @@ class SyntheticWorld:
         vs = np.maximum(0.2, 3.5 + 1.2 * float(self.wind(lon, lat)) + 0.4 * season)
         pdsi = np.clip(2.5 * anomaly + (pr - pet) / 40, -10, 10)
         values = {
-            "aet": aet, "def": deficit, "pdsi": pdsi, "pet": pet, "pr": pr, "ro": ro, "soil": soil, "srad": srad,
-            "swe": swe, "tmmn": tmmn, "tmmx": tmmx, "vap": vap, "vpd": vpd, "vs": vs,
-        }  # fmt: skip
+            "aet": aet,
+            "def": deficit,
+            "pdsi": pdsi,
+            "pet": pet,
+            "pr": pr,
+            "ro": ro,
+            "soil": soil,
+            "srad": srad,
+            "swe": swe,
+            "tmmn": tmmn,
+            "tmmx": tmmx,
+            "vap": vap,
+            "vpd": vpd,
+            "vs": vs,
+        }
         return np.stack([values[v] for v in self.schema.climate_variables], axis=1).astype(np.float32)
 
     def targets(self, lon: float, lat: float, patch: Patch | None = None, climate=None) -> dict[str, float]:
@@ -160,7 +172,7 @@ class SyntheticWorld:
 
 def soc(world: SyntheticWorld, lon: float, lat: float) -> float:
     """The known SOC (g/kg) at a point; see the module docstring for the function."""
-    full = SyntheticWorld(S.SampleSchema(), world.seed, world.bbox) if world.schema != S.SampleSchema() else world
+    full = SyntheticWorld(SampleSchema(), world.seed, world.bbox) if world.schema != SampleSchema() else world
     image = full.patch(lon, lat).image
     ch = full.schema.channels
     ndvi = float(image[ch.index("NDVI")].mean())
@@ -171,9 +183,13 @@ def soc(world: SyntheticWorld, lon: float, lat: float) -> float:
     p_year = float(clim[:, v.index("pr")].mean()) * 12
     noise = np.random.default_rng([world.seed, int(round(lon * 1e6)) % 2**32, int(round(lat * 1e6)) % 2**32])
     log_soc = (
-        2.9 + 1.6 * (ndvi - 0.35) + 0.5 * elev_km - 0.04 * (tmean - 10) + 0.5 * (p_year / 700 - 1)
+        2.9
+        + 1.6 * (ndvi - 0.35)
+        + 0.5 * elev_km
+        - 0.04 * (tmean - 10)
+        + 0.5 * (p_year / 700 - 1)
         + noise.normal(0, NOISE_SD)
-    )  # fmt: skip
+    )
     return float(np.exp(log_soc))
 
 

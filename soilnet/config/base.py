@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from soilnet.atomic import write_text
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be loaded or does not validate."""
@@ -124,7 +126,5 @@ def save_resolved(cfg: Section, directory: str | Path, name: str = "config.yaml"
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / name
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
-    tmp.replace(out)
+    write_text(out, yaml.safe_dump(to_plain(cfg), sort_keys=False))
     return out

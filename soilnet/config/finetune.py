@@ -90,9 +90,9 @@ class FinetuneTrainConfig(Section):
     # the validation score that picks the epoch kept and stops training: RMSE in the target's original units, or
     # the training loss in the transformed space (with log1p: log units, where a skewed target's R² is judged)
     early_stopping: Literal["val_rmse", "val_loss"] = "val_rmse"
-    val_fraction: float = Field(0.15, gt=0, lt=1)
+    val_fraction: float = Field(default=0.15, gt=0, lt=1)
     label_fraction: float = Field(
-        1.0, gt=0, le=1
+        default=1.0, gt=0, le=1
     )  # share of each fold's labelled non-test points used (few-label studies)
     threads: int | None = None  # torch CPU threads; 1 is fastest for the tiny models on a busy node
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -103,8 +103,8 @@ class SplitConfig(Section):
     """``auto`` = spatial when every point has coordinates, random otherwise (the report says which)."""
 
     kind: Literal["auto", "random", "spatial"] = "auto"
-    folds: int = Field(5, ge=2)
-    block_km: float = Field(50.0, gt=0)
+    folds: int = Field(default=5, ge=2)
+    block_km: float = Field(default=50.0, gt=0)
     buffer_km: float | None = None
     seed: int = 0
 
@@ -112,9 +112,9 @@ class SplitConfig(Section):
 class ConformalConfig(Section):
     """Split-conformal intervals at ``level``; ``space: log`` makes them multiplicative (wider for high SOC)."""
 
-    level: float = Field(0.9, gt=0, lt=1)
+    level: float = Field(default=0.9, gt=0, lt=1)
     space: Literal["original", "log"] = "original"
-    calibration_fraction: float = Field(0.15, gt=0, lt=1)
+    calibration_fraction: float = Field(default=0.15, gt=0, lt=1)
 
 
 class BaselineConfig(Section):

@@ -20,13 +20,13 @@ class SamplingConfig(Section):
 
     region: str | None = None
     points: str | None = None
-    n: int = Field(1000, ge=0)
+    n: int = Field(default=1000, ge=0)
     seed: int = 0
     exclude_raster: str | None = None
     exclude_classes: list[int] = []
-    max_excluded_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    max_excluded_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
     one_per_climate_cell: bool = False
-    min_spacing_m: float = Field(0.0, ge=0.0)
+    min_spacing_m: float = Field(default=0.0, ge=0.0)
 
 
 class RasterImageFile(Section):
@@ -66,15 +66,15 @@ class EarthEngineConfig(Section):
     project: str | None = None
     service_account_key: str | None = None
     url: str | None = None
-    year: int = Field(2015, ge=2013)
+    year: int = Field(default=2015, ge=2013)
     winter_months: list[Annotated[int, Field(ge=1, le=12)]] = [12, 1, 2]
-    min_clear_fraction: float = Field(0.8, ge=0.0, le=1.0)
-    max_scenes: int = Field(50, gt=0)
-    max_in_flight: int = Field(40, gt=0)
-    threads: int = Field(16, gt=0)
+    min_clear_fraction: float = Field(default=0.8, ge=0.0, le=1.0)
+    max_scenes: int = Field(default=50, gt=0)
+    max_in_flight: int = Field(default=40, gt=0)
+    threads: int = Field(default=16, gt=0)
     budget_dir: str | None = None
-    max_retries: int = Field(5, ge=0, lt=100)
-    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, lt=100)
+    timeout_s: float = Field(default=120.0, gt=0)
 
 
 class SourceConfig(Section):
@@ -94,7 +94,7 @@ class SourceConfig(Section):
 class ShardConfig(Section):
     """``max_samples`` per shard; ``on_nonfinite``: reject a sample with NaN/inf, or keep it with NaN masked to 0."""
 
-    max_samples: int = Field(1000, gt=0)
+    max_samples: int = Field(default=1000, gt=0)
     image_dtype: Literal["float16"] = "float16"
     on_nonfinite: Literal["reject", "mask"] = "reject"
 

@@ -29,16 +29,16 @@ class DataConfig(Section):
 
     shards: str = "outputs/shards"
     schema_: SchemaConfig = Field(default_factory=SchemaConfig, alias="schema")
-    num_workers: int = Field(0, ge=0)
-    loader_threads: int | None = Field(None, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    loader_threads: int | None = Field(default=None, ge=1)
     augment: bool = True
-    pad: int = Field(16, ge=0)
+    pad: int = Field(default=16, ge=0)
     flips: bool = True
     rotate: bool = True
-    spectral_jitter: float = Field(0.0, ge=0)
-    climate_jitter: float = Field(0.0, ge=0)
+    spectral_jitter: float = Field(default=0.0, ge=0)
+    climate_jitter: float = Field(default=0.0, ge=0)
     seed: int = 0
-    max_corrupt_fraction: float = Field(0.01, ge=0, le=1)
+    max_corrupt_fraction: float = Field(default=0.01, ge=0, le=1)
     log_sample_ids: bool = False
 
 
@@ -47,9 +47,9 @@ class LossConfig(Section):
     ``simclr_weight`` > 0 adds an image-image two-view term; ``mask_identical_climate`` drops negatives whose
     climate series equals the anchor's."""
 
-    temperature: float = Field(0.5, gt=0)
+    temperature: float = Field(default=0.5, gt=0)
     learnable_temperature: bool = False
-    simclr_weight: float = Field(0.0, ge=0)
+    simclr_weight: float = Field(default=0.0, ge=0)
     mask_identical_climate: bool = False
 
 
@@ -67,21 +67,21 @@ class TrainConfig(Section):
     ``grad_cache_chunk``: its former name (the GradCache chunk), read as ``micro_batch_size``.
     """
 
-    steps: int = Field(100, ge=1)
-    global_batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(default=100, ge=1)
+    global_batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
     base_batch_size: int | None = None
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
-    warmup_samples: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    weight_decay: float = Field(0.05, ge=0)
+    warmup_samples: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    weight_decay: float = Field(default=0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     optimizer: Literal["adamw", "lars", "lamb"] = "adamw"
-    grad_clip: float = Field(1.0, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    micro_batch_size: int | None = Field(None, ge=1)
+    micro_batch_size: int | None = Field(default=None, ge=1)
     seed: int = 0
-    log_every_steps: int = Field(1, ge=1)
+    log_every_steps: int = Field(default=1, ge=1)
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
@@ -107,8 +107,8 @@ class CheckpointConfig(Section):
     """A DeepSpeed checkpoint every ``every_steps`` steps, at the end and on SIGUSR2/SIGTERM; the last
     ``keep_last`` are kept."""
 
-    every_steps: int = Field(50, ge=1)
-    keep_last: int = Field(2, ge=1)
+    every_steps: int = Field(default=50, ge=1)
+    keep_last: int = Field(default=2, ge=1)
 
 
 class DistributedConfig(Section):

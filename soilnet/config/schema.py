@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator
+from pydantic import ValidationInfo, field_validator
 
-from soilnet import schema as S
 from soilnet.config.base import Section
+from soilnet.schema import (
+    CHANNELS_BY_NAME,
+    CLIMATE_BY_NAME,
+    DEFAULT_FIRST_MONTH,
+    DEFAULT_LAST_MONTH,
+    PATCH_SIZE,
+    PIXEL_SIZE_M,
+    SampleSchema,
+    check_names,
+    month_range,
+)
+
+# field -> (what its names are, in messages; the names the schema knows)
+NAMED: dict[str, tuple[str, dict]] = {
+    "channels": ("channels", CHANNELS_BY_NAME),
+    "climate_variables": ("climate variables", CLIMATE_BY_NAME),
+}
 
 
 class SchemaConfig(Section):
@@ -13,39 +29,33 @@ class SchemaConfig(Section):
 
     channels: list[str] | None = None
     climate_variables: list[str] | None = None
-    first_month: str = S.DEFAULT_FIRST_MONTH
-    last_month: str = S.DEFAULT_LAST_MONTH
-    patch_size: int = S.PATCH_SIZE
-    pixel_size_m: float = S.PIXEL_SIZE_M
+    first_month: str = DEFAULT_FIRST_MONTH
+    last_month: str = DEFAULT_LAST_MONTH
+    patch_size: int = PATCH_SIZE
+    pixel_size_m: float = PIXEL_SIZE_M
 
-    @field_validator("channels")
+    @field_validator("channels", "climate_variables")
     @classmethod
-    def _known_channels(cls, v):
+    def _known_names(cls, v, info: ValidationInfo):
         if v is not None:
-            S._check_names("channels", tuple(v), S.CHANNELS_BY_NAME)
-        return v
-
-    @field_validator("climate_variables")
-    @classmethod
-    def _known_variables(cls, v):
-        if v is not None:
-            S._check_names("climate variables", tuple(v), S.CLIMATE_BY_NAME)
+            kind, known = NAMED[str(info.field_name)]
+            check_names(kind, tuple(v), known)
         return v
 
     @field_validator("first_month", "last_month")
     @classmethod
     def _month(cls, v):
-        S.month_range(v, v)
+        month_range(v, v)
         return v
 
-    def build(self) -> S.SampleSchema:
-        default = S.SampleSchema()
-        return S.SampleSchema(
+    def build(self) -> SampleSchema:
+        default = SampleSchema()
+        return SampleSchema(
             channels=tuple(self.channels) if self.channels is not None else default.channels,
             climate_variables=(
                 tuple(self.climate_variables) if self.climate_variables is not None else default.climate_variables
             ),
-            months=S.month_range(self.first_month, self.last_month),
+            months=month_range(self.first_month, self.last_month),
             patch_size=self.patch_size,
             pixel_size_m=self.pixel_size_m,
         )

@@ -1,13 +1,12 @@
-"""``soilnet predict-map``: SOC over a regular grid, as a Cloud-Optimized GeoTIFF plus a PNG preview.
+"""SOC maps over a regular grid: the grid, its tiles, their assembly, the Cloud-Optimized GeoTIFF and a preview.
 
 The grid lives on a Lambert azimuthal equal-area plane centred on the region (every cell covers the same area,
 which SOC stock totals need), with square cells of ``--resolution`` metres; cells whose centre falls outside
-the region are nodata. Work goes tile by tile (``--tile-size`` cells square): for each cell the data source
-builds the same sample a shard holds (patch and climate at the cell centre, through the shards sources
-interface and the packer's own sample builder, so the synthetic world, local rasters and Earth Engine share this
-code path; this is the one place the library reaches into ``shards/``, lazily) and the fine-tuned model predicts
-in batches. Each finished tile is written atomically to ``<out>.parts/``; a rerun (after a kill,
-or after ``--max-tiles``) skips finished tiles. The COG is assembled only when every tile is done.
+the region are nodata. Work goes tile by tile (``--tile-size`` cells square): for each cell an ``acquire``
+function builds the inputs (``soilnet predict-map``, :mod:`soilnet.jobs.predict_map`, passes one that builds the
+same sample a shard holds, through the shards sources) and a ``predict`` function maps them to SOC in batches.
+Each finished tile is written atomically to ``<out>.parts/``; a rerun (after a kill, or after ``--max-tiles``)
+skips finished tiles. The COG is assembled only when every tile is done.
 
 Bands: 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the model, in the
 target's unit; nodata NaN.
@@ -19,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +30,9 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.io import MemoryFile
 
+from soilnet.atomic import atomic_file, atomic_path, write_text
 from soilnet.evaluate.conformal import intervals
+from soilnet.evaluate.plots import _save, plt
 
 log = logging.getLogger("soilnet.maps")
 
@@ -74,13 +74,6 @@ class Grid:
         return slice(row * t, min((row + 1) * t, self.height)), slice(col * t, min((col + 1) * t, self.width))
 
 
-def read_region(path: str | Path):
-    """The union of the (multi)polygons of a GeoJSON file, in lon/lat degrees (parsed as ``soilnet sample`` does)."""
-    from shards.sample import load_polygons
-
-    return shapely.union_all(load_polygons(path))
-
-
 def plan_grid(region, resolution_m: float, tile_size: int = 256) -> tuple[Grid, object]:
     """The grid covering ``region`` (lon/lat) and the region projected onto the grid's plane."""
     if resolution_m <= 0:
@@ -110,11 +103,8 @@ def tile_cells(grid: Grid, projected, row: int, col: int) -> tuple[np.ndarray, n
 
 
 def _atomic_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.savez(f, **arrays)
-        f.flush()
-    tmp.replace(path)
 
 
 def predict_tiles(
@@ -188,8 +178,7 @@ def write_cog(path: Path, bands: np.ndarray, grid: Grid, tags: dict, band_names:
     }
     block = 256 if min(grid.width, grid.height) >= 512 else 16
     levels = max(1, int(math.log2(max(1, min(grid.width, grid.height) // block))))
-    tmp = path.with_name(path.stem + ".tmp.tif")
-    with MemoryFile() as mem:
+    with MemoryFile() as mem, atomic_path(path) as tmp:
         with mem.open(**profile) as dst:
             dst.write(bands)
             for i, name in enumerate(band_names, start=1):
@@ -206,14 +195,11 @@ def write_cog(path: Path, bands: np.ndarray, grid: Grid, tags: dict, band_names:
                 PREDICTOR="YES",
                 RESAMPLING="AVERAGE",
             )
-    tmp.replace(path)
     return path
 
 
 def write_preview(path: Path, bands: np.ndarray, unit: str, level: float | None) -> Path:
     """PNG with the prediction and the interval width."""
-    from soilnet.evaluate.plots import _save, plt
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, data, title in (
         (axes[0], bands[0], f"prediction ({unit})"),
@@ -232,31 +218,8 @@ def _fingerprint(grid: Grid, model_file: Path) -> dict:
     return {"grid": asdict(grid), "model_sha256": digest}
 
 
-def predict_map(
-    checkpoint: str | Path,
-    region_path: str | Path,
-    resolution_m: float,
-    out: str | Path,
-    acquire: Acquire | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-    batch_size: int = 256,
-    tile_size: int = 256,
-    max_tiles: int | None = None,
-) -> dict:
-    """Map a fine-tuned model (a fine-tuning ``output_dir``) over a GeoJSON region; see the module docstring.
-
-    ``acquire`` defaults to the data source the model's training shards were packed from (with ``overrides`` of
-    that pack config). Returns a summary; ``complete`` is False when ``max_tiles`` stopped it early.
-    """
-    from soilnet.train.finetune import MODEL_FILE, load_model
-
-    out = Path(out)
-    model_file = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
-    model = load_model(model_file)
-    grid, projected = plan_grid(read_region(region_path), resolution_m, tile_size)
-    if acquire is None:
-        acquire = source_acquire(Path(checkpoint), model, list(overrides))
-    parts = out.with_name(out.name + ".parts")
+def claim_parts(parts: Path, grid: Grid, model_file: Path) -> None:
+    """Create ``parts/`` for this grid and model, or check that the tiles already there are theirs."""
     parts.mkdir(parents=True, exist_ok=True)
     fp = _fingerprint(grid, model_file)
     fp_path = parts / "grid.json"
@@ -264,108 +227,25 @@ def predict_map(
         if json.loads(fp_path.read_text()) != json.loads(json.dumps(fp)):
             raise MapError(f"{parts} holds tiles of another grid or model; delete it or choose another --out")
     else:
-        fp_path.write_text(json.dumps(fp, indent=2))
-    q = float(model.conformal.get("half_width", math.nan))
-    start = time.time()
-    space = model.conformal.get("space", "original")
-    summary = predict_tiles(grid, projected, acquire, model.predict, q, parts, space, batch_size, max_tiles)
-    summary.update(
-        out=str(out), seconds=round(time.time() - start, 1), complete=summary["finished"] == summary["tiles"]
-    )
-    if not summary["complete"]:
-        return summary
+        write_text(fp_path, json.dumps(fp, indent=2))
+
+
+def write_map(out: Path, grid: Grid, parts: Path, target: dict, conformal: dict, tags: dict) -> dict:
+    """Assemble the finished tiles into the COG ``out`` and its PNG preview; ``tags`` are added to the COG's.
+
+    ``target`` (``name``, ``unit``) and ``conformal`` (``level``, ``half_width``) describe the model's prediction.
+    """
     bands = assemble(grid, parts)
-    level = model.conformal.get("level")
-    unit = model.target.get("unit", "")
+    level = conformal.get("level")
+    unit = target.get("unit", "")
     pct = int(round((level or 0) * 100))
     tags = {
-        "target": model.target.get("name"),
+        "target": target.get("name"),
         "unit": unit,
         "interval_level": level,
-        "half_width": q,
-        "checkpoint": str(checkpoint),
-        "region": str(region_path),
-        "resolution_m": resolution_m,
+        "half_width": float(conformal.get("half_width", math.nan)),
+        **tags,
     }
-    write_cog(out, bands, grid, tags, (f"{model.target.get('name')} ({unit})", f"lower {pct} %", f"upper {pct} %"))
-    summary["preview"] = str(write_preview(out.with_suffix(".png"), bands, unit, level))
-    summary["cells_predicted"] = int(np.isfinite(bands[0]).sum())
-    return summary
-
-
-def source_acquire(checkpoint: Path, model, overrides: list[str]) -> Acquire:
-    """Acquisition through the shards sources interface, configured like the model's training shards.
-
-    The pack config comes from the manifest of the fine-tuning run's ``data.shards`` (``key=value`` overrides
-    apply to it, e.g. ``source.kind=rasters``); each cell is built by the packer's own ``make_sample``, so a map
-    cell holds exactly what a shard sample would. A point the source rejects becomes a nodata cell.
-    """
-    import yaml
-
-    from shards.pack import make_sample, make_source
-    from shards.sources.base import Rejected
-    from soilnet.config.base import ConfigError, apply_override
-    from soilnet.config.pack import PackConfig
-    from soilnet.data.manifest import read_manifest
-
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: --checkpoint must be a fine-tuning output_dir")
-    shards = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}).get("shards")
-    manifest, _ = read_manifest(shards)
-    tree = manifest.get("config")
-    if not isinstance(tree, dict):
-        raise MapError(f"the manifest of {shards} holds no pack config, so the data source is unknown")
-    for ov in overrides:
-        apply_override(tree, ov)
-    try:
-        pack_cfg = PackConfig.model_validate(tree)
-    except ValueError as err:
-        raise ConfigError(f"pack config of {shards} (with overrides {overrides}): {err}") from err
-    source = make_source(pack_cfg, model.schema)
-    on_nonfinite = getattr(pack_cfg.shard, "on_nonfinite", "mask")
-    use_image, use_climate = "image" in model.modalities, "climate" in model.modalities
-
-    def acquire(lon: np.ndarray, lat: np.ndarray):
-        images, climates, ok = [], [], np.zeros(len(lon), dtype=bool)
-        c, h, w = model.schema.image_shape
-        for i, (x, y) in enumerate(zip(lon, lat, strict=True)):
-            try:
-                sample = make_sample(source, model.schema, f"cell{i}", float(x), float(y), on_nonfinite)
-                ok[i] = True
-                image, climate = sample["image.npy"], sample["climate.npy"]
-            except Rejected:
-                image = np.zeros((c, h, w), np.float16)
-                climate = np.zeros(model.schema.climate_shape, np.float32)
-            images.append(image)
-            climates.append(climate)
-        return (np.stack(images) if use_image else None, np.stack(climates) if use_climate else None, ok)
-
-    return acquire
-
-
-def run_cli(args) -> int:
-    """``soilnet predict-map`` (arguments defined in :mod:`soilnet.cli`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = predict_map(
-        args.checkpoint,
-        args.region,
-        args.resolution,
-        args.out,
-        overrides=list(args.overrides),
-        batch_size=args.batch_size,
-        tile_size=getattr(args, "tile_size", 256),
-        max_tiles=getattr(args, "max_tiles", None),
-    )
-    if summary["complete"]:
-        print(
-            f"soilnet predict-map: wrote {summary['out']} and {summary['preview']} "
-            f"({summary['new']} new tiles, {summary['reused']} reused, {summary['failed']} cells failed)"
-        )
-        return 0
-    print(
-        f"soilnet predict-map: stopped after {summary['new']} new tiles; {summary['finished']} of {summary['tiles']} "
-        "done. Rerun the same command to finish."
-    )
-    return 3
+    write_cog(out, bands, grid, tags, (f"{target.get('name')} ({unit})", f"lower {pct} %", f"upper {pct} %"))
+    preview = write_preview(out.with_suffix(".png"), bands, unit, level)
+    return {"preview": str(preview), "cells_predicted": int(np.isfinite(bands[0]).sum())}

@@ -1,4 +1,5 @@
-"""predict-map: the grid, a valid Cloud-Optimized GeoTIFF with interval bands, and resumption."""
+"""predict-map: the grid (soilnet.evaluate.maps), a valid Cloud-Optimized GeoTIFF with interval bands, and resumption
+(the job, soilnet.jobs.predict_map; here, beside the fine-tuned model fixtures it needs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import rasterio
 import shapely
 from pyproj import Geod
 
-from soilnet.evaluate import maps as MP
+from soilnet.evaluate.maps import MapError, plan_grid, tile_cells
+from soilnet.jobs.predict_map import predict_map, read_region
 
 REGION = {"type": "Polygon", "coordinates": [[[9, 46], [11, 46], [11, 47.5], [9.5, 47.5], [9, 46]]]}
 
@@ -27,11 +29,11 @@ def region(tmp_path):
 
 
 def test_grid_cells_are_inside_the_region(region):
-    grid, projected = MP.plan_grid(MP.read_region(region), 5000.0, tile_size=8)
+    grid, projected = plan_grid(read_region(region), 5000.0, tile_size=8)
     poly = shapely.geometry.shape(REGION)
     total = 0
     for r, c in grid.tiles():
-        inside, lon, lat = MP.tile_cells(grid, projected, r, c)
+        inside, lon, lat = tile_cells(grid, projected, r, c)
         total += int(inside.sum())
         assert shapely.contains_xy(poly.buffer(1e-6), lon, lat).all()
     area_m2 = abs(Geod(ellps="WGS84").geometry_area_perimeter(poly)[0])
@@ -41,9 +43,9 @@ def test_grid_cells_are_inside_the_region(region):
 def test_predict_map_writes_a_cog_and_resumes(finetuned_dir, region, tmp_path, kit):
     out = tmp_path / "map.tif"
     kw = dict(acquire=kit.field_acquire, tile_size=16, batch_size=100)
-    first = MP.predict_map(finetuned_dir, region, 5000.0, out, max_tiles=2, **kw)
+    first = predict_map(finetuned_dir, region, 5000.0, out, max_tiles=2, **kw)
     assert not first["complete"] and first["new"] == 2 and not out.exists()
-    second = MP.predict_map(finetuned_dir, region, 5000.0, out, **kw)
+    second = predict_map(finetuned_dir, region, 5000.0, out, **kw)
     assert second["complete"] and second["reused"] == 2 and second["new"] == second["tiles"] - 2
 
     with rasterio.open(out) as src:
@@ -60,13 +62,13 @@ def test_predict_map_writes_a_cog_and_resumes(finetuned_dir, region, tmp_path, k
 
     # An uninterrupted run gives the same map.
     again = tmp_path / "again.tif"
-    MP.predict_map(finetuned_dir, region, 5000.0, again, **kw)
+    predict_map(finetuned_dir, region, 5000.0, again, **kw)
     with rasterio.open(again) as src:
         assert np.array_equal(src.read(), np.stack([pred, lower, upper]), equal_nan=True)
 
 
 def test_parts_of_another_grid_are_refused(finetuned_dir, region, tmp_path, kit):
     out = tmp_path / "map.tif"
-    MP.predict_map(finetuned_dir, region, 20000.0, out, acquire=kit.field_acquire, max_tiles=1, tile_size=4)
-    with pytest.raises(MP.MapError, match="another grid"):
-        MP.predict_map(finetuned_dir, region, 10000.0, out, acquire=kit.field_acquire, tile_size=4)
+    predict_map(finetuned_dir, region, 20000.0, out, acquire=kit.field_acquire, max_tiles=1, tile_size=4)
+    with pytest.raises(MapError, match="another grid"):
+        predict_map(finetuned_dir, region, 10000.0, out, acquire=kit.field_acquire, tile_size=4)

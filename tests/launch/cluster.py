@@ -99,8 +99,11 @@ class SlurmCluster:
         log = open(self.root / "log" / f"slurmd-{node}.out", "ab")  # noqa: SIM115 - handed to the daemon
         self.procs[f"slurmd-{node}"] = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.netns(node)}", "slurmd", "-D", "-N", node, "-f", str(self.conf)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill_slurmd(self, node: str) -> None:
         proc = self.procs.pop(f"slurmd-{node}", None)
@@ -225,11 +228,20 @@ def start_cluster(root: Path, n_nodes: int = 2, bridge: str = "snbr0", subnet: s
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         cluster.procs["munged"] = subprocess.Popen(
-            ["munged", "-F", "--force", f"--key-file={key}", f"--socket={root}/munge.sock",
-             f"--pid-file={root}/run/munged.pid", f"--log-file={root}/log/munged.log",
-             f"--seed-file={root}/run/munged.seed"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={root}/munge.sock",
+                f"--pid-file={root}/run/munged.pid",
+                f"--log-file={root}/log/munged.log",
+                f"--seed-file={root}/run/munged.seed",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 10
         while not (root / "munge.sock").exists() and time.time() < deadline:
             time.sleep(0.1)
@@ -237,9 +249,12 @@ def start_cluster(root: Path, n_nodes: int = 2, bridge: str = "snbr0", subnet: s
         _write_conf(root, nodes, ctl_ip, cpus=os.cpu_count() or 2)
         log = open(root / "log" / "slurmctld.out", "ab")  # noqa: SIM115 - handed to the daemon
         cluster.procs["slurmctld"] = subprocess.Popen(
-            ["slurmctld", "-D", "-i", "-f", str(cluster.conf)], env=cluster.env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            ["slurmctld", "-D", "-i", "-f", str(cluster.conf)],
+            env=cluster.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         time.sleep(1)
         for node in nodes:
             cluster.start_slurmd(node)

@@ -31,7 +31,10 @@ def slurm_cluster(tmp_path_factory):
 def shards(tmp_path_factory) -> Path:
     """192 synthetic-world samples in 3 shards, packed once for every Slurm job test (they only read them)."""
     out = tmp_path_factory.mktemp("shards")
-    cfg = load_config(PackConfig, REPO / "configs/preprocess/demo.yaml",
-                      [f"output_dir={out}", "sampling.n=192", "shard.max_samples=64"])  # fmt: skip
+    cfg = load_config(
+        PackConfig,
+        REPO / "configs/preprocess/demo.yaml",
+        [f"output_dir={out}", "sampling.n=192", "shard.max_samples=64"],
+    )
     pack(cfg)
     return out

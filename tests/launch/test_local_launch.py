@@ -72,6 +72,7 @@ def test_launcher_modules_have_help(repo_root):
     import subprocess
 
     for job in ("pretrain", "finetune", "pack"):
-        proc = subprocess.run([sys.executable, "-m", f"launch.{job}", "--help"], capture_output=True, text=True,
-                              cwd=repo_root)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", f"launch.{job}", "--help"], capture_output=True, text=True, cwd=repo_root
+        )
         assert proc.returncode == 0 and "--tasks-per-node" in proc.stdout

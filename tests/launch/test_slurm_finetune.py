@@ -20,8 +20,15 @@ CONFIG = "configs/finetune/demo.yaml"
 
 def overrides(out: Path, shards: Path) -> list[str]:
     # 2 folds of 10 epochs (no early stop) and the final model: long enough for the signal to land in a fold
-    return [f"output_dir={out}", f"data.shards={shards}", "train.epochs=10", "train.patience=10",
-            "eval.split.folds=2", "eval.baseline.n_estimators=20", "eval.plots=false"]  # fmt: skip
+    return [
+        f"output_dir={out}",
+        f"data.shards={shards}",
+        "train.epochs=10",
+        "train.patience=10",
+        "eval.split.folds=2",
+        "eval.baseline.n_estimators=20",
+        "eval.plots=false",
+    ]
 
 
 def log_of(logs: Path, job: int) -> str:

@@ -25,8 +25,16 @@ CONFIG = "configs/pretrain/demo.yaml"
 
 
 def overrides(out: Path, shards: Path, *extra: str) -> list[str]:
-    return [f"output_dir={out}", f"data.shards={shards}", f"train.steps={STEPS}", "checkpoint.every_steps=4",
-            "checkpoint.keep_last=8", "train.tensorboard=false", "train.plot=false", *extra]  # fmt: skip
+    return [
+        f"output_dir={out}",
+        f"data.shards={shards}",
+        f"train.steps={STEPS}",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=8",
+        "train.tensorboard=false",
+        "train.plot=false",
+        *extra,
+    ]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -77,8 +85,9 @@ def test_sbatch_pretrain_on_two_nodes_completes(baseline, submit):
     assert (baseline / "config.yaml").exists() and (baseline / "metrics.jsonl").exists()
 
 
-def test_preempted_job_requeues_resumes_and_ends_with_the_same_weights(slurm_cluster, submit, shards, baseline,
-                                                                        tmp_path):  # fmt: skip
+def test_preempted_job_requeues_resumes_and_ends_with_the_same_weights(
+    slurm_cluster, submit, shards, baseline, tmp_path
+):
     out = tmp_path / "preempted"
     job = submit("slurm/pretrain.sh", CONFIG, *overrides(out, shards))
     wait_for_checkpoint(out)
@@ -108,8 +117,24 @@ def test_nccl_on_nodes_without_gpus_fails_with_a_clear_error_not_a_hang(slurm_cl
 
 def test_submitit_path_runs_the_same_job_on_the_same_cluster(slurm_cluster, shards, baseline, tmp_path):
     out, logs = tmp_path / "submitit", tmp_path / "submitit-logs"
-    argv = [sys.executable, "-m", "launch.pretrain", "--config", CONFIG, "--cluster", "slurm", "--nodes", "2",
-            "--tasks-per-node", "1", "--time", "10", "--logs", str(logs), *overrides(out, shards)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "launch.pretrain",
+        "--config",
+        CONFIG,
+        "--cluster",
+        "slurm",
+        "--nodes",
+        "2",
+        "--tasks-per-node",
+        "1",
+        "--time",
+        "10",
+        "--logs",
+        str(logs),
+        *overrides(out, shards),
+    ]
     proc = subprocess.run(argv, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "submitted job" in proc.stdout and f"logs in {logs}" in proc.stdout
@@ -123,9 +148,22 @@ def test_submitit_path_runs_the_same_job_on_the_same_cluster(slurm_cluster, shar
 
 def test_launch_pack_as_a_job_array_writes_the_same_shards_as_one_process(slurm_cluster, shards, tmp_path):
     out = tmp_path / "array"
-    argv = [sys.executable, "-m", "launch.pack", "--config", "configs/preprocess/demo.yaml", "--cluster", "slurm",
-            "--array", "2", "--logs", str(tmp_path / "pack-logs"), f"output_dir={out}", "sampling.n=192",
-            "shard.max_samples=64"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "launch.pack",
+        "--config",
+        "configs/preprocess/demo.yaml",
+        "--cluster",
+        "slurm",
+        "--array",
+        "2",
+        "--logs",
+        str(tmp_path / "pack-logs"),
+        f"output_dir={out}",
+        "sampling.n=192",
+        "shard.max_samples=64",
+    ]
     proc = subprocess.run(argv, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     first = int(proc.stdout.split("submitted job ")[1].split()[0].split("_")[0])
@@ -149,8 +187,9 @@ def test_run_started_on_two_nodes_finishes_on_one(slurm_cluster, submit, shards,
     assert ref.meta["world_size"] == 1 and ref.meta["step"] == STEPS
 
 
-def test_a_node_lost_mid_run_fails_clearly_and_the_resubmitted_job_resumes(slurm_cluster, submit, shards, baseline,
-                                                                           tmp_path):  # fmt: skip
+def test_a_node_lost_mid_run_fails_clearly_and_the_resubmitted_job_resumes(
+    slurm_cluster, submit, shards, baseline, tmp_path
+):
     out = tmp_path / "lost"
     job = submit("slurm/pretrain.sh", CONFIG, *overrides(out, shards))
     wait_for_checkpoint(out)

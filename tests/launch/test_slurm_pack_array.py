@@ -34,9 +34,18 @@ def test_arrays_with_a_step_or_a_list_pack_every_shard_once_and_equal_one_proces
     logs = tmp_path / "logs"
     logs.mkdir()
     # both arrays at once: seven tasks on two nodes
-    jobs = {spec: slurm_cluster.sbatch(f"--array={spec}", f"--output={logs}/%A_%a.out", "slurm/pack.sh", DEMO,
-                                       f"output_dir={tmp_path / spec}", *SETTINGS, cwd=REPO)
-            for spec in ARRAYS}  # fmt: skip
+    jobs = {
+        spec: slurm_cluster.sbatch(
+            f"--array={spec}",
+            f"--output={logs}/%A_%a.out",
+            "slurm/pack.sh",
+            DEMO,
+            f"output_dir={tmp_path / spec}",
+            *SETTINGS,
+            cwd=REPO,
+        )
+        for spec in ARRAYS
+    }
     for spec, indices in ARRAYS.items():
         out, job = tmp_path / spec, jobs[spec]
         reports = []

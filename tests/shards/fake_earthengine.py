@@ -44,13 +44,27 @@ TOKEN = "fake-access-token"
 def make_service_account_key(path: Path, token_uri: str, email: str = "packer@soil-project.iam.gserviceaccount.com"):
     """Write a service-account JSON key with a fresh RSA key; returns the PEM public key (to verify JWTs)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()  # fmt: skip
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()  # fmt: skip
-    path.write_text(json.dumps({"type": "service_account", "project_id": "soil-project", "private_key_id": "k1",
-                                "private_key": private, "client_email": email, "client_id": "1",
-                                "token_uri": token_uri}))  # fmt: skip
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "soil-project",
+                "private_key_id": "k1",
+                "private_key": private,
+                "client_email": email,
+                "client_id": "1",
+                "token_uri": token_uri,
+            }
+        )
+    )
     return public
 
 
@@ -96,8 +110,16 @@ def constant(node, values: dict):
 class FakeEarthEngine:
     """Start with ``with FakeEarthEngine(...) as fake:``; ``fake.url`` goes into ``source.earthengine.url``."""
 
-    def __init__(self, public_key: str, year: int, months: tuple[str, ...], variables: tuple[str, ...],
-                 patch_size: int = 64, pixel_size_m: float = 30.0, latency_s: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        public_key: str,
+        year: int,
+        months: tuple[str, ...],
+        variables: tuple[str, ...],
+        patch_size: int = 64,
+        pixel_size_m: float = 30.0,
+        latency_s: float = 0.0,
+    ):
         self.public_key, self.year, self.months, self.variables = public_key, year, months, variables
         self.patch_size, self.pixel_size_m, self.latency_s = patch_size, pixel_size_m, latency_s
         self.reject_auth = False
@@ -212,29 +234,49 @@ class FakeEarthEngine:
     def compute_value(self, body: dict) -> dict:
         expr = body["expression"]
         nodes = expression_nodes(expr)
-        loads = sorted({constant(n["arguments"]["id"], expr["values"]) for n in nodes
-                        if n["functionName"] == "ImageCollection.load"})  # fmt: skip
+        loads = sorted(
+            {
+                constant(n["arguments"]["id"], expr["values"])
+                for n in nodes
+                if n["functionName"] == "ImageCollection.load"
+            }
+        )
         assert loads == sorted([LANDSAT, "IDAHO_EPSCOR/TERRACLIMATE"]), f"collections {loads}"
-        ranges = {tuple(constant(n["arguments"][k], expr["values"]) for k in ("start", "end"))
-                  for n in nodes if n["functionName"] == "DateRange"}  # fmt: skip
+        ranges = {
+            tuple(constant(n["arguments"][k], expr["values"]) for k in ("start", "end"))
+            for n in nodes
+            if n["functionName"] == "DateRange"
+        }
         year = (f"{self.year}-01-01", f"{self.year + 1}-01-01")
         y, m = (int(v) for v in self.months[-1].split("-"))
         climate = (f"{self.months[0]}-01", f"{y + m // 12:04d}-{m % 12 + 1:02d}-01")
         assert ranges == {year, climate}, f"date ranges {sorted(ranges)}, expected {year} and {climate}"
-        selected = [constant(n["arguments"]["bandSelectors"], expr["values"]) for n in nodes
-                    if n["functionName"] == "Image.select"]  # fmt: skip
+        selected = [
+            constant(n["arguments"]["bandSelectors"], expr["values"])
+            for n in nodes
+            if n["functionName"] == "Image.select"
+        ]
         assert list(self.variables) in selected, f"TerraClimate bands {selected}"
         assert any(n["functionName"] == "Image.bitwiseAnd" for n in nodes), "no QA_PIXEL mask"
         assert ["QA_PIXEL"] in selected and ["QA_RADSAT"] in selected, f"QA bands {selected}"
-        points = [constant(n["arguments"]["coordinates"], expr["values"]) for n in nodes
-                  if n["functionName"] == "GeometryConstructors.Point"]  # fmt: skip
+        points = [
+            constant(n["arguments"]["coordinates"], expr["values"])
+            for n in nodes
+            if n["functionName"] == "GeometryConstructors.Point"
+        ]
         assert points, "no point geometry"
         lon, lat = points[0]
         self.calls.append({"kind": "value", "lon": lon, "lat": lat})
-        return {"scenes": {"type": "FeatureCollection", "features": [
+        return {
+            "scenes": {
+                "type": "FeatureCollection",
+                "features": [
                     {"type": "Feature", "geometry": None, "id": s["id"], "properties": s}
-                    for s in self.scenes_for(lon, lat, self.year)]},
-                "climate": self.climate_for(lon, lat, self.months, self.variables)}  # fmt: skip
+                    for s in self.scenes_for(lon, lat, self.year)
+                ],
+            },
+            "climate": self.climate_for(lon, lat, self.months, self.variables),
+        }
 
     def compute_pixels(self, body: dict) -> bytes:
         expr, grid = body["expression"], body["grid"]
@@ -243,18 +285,22 @@ class FakeEarthEngine:
         assert grid["dimensions"] == {"width": self.patch_size, "height": self.patch_size}, f"grid {grid}"
         t = grid["affineTransform"]
         assert (t["scaleX"], t.get("scaleY"), t.get("shearX", 0), t.get("shearY", 0)) == (
-            self.pixel_size_m, -self.pixel_size_m, 0, 0), f"affine transform {t}"  # fmt: skip
+            self.pixel_size_m,
+            -self.pixel_size_m,
+            0,
+            0,
+        ), f"affine transform {t}"
         crs = grid["crsCode"]
         half = self.patch_size * self.pixel_size_m / 2
-        lon, lat = to_lonlat(crs).transform(
-            t["translateX"] + half, t["translateY"] - half)  # fmt: skip
+        lon, lat = to_lonlat(crs).transform(t["translateX"] + half, t["translateY"] - half)
         zone = min(int((lon + 180) // 6) + 1, 60)
         assert crs == f"EPSG:{(32600 if lat >= 0 else 32700) + zone}", f"{crs} is not the UTM zone of {lon}, {lat}"
         images = [constant(n["arguments"]["id"], expr["values"]) for n in nodes if n["functionName"] == "Image.load"]
         scenes = [i for i in images if i.startswith(LANDSAT + "/")]
         assert len(scenes) == 1, f"Landsat images {images}"
-        dem = [constant(n["arguments"]["id"], expr["values"]) for n in nodes
-               if n["functionName"] == "ImageCollection.load"]  # fmt: skip
+        dem = [
+            constant(n["arguments"]["id"], expr["values"]) for n in nodes if n["functionName"] == "ImageCollection.load"
+        ]
         assert dem == ["COPERNICUS/DEM/GLO30"], f"DEM collection {dem}"
         assert any(n["functionName"] == "Terrain.slope" for n in nodes), "no slope"
         bands = [*SR_BANDS, "QA_PIXEL", "QA_RADSAT", "elevation", "slope"]
@@ -283,12 +329,16 @@ def default_scenes(lon: float, lat: float, year: int) -> list[dict]:
 
 def default_climate(lon: float, lat: float, months, variables) -> dict:
     """Raw stored integers: ``100 * (month index + 1) + variable index``, and ``swe`` 0 (a true zero)."""
-    return {f"{m.replace('-', '')}_{v}": (0 if v == "swe" else 100 * (t + 1) + f)
-            for t, m in enumerate(months) for f, v in enumerate(variables)}  # fmt: skip
+    return {
+        f"{m.replace('-', '')}_{v}": (0 if v == "swe" else 100 * (t + 1) + f)
+        for t, m in enumerate(months)
+        for f, v in enumerate(variables)
+    }
 
 
-PIXEL_DTYPE = np.dtype([*((b, "<u2") for b in SR_BANDS), ("QA_PIXEL", "<u2"), ("QA_RADSAT", "<u2"),
-                        ("elevation", "<f4"), ("slope", "<f4")])  # fmt: skip
+PIXEL_DTYPE = np.dtype(
+    [*((b, "<u2") for b in SR_BANDS), ("QA_PIXEL", "<u2"), ("QA_RADSAT", "<u2"), ("elevation", "<f4"), ("slope", "<f4")]
+)
 
 
 def default_pixels(scene: str, lon: float, lat: float, size: int) -> np.ndarray:

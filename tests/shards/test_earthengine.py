@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +22,7 @@ from soilnet.schema import CLIMATE_BY_NAME, SampleSchema, compute_indices
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_earthengine import SR_BANDS, FakeEarthEngine, default_pixels, make_service_account_key  # noqa: E402
-from shard_reader import shard_samples  # noqa: E402
+from shard_reader import mpirun_pack, shard_samples  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 EUROPE = REPO / "configs" / "preprocess" / "europe.yaml"
@@ -46,9 +44,16 @@ def points_csv(path: Path, lonlat: list[tuple[float, float]]) -> Path:
 
 
 def overrides(fake, out: Path, points: Path, *extra: str) -> list[str]:
-    return [f"output_dir={out}", f"sampling.points={points}", "sampling.region=null",
-            f"source.earthengine.url={fake.url}", f"source.earthengine.service_account_key={fake.key}",
-            "source.earthengine.project=soil-project", "shard.max_samples=4", *extra]  # fmt: skip
+    return [
+        f"output_dir={out}",
+        f"sampling.points={points}",
+        "sampling.region=null",
+        f"source.earthengine.url={fake.url}",
+        f"source.earthengine.service_account_key={fake.key}",
+        "source.earthengine.project=soil-project",
+        "shard.max_samples=4",
+        *extra,
+    ]
 
 
 def ledger(out: Path) -> dict[str, str]:
@@ -63,13 +68,22 @@ def test_pack_through_the_real_client_gives_scaled_reflectance_indices_dem_and_c
     assert manifest["samples"] == 5 and manifest["sources"]["kind"] == "earthengine"
     assert manifest["sources"]["versions"]["landsat"] == "LANDSAT/LC08/C02/T1_L2"
     assert [c["kind"] for c in fake.calls].count("value") == 5 and [c["kind"] for c in fake.calls].count("pixels") == 5
-    assert {c["crs"] for c in fake.calls if c["kind"] == "pixels"} == {"EPSG:32632", "EPSG:32630", "EPSG:32635",
-                                                                       "EPSG:32633", "EPSG:32631"}  # fmt: skip
+    assert {c["crs"] for c in fake.calls if c["kind"] == "pixels"} == {
+        "EPSG:32632",
+        "EPSG:32630",
+        "EPSG:32635",
+        "EPSG:32633",
+        "EPSG:32631",
+    }
     got = shard_samples(out)["e0002"]  # 65.5 N: north of SRTM's reach, the DEM still answers
     raw = default_pixels("", 25.0, 65.5, 64)
     reflectance = {b: raw[b].astype(np.float32) * 2.75e-5 - 0.2 for b in SR_BANDS}
-    expected = {**reflectance, **compute_indices(reflectance, SCHEMA.channels), "elevation": raw["elevation"],
-                "slope": raw["slope"]}  # fmt: skip
+    expected = {
+        **reflectance,
+        **compute_indices(reflectance, SCHEMA.channels),
+        "elevation": raw["elevation"],
+        "slope": raw["slope"],
+    }
     image = got["image.npy"].astype(np.float32)
     for k, name in enumerate(SCHEMA.channels):
         np.testing.assert_allclose(image[k], expected[name], rtol=1e-3, atol=1e-3, err_msg=name)
@@ -84,12 +98,16 @@ def test_pack_through_the_real_client_gives_scaled_reflectance_indices_dem_and_c
 
 
 def test_scene_choice_is_the_clearest_winter_scene_else_the_lowest_ndvi():
-    summer = [{"id": "a", "date": "2015-07-01", "clear": 1.0, "ndvi": 0.6},
-              {"id": "b", "date": "2015-09-01", "clear": 0.9, "ndvi": 0.2},
-              {"id": "c", "date": "2015-10-01", "clear": 0.5, "ndvi": 0.1}]  # fmt: skip
-    winter = [{"id": "w1", "date": "2015-01-05", "clear": 0.85, "ndvi": 0.4},
-              {"id": "w2", "date": "2015-12-20", "clear": 0.95, "ndvi": 0.5},
-              {"id": "w3", "date": "2015-02-11", "clear": 0.3, "ndvi": 0.0}]  # fmt: skip
+    summer = [
+        {"id": "a", "date": "2015-07-01", "clear": 1.0, "ndvi": 0.6},
+        {"id": "b", "date": "2015-09-01", "clear": 0.9, "ndvi": 0.2},
+        {"id": "c", "date": "2015-10-01", "clear": 0.5, "ndvi": 0.1},
+    ]
+    winter = [
+        {"id": "w1", "date": "2015-01-05", "clear": 0.85, "ndvi": 0.4},
+        {"id": "w2", "date": "2015-12-20", "clear": 0.95, "ndvi": 0.5},
+        {"id": "w3", "date": "2015-02-11", "clear": 0.3, "ndvi": 0.0},
+    ]
     assert choose_scene(summer + winter, [12, 1, 2], 0.8) == (winter[1], "winter")
     assert choose_scene(summer + winter[2:], [12, 1, 2], 0.8) == (summer[1], "lowest_ndvi")
     with pytest.raises(Rejected) as err:
@@ -103,8 +121,10 @@ def test_scene_choice_is_the_clearest_winter_scene_else_the_lowest_ndvi():
 def test_clouds_are_masked_too_cloudy_no_scene_and_no_climate_are_rejected_with_reasons(fake, tmp_path):
     def scenes(lon, lat, year):
         if lon > 14:  # no winter scene: the barest summer scene is taken
-            return [{"id": f"LC08_X_{year}0601", "date": f"{year}-06-01", "clear": 1.0, "ndvi": 0.5},
-                    {"id": f"LC08_X_{year}0815", "date": f"{year}-08-15", "clear": 0.9, "ndvi": 0.2}]  # fmt: skip
+            return [
+                {"id": f"LC08_X_{year}0601", "date": f"{year}-06-01", "clear": 1.0, "ndvi": 0.5},
+                {"id": f"LC08_X_{year}0815", "date": f"{year}-08-15", "clear": 0.9, "ndvi": 0.2},
+            ]
         return [] if lon < 6 else [{"id": f"LC08_X_{year}0110", "date": f"{year}-01-10", "clear": 1.0, "ndvi": 0.3}]
 
     def pixels(scene, lon, lat, size):
@@ -161,15 +181,10 @@ def test_429_and_5xx_are_retried_with_backoff_and_a_persistent_failure_is_record
 
 @pytest.mark.slow
 def test_the_in_flight_budget_is_shared_by_every_mpi_rank_and_thread(fake, tmp_path):
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed (Debian's openmpi-bin; scripts/setup.sh installs it as root)")
     fake.latency_s = 0.05
     pts = points_csv(tmp_path / "p.csv", [(5.0 + 0.1 * i, 50.0) for i in range(24)])
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
-    argv = ["mpirun", "-n", "2", "--oversubscribe", sys.executable, "-m", "soilnet.cli", "pack", "--config",
-            str(EUROPE), *overrides(fake, tmp_path / "shards", pts, "source.earthengine.max_in_flight=3",
-                                    "source.earthengine.threads=4")]  # fmt: skip
-    subprocess.run(argv, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    budget = ("source.earthengine.max_in_flight=3", "source.earthengine.threads=4")
+    mpirun_pack(2, EUROPE, *overrides(fake, tmp_path / "shards", pts, *budget), cwd=REPO, timeout=300)
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["samples"] == 24
     api_calls = [c for c in fake.calls if c["kind"] in ("value", "pixels")]
     assert len(api_calls) == 48
@@ -196,13 +211,21 @@ def test_an_auth_failure_is_a_clear_error_before_any_work_and_shows_no_secret(fa
 def test_the_europe_config_packs_points_sampled_in_the_seed_polygon(fake, tmp_path, shared_data):
     region = shared_data / "regions" / "Europe.geojson"
     out = tmp_path / "shards"
-    cfg = load_config(PackConfig, EUROPE, [f"output_dir={out}", f"sampling.region={region}", "sampling.n=6",
-                                           f"source.earthengine.url={fake.url}",
-                                           f"source.earthengine.service_account_key={fake.key}"])  # fmt: skip
+    cfg = load_config(
+        PackConfig,
+        EUROPE,
+        [
+            f"output_dir={out}",
+            f"sampling.region={region}",
+            "sampling.n=6",
+            f"source.earthengine.url={fake.url}",
+            f"source.earthengine.service_account_key={fake.key}",
+        ],
+    )
     assert cfg.source.earthengine.year == 2015 and cfg.source.earthengine.max_in_flight == 40
     manifest = pack(cfg)
     assert manifest["samples"] == 6 and fake.violations == []
     west, south, east, north = shapely.unary_union(
         [shapely.geometry.shape(f["geometry"]) for f in json.loads(region.read_text())["features"]]
     ).bounds
-    assert all(west <= c["lon"] <= east and south <= c["lat"] <= north for c in fake.calls)  # fmt: skip
+    assert all(west <= c["lon"] <= east and south <= c["lat"] <= north for c in fake.calls)

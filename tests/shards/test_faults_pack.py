@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from shards import budget as budget_module
+import shards.budget
+import shards.pack
 from shards.budget import InFlightBudget
 from shards.pack import load_points, pack, summary
 from shards.parallel import Workers, array_task, workers_from_env
@@ -82,16 +83,16 @@ def reference(tmp_path_factory) -> Path:
 KILLER = """
 import os, sys
 import webdataset as wds
-import shards.pack as pack
+import shards.pack
 
 where, k, per_shard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if where == "before-part-record":
-    atomic_json = pack._atomic_json
+    atomic_json = shards.pack._atomic_json
     def _atomic_json(path, obj):
         if path.name == f"shard-{k:06d}.tar.json":
             os.kill(os.getpid(), 9)
         atomic_json(path, obj)
-    pack._atomic_json = _atomic_json
+    shards.pack._atomic_json = _atomic_json
 else:  # mid-shard: the 6th sample of shard k
     write, calls = wds.TarWriter.write, [0]
     def counting_write(self, obj):
@@ -120,8 +121,9 @@ def test_kill_9_in_the_write_path_then_rerun_equals_an_uninterrupted_run(referen
         assert sha256(out / f"shard-{k:06d}.tar") == sha256(reference / f"shard-{k:06d}.tar")  # renamed, unrecorded
     else:
         assert (out / f"shard-{k:06d}.tar.tmp").stat().st_size > 0 and not (out / f"shard-{k:06d}.tar").exists()
-    rerun = subprocess.run([sys.executable, "-m", "soilnet.cli", *cli(out)], cwd=REPO, capture_output=True, text=True,
-                           timeout=120)  # fmt: skip
+    rerun = subprocess.run(
+        [sys.executable, "-m", "soilnet.cli", *cli(out)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert f"{N // PER_SHARD - k} shard(s) written, {k} already complete" in rerun.stderr
     assert outcome(out) == outcome(reference)
@@ -136,8 +138,9 @@ def small_disk(tmp_path, reference):
     size = int(2.5 * (reference / "shard-000000.tar").stat().st_size)
     if shutil.which("mount") is None:
         pytest.skip("no mount command to create a small tmpfs")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
-                             text=True)  # fmt: skip
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs to fill (needs root with CAP_SYS_ADMIN): {mounted.stderr.strip()}")
     try:
@@ -149,8 +152,9 @@ def small_disk(tmp_path, reference):
 @pytest.mark.slow
 def test_a_full_disk_stops_with_a_clear_error_and_the_rerun_with_space_back_completes(reference, small_disk):
     out = small_disk / "shards"
-    full = subprocess.run([sys.executable, "-m", "soilnet.cli", *cli(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    full = subprocess.run(
+        [sys.executable, "-m", "soilnet.cli", *cli(out)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert full.returncode == 2, full.stderr  # the CLI's "bad input or environment" exit, not a traceback
     assert "Traceback" not in full.stderr
     assert f"writing {out / 'shard-000002.tar'}: No space left on device" in full.stderr
@@ -158,8 +162,9 @@ def test_a_full_disk_stops_with_a_clear_error_and_the_rerun_with_space_back_comp
     assert not list(out.rglob("*.tmp"))  # the half-written shard is gone, not left to be mistaken for data
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar", "shard-000001.tar"]
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    rerun = subprocess.run([sys.executable, "-m", "soilnet.cli", *cli(out)], cwd=REPO, capture_output=True, text=True,
-                           timeout=120)  # fmt: skip
+    rerun = subprocess.run(
+        [sys.executable, "-m", "soilnet.cli", *cli(out)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert "4 shard(s) written, 2 already complete" in rerun.stderr
     assert outcome(out) == outcome(reference)
@@ -182,21 +187,25 @@ class ThrowsOnOnePoint:
 
 
 @pytest.mark.parametrize("threads", [1, 4])
-def test_a_source_exception_on_one_point_goes_to_the_ledger_and_the_run_completes(reference, tmp_path, monkeypatch,
-                                                                                  threads):  # fmt: skip
-    import shards.pack as pack_module
-
+def test_a_source_exception_on_one_point_goes_to_the_ledger_and_the_run_completes(
+    reference, tmp_path, monkeypatch, threads
+):
     cfg = cfg_for(tmp_path)
     points = load_points(cfg)
     bad = 20  # in shard 1
-    real = pack_module.make_source
-    monkeypatch.setattr(pack_module, "make_source",
-                        lambda c, s: ThrowsOnOnePoint(real(c, s), points.lon[bad], threads))  # fmt: skip
+    real = shards.pack.make_source
+    monkeypatch.setattr(shards.pack, "make_source", lambda c, s: ThrowsOnOnePoint(real(c, s), points.lon[bad], threads))
     manifest = pack(cfg)
     assert manifest["samples"] == N - 1
     ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
-    assert ledger == [{"id": str(points.ids[bad]), "reason": "error", "detail": "RuntimeError: tile decoder crashed",
-                       "shard": "shard-000001.tar"}]  # fmt: skip
+    assert ledger == [
+        {
+            "id": str(points.ids[bad]),
+            "reason": "error",
+            "detail": "RuntimeError: tile decoder crashed",
+            "shard": "shard-000001.tar",
+        }
+    ]
     assert "failed: 1" in summary(manifest, tmp_path)
     got, want = outcome(tmp_path), outcome(reference)
     for name in want["shards"]:
@@ -224,12 +233,10 @@ class RejectsFirstShard:
 
 
 def test_an_empty_shard_does_not_overwrite_the_next_shard_written_by_another_worker(reference, tmp_path, monkeypatch):
-    import shards.pack as pack_module
-
     cfg = cfg_for(tmp_path)
     rejected = set(load_points(cfg).lon[:PER_SHARD].tolist())
-    real = pack_module.make_source
-    monkeypatch.setattr(pack_module, "make_source", lambda c, s: RejectsFirstShard(real(c, s), rejected))
+    real = shards.pack.make_source
+    monkeypatch.setattr(shards.pack, "make_source", lambda c, s: RejectsFirstShard(real(c, s), rejected))
     assert pack(cfg, Workers(rank=1, world=2, is_array=True)) is None  # shards 1, 3, 5
     manifest = pack(cfg, Workers(rank=0, world=2, is_array=True))  # shards 0 (empty), 2, 4, and the manifest
     assert [s["samples"] for s in manifest["shards"]] == [0] + [PER_SHARD] * 5
@@ -241,16 +248,26 @@ def test_an_empty_shard_does_not_overwrite_the_next_shard_written_by_another_wor
 # -- Slurm arrays ----------------------------------------------------------------------------------------------
 def slurm_env(task: int, indices: list[int], step: int) -> dict[str, str]:
     """What Slurm sets in an array task (as observed with Slurm 22-24: STEP is 1 for a list such as 1,3,5)."""
-    return {"SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(min(indices)),
-            "SLURM_ARRAY_TASK_MAX": str(max(indices)), "SLURM_ARRAY_TASK_COUNT": str(len(indices)),
-            "SLURM_ARRAY_TASK_STEP": str(step)}  # fmt: skip
+    return {
+        "SLURM_ARRAY_JOB_ID": "7",
+        "SLURM_ARRAY_TASK_ID": str(task),
+        "SLURM_ARRAY_TASK_MIN": str(min(indices)),
+        "SLURM_ARRAY_TASK_MAX": str(max(indices)),
+        "SLURM_ARRAY_TASK_COUNT": str(len(indices)),
+        "SLURM_ARRAY_TASK_STEP": str(step),
+    }
 
 
 @pytest.mark.parametrize(
     ("spec", "indices", "step"),
-    [("0-6:2", [0, 2, 4, 6], 2), ("1,3,5", [1, 3, 5], 1), ("0-30:2", list(range(0, 31, 2)), 2),
-     ("3-9", list(range(3, 10)), 1), ("5", [5], 1)],
-)  # fmt: skip
+    [
+        ("0-6:2", [0, 2, 4, 6], 2),
+        ("1,3,5", [1, 3, 5], 1),
+        ("0-30:2", list(range(0, 31, 2)), 2),
+        ("3-9", list(range(3, 10)), 1),
+        ("5", [5], 1),
+    ],
+)
 def test_array_tasks_are_numbered_by_their_position_among_the_arrays_indices(spec, indices, step):
     ranks = [array_task(slurm_env(task, indices, step)) for task in indices]
     assert ranks == [(r, len(indices)) for r in range(len(indices))], spec
@@ -297,7 +314,7 @@ def enolck(fd, cmd, *args):
 
 
 def test_a_budget_on_a_file_system_without_locks_fails_at_once_naming_the_directory(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget_module.fcntl, "lockf", enolck)  # as an NFS mount without a lock manager answers
+    monkeypatch.setattr(shards.budget.fcntl, "lockf", enolck)  # as an NFS mount without a lock manager answers
     with pytest.raises(OSError) as err:
         InFlightBudget(tmp_path / "budget", 4)
     assert err.value.errno == errno.ENOLCK
@@ -308,7 +325,7 @@ def test_a_budget_on_a_file_system_without_locks_fails_at_once_naming_the_direct
 
 def test_a_lock_error_in_a_request_fails_instead_of_waiting_forever(tmp_path, monkeypatch):
     budget = InFlightBudget(tmp_path, 2)
-    monkeypatch.setattr(budget_module.fcntl, "lockf", enolck)
+    monkeypatch.setattr(shards.budget.fcntl, "lockf", enolck)
     raised: list[BaseException] = []
 
     def request():
@@ -336,8 +353,9 @@ time.sleep(float(sys.argv[2]))
 
 def test_a_slot_held_by_another_process_is_waited_for_not_an_error(tmp_path):
     budget = InFlightBudget(tmp_path, 1)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "slot-0000.lock"), "1.0"],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "slot-0000.lock"), "1.0"], stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "held"
     start = time.monotonic()
     with budget.slot() as k:  # EAGAIN/EACCES until the holder exits and the kernel drops its lock

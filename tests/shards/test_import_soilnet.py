@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from shards import import_soilnet
 from shards.import_soilnet import run_cli, variable_of
-from soilnet import schema as S
+from soilnet.schema import CHANNELS, CLIMATE_BY_NAME, normalized_difference
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shard_reader import shard_samples  # noqa: E402
@@ -34,9 +36,20 @@ def _climate_csv(path, ids, id_col, value, extra=None, seed=0):
 
 
 def _args(**kw):
-    base = dict(images=None, climate=None, points=None, id_column="Point_ID", target_column=None, target_name=None,
-                lon_column=None, lat_column=None, out=None, max_samples=2, climate_units="stored",
-                require_target=False)  # fmt: skip
+    base = dict(
+        images=None,
+        climate=None,
+        points=None,
+        id_column="Point_ID",
+        target_column=None,
+        target_name=None,
+        lon_column=None,
+        lat_column=None,
+        out=None,
+        max_samples=2,
+        climate_units="stored",
+        require_target=False,
+    )
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -60,13 +73,20 @@ def test_real_seed_patch_and_lucas(shared_data, tmp_path):
     _climate_csv(climate / "aet.csv", ids, "Point_ID", lambda i, k: -999 if k == 0 else 100 * (k + 1))
     _climate_csv(climate / "tmmx.csv", ids, "Point_ID", lambda i, k: 50 + k, seed=1)
     out = tmp_path / "out"
-    run_cli(_args(images=str(images), climate=str(climate), points=str(shared_data / "lucas" / "LUCAS_2015_all.csv"),
-                  target_column="OC", out=str(out)))  # fmt: skip
+    run_cli(
+        _args(
+            images=str(images),
+            climate=str(climate),
+            points=str(shared_data / "lucas" / "LUCAS_2015_all.csv"),
+            target_column="OC",
+            out=str(out),
+        )
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["modalities"] == ["image", "climate"]
     assert manifest["schema"]["climate_variables"] == ["aet", "tmmx"]  # only the variables present
     assert manifest["schema"]["months"][0] == "2010-01" and len(manifest["schema"]["months"]) == 12
-    assert manifest["schema"]["channels"] == [c.name for c in S.CHANNELS][:12]  # 12-band export: no DEM
+    assert manifest["schema"]["channels"] == [c.name for c in CHANNELS][:12]  # 12-band export: no DEM
     samples = shard_samples(out)
     assert manifest["samples"] == 1 and list(samples) == [SEED_ID]
     s = samples[SEED_ID]
@@ -79,7 +99,7 @@ def test_real_seed_patch_and_lucas(shared_data, tmp_path):
     assert meta["qa"]["climate_minus999"] == 1
     # NDVI recomputed from the reflectance with the schema's normalised difference
     img = s["image.npy"].astype(np.float32)
-    ndvi = S.normalized_difference(img[4], img[3])
+    ndvi = normalized_difference(img[4], img[3])
     np.testing.assert_allclose(img[11], ndvi, atol=2e-3)
     ledger = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
     assert sorted(r["reason"] for r in ledger) == ["no_scene"] * 3
@@ -158,10 +178,19 @@ def test_fourteen_band_patch_and_a_corrupt_one(tmp_path):
     data = np.stack([np.full((n, n), 0.01 * (b + 1)) for b in range(14)]).astype(np.float64)
     data[12] = 350.0  # elevation (m)
     grid = from_origin(x - n * px / 2, y + n * px / 2, px, px)
-    with rasterio.open(images / "B_150301.tif", "w", driver="GTiff", width=n, height=n, count=14, dtype="float64",
-                       crs="EPSG:3857", transform=grid) as dst:  # fmt: skip
+    with rasterio.open(
+        images / "B_150301.tif",
+        "w",
+        driver="GTiff",
+        width=n,
+        height=n,
+        count=14,
+        dtype="float64",
+        crs="EPSG:3857",
+        transform=grid,
+    ) as dst:
         dst.write(data)
-        dst.descriptions = tuple(c.name for c in S.CHANNELS)
+        dst.descriptions = tuple(c.name for c in CHANNELS)
     (images / "A_150302.tif").write_bytes(b"II*\x00" + b"\x00" * 32)
     _climate_csv(climate / "aet.csv", ["B", "A"], "Point_ID", lambda i, k: 1)
     points = tmp_path / "p.csv"
@@ -169,7 +198,7 @@ def test_fourteen_band_patch_and_a_corrupt_one(tmp_path):
     out = tmp_path / "out"
     run_cli(_args(images=str(images), climate=str(climate), points=str(points), out=str(out)))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["schema"]["channels"] == [c.name for c in S.CHANNELS] and manifest["samples"] == 1
+    assert manifest["schema"]["channels"] == [c.name for c in CHANNELS] and manifest["samples"] == 1
     img = shard_samples(out)["B"]["image.npy"].astype(np.float32)
     np.testing.assert_allclose(img[12], 350.0)
     ledger = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
@@ -185,10 +214,12 @@ import seed_layout  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
+# `soilnet import-soilnet` of the seed's RaCA climate CSVs: the folder comes next
+RACA_IMPORT = ("import-soilnet", "--id-column", "rcasiteid", "--target-column", "SOCstock100", "--climate")
+
+
 def _soilnet(*argv: str) -> str:
     """The documented command line, run as a user runs it (a subprocess of ``soilnet.cli``)."""
-    import subprocess
-
     proc = subprocess.run([sys.executable, "-m", "soilnet.cli", *argv], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -218,8 +249,14 @@ def test_fixture_has_the_seed_layout(raca):
 def test_climate_only_without_coordinates_takes_the_target_from_the_climate_csvs(raca, tmp_path):
     folder, truth = raca
     out = tmp_path / "shards"
-    printed = _soilnet("import-soilnet", "--climate", str(folder), "--id-column", "rcasiteid", "--target-column",
-                       "SOCstock100", "--out", str(out), "--max-samples", "16")  # fmt: skip
+    printed = _soilnet(
+        *RACA_IMPORT,
+        str(folder),
+        "--out",
+        str(out),
+        "--max-samples",
+        "16",
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     info = manifest["import"]
     assert manifest["modalities"] == ["climate"] and info["coordinates"] == "none"
@@ -235,7 +272,7 @@ def test_climate_only_without_coordinates_takes_the_target_from_the_climate_csvs
     # unordered date columns land in month order, scaled from stored units; -999 -> 0; first row of a duplicate
     k = manifest["schema"]["climate_variables"].index("pr")
     for pid in [*truth["duplicated"], kept[0]]:
-        expected = truth["stored"]["pr"][truth["ids"].index(pid)] * S.CLIMATE_BY_NAME["pr"].scale
+        expected = truth["stored"]["pr"][truth["ids"].index(pid)] * CLIMATE_BY_NAME["pr"].scale
         np.testing.assert_allclose(samples[pid]["climate.npy"][:, k], expected, rtol=1e-6)
     # targets: empty cells stay unlabelled (no crash), the others are the soc_stock target
     empty = set(truth["empty_target"]) - set(truth["all_missing"])
@@ -272,8 +309,9 @@ def test_minus999_all_year_in_one_variable_is_a_zero_and_in_every_variable_a_mis
 
 def test_require_target_drops_missing_nan_and_negative_targets_into_the_ledger(tmp_path):
     ids = ["B1", "B2", "B3", "B4"]
-    seed_layout.write_climate_csv(tmp_path / "c" / "RaCA_tmmx.csv", ids, np.full((4, 61), 250.0),
-                                  targets=[12.5, None, -3.0, 40.0])  # fmt: skip
+    seed_layout.write_climate_csv(
+        tmp_path / "c" / "RaCA_tmmx.csv", ids, np.full((4, 61), 250.0), targets=[12.5, None, -3.0, 40.0]
+    )
     text = (tmp_path / "c" / "RaCA_tmmx.csv").read_text().replace(",,B2", ",NaN,B2")  # a literal NaN cell too
     (tmp_path / "c" / "RaCA_tmmx.csv").write_text(text)
     keep, drop = tmp_path / "keep", tmp_path / "drop"
@@ -319,8 +357,19 @@ def test_images_with_a_lucas_csv_and_no_climate(tmp_path):
         }
     ).to_csv(points, index=False, encoding="utf-8-sig")
     out = tmp_path / "out"
-    _soilnet("import-soilnet", "--images", str(tmp_path / "img"), "--points", str(points), "--id-column", "Point_ID",
-             "--target-column", "OC", "--out", str(out))  # fmt: skip
+    _soilnet(
+        "import-soilnet",
+        "--images",
+        str(tmp_path / "img"),
+        "--points",
+        str(points),
+        "--id-column",
+        "Point_ID",
+        "--target-column",
+        "OC",
+        "--out",
+        str(out),
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["modalities"] == ["image"] and manifest["import"]["coordinates"] == "points"
     assert shard_samples(out)["40463116"]["meta.json"]["targets"] == {"soc": 20.0}
@@ -341,25 +390,23 @@ def test_images_and_climate_without_points(tmp_path):
 
 
 def test_a_failure_in_a_late_shard_loses_nothing_and_the_rerun_completes_it(raca, tmp_path, monkeypatch):
-    import shards.pack as P
-
     folder, _ = raca
     args = dict(climate=str(folder), id_column="rcasiteid", target_column="SOCstock100", max_samples=8)
     run_cli(_args(**args, out=str(tmp_path / "ref")))
-    real = P.pack_shard
+    real = import_soilnet.pack_shard  # the packer's shard writer, as the import calls it
 
     def disk_gone(k, *a, **kw):
         if k == 3:
             raise OSError(28, "No space left on device")
         return real(k, *a, **kw)
 
-    monkeypatch.setattr(P, "pack_shard", disk_gone)
+    monkeypatch.setattr(import_soilnet, "pack_shard", disk_gone)
     with pytest.raises(OSError, match="No space left"):
         run_cli(_args(**args, out=str(tmp_path / "out")))
     written = sorted(p.name for p in (tmp_path / "out" / ".parts").glob("shard-*.json"))
     assert written == [f"shard-{k:06d}.tar.json" for k in range(3)]
     before = {k: (tmp_path / "out" / f"shard-{k:06d}.tar").stat().st_mtime_ns for k in range(3)}
-    monkeypatch.setattr(P, "pack_shard", real)
+    monkeypatch.setattr(import_soilnet, "pack_shard", real)
     run_cli(_args(**args, out=str(tmp_path / "out")))
     assert {k: (tmp_path / "out" / f"shard-{k:06d}.tar").stat().st_mtime_ns for k in range(3)} == before  # kept
     ref, again = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("ref", "out"))
@@ -372,8 +419,12 @@ def test_a_failure_in_a_late_shard_loses_nothing_and_the_rerun_completes_it(raca
 def test_import_then_finetune_the_documented_raca_config(raca, tmp_path):
     folder, _ = raca
     shards = tmp_path / "shards"
-    _soilnet("import-soilnet", "--climate", str(folder), "--id-column", "rcasiteid", "--target-column",
-             "SOCstock100", "--out", str(shards))  # fmt: skip
+    _soilnet(
+        *RACA_IMPORT,
+        str(folder),
+        "--out",
+        str(shards),
+    )
     config = REPO / "configs" / "finetune" / "raca_climate.yaml"
     run = tmp_path / "ft"
     quick = ["train.epochs=1", "eval.split.folds=2", "eval.baseline.n_estimators=10"]
@@ -382,9 +433,23 @@ def test_import_then_finetune_the_documented_raca_config(raca, tmp_path):
     assert metrics["split"]["kind"] == "random" and metrics["model"]["n"] > 20
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(config),
-                           f"data.shards={shards}", f"output_dir={tmp_path / 'sp'}", "eval.split.kind=spatial", *quick],
-                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "soilnet.cli",
+            "finetune",
+            "--config",
+            str(config),
+            f"data.shards={shards}",
+            f"output_dir={tmp_path / 'sp'}",
+            "eval.split.kind=spatial",
+            *quick,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "import.coordinates is 'none'" in proc.stderr
 
 
@@ -392,8 +457,12 @@ def test_import_then_finetune_the_documented_raca_config(raca, tmp_path):
 def test_the_seed_raca_development_half_imports_as_documented(shared_data, tmp_path):
     folder = shared_data / "raca_dev"
     out = tmp_path / "shards"
-    printed = _soilnet("import-soilnet", "--climate", str(folder), "--id-column", "rcasiteid", "--target-column",
-                       "SOCstock100", "--out", str(out))  # fmt: skip
+    printed = _soilnet(
+        *RACA_IMPORT,
+        str(folder),
+        "--out",
+        str(out),
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["import"]["counts"]
     assert manifest["schema"]["climate_variables"] == list(seed_layout.RACA_VARIABLES)

@@ -26,8 +26,19 @@ FIRST, LAST = "2014-01", "2014-06"
 
 def _write(path, data, crs, transform, nodata=None, **extra):
     count, h, w = data.shape
-    with rasterio.open(path, "w", driver=extra.pop("driver", "GTiff"), width=w, height=h, count=count,
-                       dtype=data.dtype, crs=crs, transform=transform, nodata=nodata, **extra) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver=extra.pop("driver", "GTiff"),
+        width=w,
+        height=h,
+        count=count,
+        dtype=data.dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+        **extra,
+    ) as dst:
         dst.write(data)
 
 
@@ -40,8 +51,16 @@ def world(tmp_path_factory):
     b4 = np.broadcast_to((xs / 1000.0).astype(np.float32), (n, n)).copy()
     b4[600:700, 600:700] = -9999.0  # a nodata hole
     b5 = np.full((n, n), 0.5, dtype=np.float32)
-    _write(d / "mosaic.tif", np.stack([b4, b5]), "EPSG:3035", from_origin(x0, y0, px, px), nodata=-9999.0,
-           tiled=True, blockxsize=256, blockysize=256)  # fmt: skip
+    _write(
+        d / "mosaic.tif",
+        np.stack([b4, b5]),
+        "EPSG:3035",
+        from_origin(x0, y0, px, px),
+        nodata=-9999.0,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    )
     months = month_range("2013-12", "2014-12")  # a stack starting one month before the schema's first month
     ppt = np.stack([np.full((60, 60), 10 * (i + 1), dtype=np.int16) for i in range(len(months))])
     tmmx = np.stack([np.full((60, 60), 100 + i, dtype=np.int16) for i in range(len(months))])
@@ -102,16 +121,26 @@ def test_pack_from_rasters_records_a_corrupt_file_and_goes_on(world, tmp_path):
     rows = [(pid, *_lonlat(world, fx, fy)) for pid, fx, fy in pts]
     pd.DataFrame(rows, columns=["id", "lon", "lat"]).to_csv(tmp_path / "points.csv", index=False)
     cfg_path = tmp_path / "rasters.yaml"
-    cfg_path.write_text(json.dumps({
-        "output_dir": str(tmp_path / "out"),
-        "schema": {"channels": CHANNELS, "climate_variables": VARS, "first_month": FIRST, "last_month": LAST},
-        "sampling": {"points": str(tmp_path / "points.csv")},
-        "source": {"kind": "rasters", "rasters": {
-            "images": [{"path": str(d / "mosaic.tif"), "bands": CHANNELS}],
-            "climate": [{"path": str(d / "pr.tif"), "variable": "pr", "first_month": "2013-12"},
-                        {"path": str(d / "tmmx.tif"), "variable": "tmmx", "first_month": "2013-12", "scale": 0.1}]}},
-        "shard": {"max_samples": 2},
-    }))  # fmt: skip
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "output_dir": str(tmp_path / "out"),
+                "schema": {"channels": CHANNELS, "climate_variables": VARS, "first_month": FIRST, "last_month": LAST},
+                "sampling": {"points": str(tmp_path / "points.csv")},
+                "source": {
+                    "kind": "rasters",
+                    "rasters": {
+                        "images": [{"path": str(d / "mosaic.tif"), "bands": CHANNELS}],
+                        "climate": [
+                            {"path": str(d / "pr.tif"), "variable": "pr", "first_month": "2013-12"},
+                            {"path": str(d / "tmmx.tif"), "variable": "tmmx", "first_month": "2013-12", "scale": 0.1},
+                        ],
+                    },
+                },
+                "shard": {"max_samples": 2},
+            }
+        )
+    )
     cfg = load_config(PackConfig, cfg_path)
     manifest = pack(cfg, Workers(0, 1))
     assert manifest["samples"] == 3 and len(manifest["shards"]) == 3

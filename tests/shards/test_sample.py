@@ -17,8 +17,10 @@ from shards.sample import climate_cell, run_cli, sample_region
 
 
 def _write_region(path, polygons):
-    features = [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}
-                for ring in polygons]  # fmt: skip
+    features = [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+        for ring in polygons
+    ]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
 
@@ -28,8 +30,17 @@ def _box(w, s, e, n):
 
 
 def _args(**kw):
-    base = dict(region=None, n=0, seed=0, out=None, exclude_raster=None, exclude_classes=[], max_excluded_fraction=0.2,
-                min_spacing_m=0.0, one_per_climate_cell=False)  # fmt: skip
+    base = dict(
+        region=None,
+        n=0,
+        seed=0,
+        out=None,
+        exclude_raster=None,
+        exclude_classes=[],
+        max_excluded_fraction=0.2,
+        min_spacing_m=0.0,
+        one_per_climate_cell=False,
+    )
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -73,8 +84,16 @@ def test_bad_polygon_and_file_without_polygons_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"flat\.geojson: feature 0 is a Polygon with no area"):
         sample_region(flat, 10, 0)
     points = tmp_path / "points.geojson"
-    points.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [1, 2]}}]}))  # fmt: skip
+    points.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [1, 2]}}
+                ],
+            }
+        )
+    )
     with pytest.raises(ValueError, match=r"points\.geojson: no Polygon or MultiPolygon"):
         sample_region(points, 10, 0)
 
@@ -91,8 +110,17 @@ def test_exclusion_raster_drops_points_in_excluded_classes(tmp_path):
     with rasterio.open(raster, "w", transform=from_origin(x0, y0, px, px), compress="deflate", **profile) as dst:
         dst.write(data, 1)
     out = tmp_path / "pts.parquet"
-    run_cli(_args(region=str(region), n=300, seed=3, out=str(out), exclude_raster=str(raster),
-                  exclude_classes=[50, 80, 90], max_excluded_fraction=0.2))  # fmt: skip
+    run_cli(
+        _args(
+            region=str(region),
+            n=300,
+            seed=3,
+            out=str(out),
+            exclude_raster=str(raster),
+            exclude_classes=[50, 80, 90],
+            max_excluded_fraction=0.2,
+        )
+    )
     pts = pd.read_parquet(out)
     assert len(pts) == 300
     from pyproj import Transformer
@@ -139,9 +167,17 @@ def test_pack_config_applies_the_same_filters_as_soilnet_sample(tmp_path):
 
     region = _write_region(tmp_path / "r.geojson", [_box(10.0, 50.0, 10.5, 50.5)])
     demo = Path(__file__).resolve().parents[2] / "configs" / "preprocess" / "demo.yaml"
-    cfg = load_config(PackConfig, demo,
-                      [f"sampling.region={region}", "sampling.n=50", "sampling.seed=4",
-                       "sampling.one_per_climate_cell=true", "sampling.min_spacing_m=2500"])  # fmt: skip
+    cfg = load_config(
+        PackConfig,
+        demo,
+        [
+            f"sampling.region={region}",
+            "sampling.n=50",
+            "sampling.seed=4",
+            "sampling.one_per_climate_cell=true",
+            "sampling.min_spacing_m=2500",
+        ],
+    )
     points = load_points(cfg)
     expected = sample_region(region, 50, 4, [OnePerCell(), MinSpacing(2500.0)])
     assert list(points.ids) == list(expected.id) and np.array_equal(points.lon, expected.lon.to_numpy())

@@ -1,0 +1,148 @@
+"""``soilnet predict-map``: a fine-tuned model's SOC over a GeoJSON region, as a Cloud-Optimized GeoTIFF and a PNG.
+
+The grid, the tiles, their resumption and the COG are :mod:`soilnet.evaluate.maps`'s. This job joins them to the
+saved model (:mod:`soilnet.train.regressor`) and to the data source: each cell is built through the shards sources
+interface and the packer's own sample builder, configured like the model's training shards, so the synthetic
+world, local rasters and Earth Engine share one code path and a map cell holds exactly what a shard sample would.
+
+Bands: 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the model, in the
+target's unit; nodata NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import shapely
+import yaml
+
+from shards.pack import make_sample, make_source
+from shards.sample import load_polygons
+from shards.sources.base import Rejected
+from soilnet.config.base import ConfigError, apply_override
+from soilnet.config.pack import PackConfig
+from soilnet.data.manifest import read_manifest
+from soilnet.evaluate.maps import Acquire, MapError, claim_parts, plan_grid, predict_tiles, write_map
+from soilnet.train.regressor import MODEL_FILE, load_model
+
+
+def read_region(path: str | Path):
+    """The union of the (multi)polygons of a GeoJSON file, in lon/lat degrees (parsed as ``soilnet sample`` does)."""
+    return shapely.union_all(load_polygons(path))
+
+
+def predict_map(
+    checkpoint: str | Path,
+    region_path: str | Path,
+    resolution_m: float,
+    out: str | Path,
+    acquire: Acquire | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    batch_size: int = 256,
+    tile_size: int = 256,
+    max_tiles: int | None = None,
+) -> dict:
+    """Map a fine-tuned model (a fine-tuning ``output_dir``) over a GeoJSON region; see the module docstring.
+
+    ``acquire`` defaults to the data source the model's training shards were packed from (with ``overrides`` of
+    that pack config). Returns a summary; ``complete`` is False when ``max_tiles`` stopped it early.
+    """
+    out = Path(out)
+    model_file = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
+    model = load_model(model_file)
+    grid, projected = plan_grid(read_region(region_path), resolution_m, tile_size)
+    if acquire is None:
+        acquire = source_acquire(Path(checkpoint), model, list(overrides))
+    parts = out.with_name(out.name + ".parts")
+    claim_parts(parts, grid, model_file)
+    q = float(model.conformal.get("half_width", math.nan))
+    start = time.time()
+    space = model.conformal.get("space", "original")
+    summary = predict_tiles(grid, projected, acquire, model.predict, q, parts, space, batch_size, max_tiles)
+    summary.update(
+        out=str(out), seconds=round(time.time() - start, 1), complete=summary["finished"] == summary["tiles"]
+    )
+    if not summary["complete"]:
+        return summary
+    tags = {"checkpoint": str(checkpoint), "region": str(region_path), "resolution_m": resolution_m}
+    summary.update(write_map(out, grid, parts, model.target, model.conformal, tags))
+    return summary
+
+
+def _pack_config(checkpoint: Path, overrides: list[str]) -> PackConfig:
+    """The pack config of the fine-tuning run's ``data.shards`` (from their manifest), with ``overrides``."""
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: --checkpoint must be a fine-tuning output_dir")
+    shards = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}).get("shards")
+    manifest, _ = read_manifest(shards)
+    tree = manifest.get("config")
+    if not isinstance(tree, dict):
+        raise MapError(f"the manifest of {shards} holds no pack config, so the data source is unknown")
+    for ov in overrides:
+        apply_override(tree, ov)
+    try:
+        return PackConfig.model_validate(tree)
+    except ValueError as err:
+        raise ConfigError(f"pack config of {shards} (with overrides {overrides}): {err}") from err
+
+
+def source_acquire(checkpoint: Path, model, overrides: list[str]) -> Acquire:
+    """Acquisition through the shards sources interface, configured like the model's training shards.
+
+    The pack config comes from the manifest of the fine-tuning run's ``data.shards`` (``key=value`` overrides
+    apply to it, e.g. ``source.kind=rasters``); each cell is built by the packer's own ``make_sample``, so a map
+    cell holds exactly what a shard sample would. A point the source rejects becomes a nodata cell.
+    """
+    pack_cfg = _pack_config(checkpoint, overrides)
+    source = make_source(pack_cfg, model.schema)
+    on_nonfinite = getattr(pack_cfg.shard, "on_nonfinite", "mask")
+    use_image, use_climate = "image" in model.modalities, "climate" in model.modalities
+
+    def acquire(lon: np.ndarray, lat: np.ndarray):
+        images, climates, ok = [], [], np.zeros(len(lon), dtype=bool)
+        c, h, w = model.schema.image_shape
+        for i, (x, y) in enumerate(zip(lon, lat, strict=True)):
+            try:
+                sample = make_sample(source, model.schema, f"cell{i}", float(x), float(y), on_nonfinite)
+                ok[i] = True
+                image, climate = sample["image.npy"], sample["climate.npy"]
+            except Rejected:
+                image = np.zeros((c, h, w), np.float16)
+                climate = np.zeros(model.schema.climate_shape, np.float32)
+            images.append(image)
+            climates.append(climate)
+        return (np.stack(images) if use_image else None, np.stack(climates) if use_climate else None, ok)
+
+    return acquire
+
+
+def run_cli(args) -> int:
+    """``soilnet predict-map`` (arguments defined in :mod:`soilnet.cli`)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    summary = predict_map(
+        args.checkpoint,
+        args.region,
+        args.resolution,
+        args.out,
+        overrides=list(args.overrides),
+        batch_size=args.batch_size,
+        tile_size=getattr(args, "tile_size", 256),
+        max_tiles=getattr(args, "max_tiles", None),
+    )
+    if summary["complete"]:
+        print(
+            f"soilnet predict-map: wrote {summary['out']} and {summary['preview']} "
+            f"({summary['new']} new tiles, {summary['reused']} reused, {summary['failed']} cells failed)"
+        )
+        return 0
+    print(
+        f"soilnet predict-map: stopped after {summary['new']} new tiles; {summary['finished']} of {summary['tiles']} "
+        "done. Rerun the same command to finish."
+    )
+    return 3
