@@ -28,7 +28,7 @@ from soilnet.data.order import batch_ids, micro_batch, step_epoch
 from soilnet.data.shards import ShardSet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoaderSpec:
     """What a rank reads: ``global_batch`` split over ``world`` ranks, in the order of ``seed``."""
 

@@ -20,7 +20,7 @@ from soilnet.atomic import atomic_file, write_text
 from soilnet.config.base import save_resolved
 from soilnet.config.pretrain import PretrainConfig
 from soilnet.distributed import DistInfo, init_distributed
-from soilnet.train import checkpoint as ckpt
+from soilnet.train import checkpoint
 from soilnet.train.pretrain import Observers, PretrainState, prepare, train
 from soilnet.train.signals import StopFlag, ignore_stop_signals, stop_on_signals
 
@@ -118,7 +118,7 @@ def report_lost_peer(cfg: PretrainConfig, err: RuntimeError) -> None:
     node): resubmit, it resumes from the last complete checkpoint."""
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return
-    last = ckpt.latest(Path(cfg.output_dir) / "checkpoints")
+    last = checkpoint.latest(Path(cfg.output_dir) / "checkpoints")
     where = f"step {last.meta['step']} in {last.path}" if last else "none yet"
     log.error(
         "rank %d failed: %s. If another rank or its node was lost, resubmit the same command: it resumes from the "

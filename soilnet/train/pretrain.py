@@ -44,7 +44,7 @@ from soilnet.distributed import DistInfo, all_reduce_sum, gather_no_grad
 from soilnet.losses import ContrastiveLoss, ContrastiveOutput, retrieval_metrics
 from soilnet.models import build_contrastive_model
 from soilnet.schema import SampleSchema
-from soilnet.train import checkpoint as ckpt
+from soilnet.train import checkpoint
 from soilnet.train.deepspeed_config import adamw, deepspeed_config
 from soilnet.train.export import shard_statistics
 from soilnet.train.gradcache import RunningStats, grad_cache
@@ -101,7 +101,7 @@ def grad_cache_step(
     return grad_cache(module.model, module.loss, micro, image, climate, keys, image2, backward, world)
 
 
-def restore_buffers(module: nn.Module, ref: ckpt.CheckpointRef) -> None:
+def restore_buffers(module: nn.Module, ref: checkpoint.CheckpointRef) -> None:
     """Copy buffers (e.g. BatchNorm running statistics) from the source checkpoint's model file: a universal
     checkpoint restores parameters and optimizer state only."""
     files = [ref.path / "mp_rank_00_model_states.pt", ref.path / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
@@ -183,7 +183,7 @@ def accumulation_steps(global_batch: int, micro: int, world: int, recorded_in: P
     return n // world
 
 
-def micro_batch_size(cfg: PretrainConfig, world: int, resume: ckpt.CheckpointRef | None) -> int:
+def micro_batch_size(cfg: PretrainConfig, world: int, resume: checkpoint.CheckpointRef | None) -> int:
     """Samples per device and forward pass: ``train.micro_batch_size``, else the resumed run's, else ``G / world``.
 
     BatchNorm normalises each micro-batch by its own statistics, so the micro-batch is part of the function being
@@ -235,7 +235,7 @@ class NonFiniteLossError(ValueError):
 
 
 def stop_on_nonfinite(
-    engine, root: Path, start: ckpt.StepStart, meta: dict, info: DistInfo, ranks: int, loss, ids, cfg
+    engine, root: Path, start: checkpoint.StepStart, meta: dict, info: DistInfo, ranks: int, loss, ids, cfg
 ) -> NonFiniteLossError:
     """Every rank, when ``ranks`` > 0 ranks met a non-finite loss in the step after ``meta["step"]``: put back the
     buffers (BatchNorm statistics) of before that step, save that state with its RNG states (the step's forward
@@ -255,7 +255,7 @@ def stop_on_nonfinite(
             more,
         )
     start.restore_buffers(engine.module)
-    path = ckpt.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last, rng=start.rng)
+    path = checkpoint.save(engine, root, step, meta, info.rank, cfg.checkpoint.keep_last, rng=start.rng)
     return NonFiniteLossError(
         f"step {step + 1}: the loss is not finite on {ranks} of {info.world_size} rank(s); the optimizer did not take "
         f"that step. The state before it is saved as {path} (step {step}). Rerun unchanged, it resumes there and meets "
@@ -287,7 +287,7 @@ class ResumePlan:
     device and forward accumulated over ``acc`` micro-batches per step, and the tag DeepSpeed loads (``universal``:
     the checkpoint converted to a universal one, for another world size)."""
 
-    resume: ckpt.CheckpointRef | None
+    resume: checkpoint.CheckpointRef | None
     stage: int
     micro: int
     acc: int
@@ -298,13 +298,15 @@ class ResumePlan:
         """Whether the run resumes a checkpoint of ``world`` ranks (whose RNG states it then restores)."""
         return self.resume is not None and self.resume.meta.get("world_size") == world
 
-    def resumed_ref(self) -> ckpt.CheckpointRef:
+    def resumed_ref(self) -> checkpoint.CheckpointRef:
         """The checkpoint DeepSpeed loads (the resumed one, or its universal conversion)."""
         assert self.resume is not None
-        return ckpt.CheckpointRef(self.resume.root, self.load_tag, self.resume.meta)
+        return checkpoint.CheckpointRef(self.resume.root, self.load_tag, self.resume.meta)
 
 
-def check_batch_layout(cfg: PretrainConfig, world: int, resume: ckpt.CheckpointRef | None) -> tuple[int, int, int]:
+def check_batch_layout(
+    cfg: PretrainConfig, world: int, resume: checkpoint.CheckpointRef | None
+) -> tuple[int, int, int]:
     """(ZeRO stage, micro-batch, accumulation steps) of this run on ``world`` ranks; raises on a layout it cannot
     train (an optimizer the stage does not take, GradCache under ZeRO stage 3)."""
     t = cfg.train
@@ -324,7 +326,7 @@ def plan_resume(cfg: PretrainConfig, info: DistInfo, root: Path) -> ResumePlan:
     """The resume check: the newest complete checkpoint under ``root`` and whether this run can continue it (the
     same global batch, micro-batch and ZeRO layout); rank 0 prunes, and a checkpoint of another world size is
     converted to a universal one."""
-    resume = ckpt.latest(root)
+    resume = checkpoint.latest(root)
     stage, micro, acc = check_batch_layout(cfg, info.world_size, resume)
     if resume is None:
         return ResumePlan(None, stage, micro, acc)
@@ -339,8 +341,8 @@ def plan_resume(cfg: PretrainConfig, info: DistInfo, root: Path) -> ResumePlan:
     # stage 0: every rank holds the whole state, which loads as it is on any world size
     universal = resume.meta.get("world_size") != info.world_size and was > 0
     if info.rank == 0:
-        ckpt.prune(root, cfg.checkpoint.keep_last)
-    load_tag = ckpt.ensure_universal(resume, info.rank) if universal else resume.tag
+        checkpoint.prune(root, cfg.checkpoint.keep_last)
+    load_tag = checkpoint.ensure_universal(resume, info.rank) if universal else resume.tag
     return ResumePlan(resume, stage, micro, acc, load_tag, universal)
 
 
@@ -379,7 +381,7 @@ def resume_state(engine, root: Path, plan: ResumePlan, info: DistInfo, seed: int
     meta = (client or {}).get("soilnet", plan.resume.meta)
     step, samples = int(meta["step"]), int(meta["samples"])
     if plan.same_world(info.world_size):
-        ckpt.load_rng(plan.resumed_ref(), info.rank)
+        checkpoint.load_rng(plan.resumed_ref(), info.rank)
     else:
         torch.manual_seed(seed + step * 1000 + info.rank)
     if info.rank == 0:
@@ -531,7 +533,7 @@ def open_loader(state: PretrainState) -> Iterator[dict]:
     if state.plan.same_world(info.world_size):
         # once more now: building the loader draws from the RNGs (the DataLoader's base seed), which the run that
         # saved them did before its first step, so a resumed run continues from exactly the states it saved
-        ckpt.load_rng(state.plan.resumed_ref(), info.rank)
+        checkpoint.load_rng(state.plan.resumed_ref(), info.rank)
     return loader
 
 
@@ -653,7 +655,7 @@ def take_step(
     """One optimizer step, agreed by all ranks: the batch, forward and backward, the all-reduce of
     :class:`StepStats` before the update (a non-finite loss on any rank stops every rank before it), the update.
     Returns (all ranks' statistics, the step's LR, this rank's global sample ids of the step)."""
-    start = ckpt.StepStart.take(state.engine.module)  # to save this state if the step's loss is not finite
+    start = checkpoint.StepStart.take(state.engine.module)  # to save this state if the step's loss is not finite
     batch = next_batch(loader, window, state, reads)
     lr = set_lr(state)
     loss, z_img, z_clim, cm = forward_backward(state, batch, running)
@@ -693,7 +695,7 @@ def train(state: PretrainState, flag: StopFlag, observers: Observers) -> dict:
         if observers.progress is not None:
             observers.progress.update(1)
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == t.steps or stop_now:
-            ckpt.save(state.engine, state.root, state.step, state.meta(), info.rank, cfg.checkpoint.keep_last)
+            checkpoint.save(state.engine, state.root, state.step, state.meta(), info.rank, cfg.checkpoint.keep_last)
         if stop_now and state.step < t.steps:
             stopped = True
             # every rank says where it stopped: the ranks' logs show that they agreed
@@ -701,7 +703,7 @@ def train(state: PretrainState, flag: StopFlag, observers: Observers) -> dict:
                 "rank %d: stopped on a signal at step %d after saving; run again to resume", info.rank, state.step
             )
             break
-    latest = ckpt.latest(state.root)
+    latest = checkpoint.latest(state.root)
     return {
         "steps": state.step,
         "samples": state.samples,
