@@ -19,10 +19,10 @@ class FusionRegressor(nn.Module):
     def __init__(self, inputs: tuple[int, ...], hidden: int = 128, dropout: float = 0.0):
         super().__init__()
         self.branches = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.Sigmoid()) for d in inputs)
-        self.fuse = nn.Sequential(
+        self.fuse: nn.Module = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(hidden * len(inputs), hidden), nn.Sigmoid(), nn.Dropout(dropout)
         )
-        self.out = nn.Linear(hidden, 1)
+        self.out: nn.Module = nn.Linear(hidden, 1)
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
         if len(features) != len(self.branches):
