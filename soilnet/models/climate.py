@@ -84,8 +84,18 @@ class BatchNormEncoderLayer(nn.Module):
 
 
 class ClimateTransformer(nn.Module):
-    def __init__(self, n_features: int, n_steps: int, d_model: int = 512, heads: int = 8, layers: int = 6,
-                 ff: int = 2048, dropout: float = 0.1, norm: str = "batch", out: int = 128):  # fmt: skip
+    def __init__(
+        self,
+        n_features: int,
+        n_steps: int,
+        d_model: int = 512,
+        heads: int = 8,
+        layers: int = 6,
+        ff: int = 2048,
+        dropout: float = 0.1,
+        norm: str = "batch",
+        out: int = 128,
+    ):
         super().__init__()
         if norm not in ("batch", "layer"):
             raise ValueError(f"climate transformer norm must be 'batch' or 'layer', got {norm!r}")
