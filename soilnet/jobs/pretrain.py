@@ -51,12 +51,12 @@ def plot_loss(metrics_file: Path, out: Path) -> None:
     import matplotlib  # heavy; only with train.plot, and the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import pyplot
 
     rows = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot.subplots(figsize=(6, 4))
     ax.plot([r["samples"] for r in rows], [r["loss"] for r in rows])
     ax.set_xlabel("samples seen")
     ax.set_ylabel("NT-Xent loss")
@@ -64,7 +64,7 @@ def plot_loss(metrics_file: Path, out: Path) -> None:
     fig.tight_layout()
     with atomic_file(out) as f:
         fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    pyplot.close(fig)
 
 
 def open_observers(cfg: PretrainConfig, out: Path, rank: int, step: int) -> Observers:

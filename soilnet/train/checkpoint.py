@@ -243,6 +243,7 @@ def save(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int, r
     :class:`CheckpointWriteError` on the rank that met it; the other ranks then fail on the lost peer. Either way
     the previous complete checkpoint stays in charge.
     """
+    # heavy (DeepSpeed's op builders); only a training process saves, and it has DeepSpeed loaded already
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
