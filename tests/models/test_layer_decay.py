@@ -96,23 +96,10 @@ def test_climate_only_config_summarises_without_an_image_encoder(repo_root, caps
     assert [g["name"] for g in summary["lr_groups"]] == ["climate_encoder", "head"]
 
 
-IMAGE = {
-    "vit_tiny": {},
-    "tiny_cnn": {},
-    "resnet50": {"out": 8},
-    "resnet101": {"out": 8},
-    "resnet101_glam": {"out": 8},
-    "vgg16": {"out": 8},
-    "vgg16_glam": {"out": 8},
-    "vit": {"depth": 2},
-}
-CLIMATE = {
-    "lstm": {},
-    "gru": {"layers": 3},
-    "rnn": {},
-    "tiny_gru": {},
-    "transformer": {"d_model": 32, "ff": 64, "layers": 2},
-}
+CNNS = ("resnet50", "resnet101", "resnet101_glam", "vgg16", "vgg16_glam")
+IMAGE = {"vit_tiny": {}, "tiny_cnn": {}} | dict.fromkeys(CNNS, {"out": 8}) | {"vit": {"depth": 2}}
+CLIMATE = dict.fromkeys(("lstm", "gru", "rnn", "tiny_gru"), {}) | {"gru": {"layers": 3}}
+CLIMATE["transformer"] = {"d_model": 32, "ff": 64, "layers": 2}
 
 
 @pytest.mark.parametrize(

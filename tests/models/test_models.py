@@ -92,22 +92,11 @@ def test_verified_parameter_counts(kind, name, kwargs, expected):
     assert n_params(build(kind, name, SCHEMA, **kwargs)) == expected
 
 
-IMAGE = {
-    "vit_tiny": {},
-    "tiny_cnn": {},
-    "resnet50": {"out": 32},
-    "resnet101_glam": {"out": 32},
-    "vgg16": {"out": 32},
-    "vgg16_glam": {"out": 32},
-}
-CLIMATE = {
-    "lstm": {},
-    "gru": {},
-    "rnn": {},
-    "tiny_gru": {},
-    "transformer": {"d_model": 32, "ff": 64, "layers": 2},
-    "transformer_ln": {"d_model": 32, "ff": 64, "layers": 2, "norm": "layer"},
-}
+CNNS = ("resnet50", "resnet101_glam", "vgg16", "vgg16_glam")
+IMAGE = {"vit_tiny": {}, "tiny_cnn": {}} | dict.fromkeys(CNNS, {"out": 32})
+TRANSFORMER = {"d_model": 32, "ff": 64, "layers": 2}
+CLIMATE = dict.fromkeys(("lstm", "gru", "rnn", "tiny_gru"), {})
+CLIMATE |= {"transformer": TRANSFORMER, "transformer_ln": {**TRANSFORMER, "norm": "layer"}}
 
 
 @pytest.mark.parametrize("name", IMAGE)

@@ -19,25 +19,12 @@ from shards.pack import pack
 from soilnet.config.base import load_config
 from soilnet.config.finetune import FinetuneConfig
 from soilnet.config.pack import PackConfig
+from soilnet.schema import SampleSchema
 from soilnet.train.finetune import run
 
 pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[2]
-CHANNELS = [
-    "SR_B1",
-    "SR_B3",
-    "SR_B4",
-    "SR_B5",
-    "SR_B6",
-    "SR_B7",
-    "clayIndex",
-    "ferrousIndex",
-    "carbonateIndex",
-    "rockOutcropIndex",
-    "NDVI",
-    "elevation",
-    "slope",
-]  # SR_B2 left out: positions shift
+CHANNELS = [c for c in SampleSchema().channels if c != "SR_B2"]  # SR_B2 left out: positions shift
 VARIABLES = ["aet", "def", "pdsi", "pet", "pr", "ro", "soil", "srad", "swe", "tmmx", "vap", "vpd", "vs"]  # no tmmn
 SUBSET = [f"data.schema.channels=[{','.join(CHANNELS)}]", f"data.schema.climate_variables=[{','.join(VARIABLES)}]"]
 

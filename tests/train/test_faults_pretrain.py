@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pretrain_kit import cpu_env, free_port
+from pretrain_kit import cpu_env, free_port, pretrain_command
 
 from soilnet.data.order import batch_ids
 from soilnet.data.tarindex import index_shard
@@ -28,7 +28,6 @@ from soilnet.train import checkpoint
 
 pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 G = 16  # global batch: 4 steps an epoch of the 64 samples
 
 # ``soilnet`` whose rank 0 SIGKILLs itself right after writing the first file of the checkpoint folder named in
@@ -50,23 +49,8 @@ sys.exit(main(sys.argv[1:]))
 def start(out: Path, shards: Path, world: int, *overrides: str, kill_saving: str | None = None):
     port = str(free_port())
     entry = ["-c", KILL_IN_SAVE] if kill_saving else ["-m", "soilnet.cli"]
-    args = [
-        sys.executable,
-        *entry,
-        "pretrain",
-        "--config",
-        str(DEMO),
-        f"output_dir={out}",
-        f"data.shards={shards}",
-        "train.steps=6",
-        f"train.global_batch_size={G}",
-        "data.log_sample_ids=true",
-        "train.tensorboard=false",
-        "train.plot=false",
-        "checkpoint.every_steps=3",
-        "checkpoint.keep_last=2",
-        *overrides,
-    ]
+    steps = ["train.steps=6", f"train.global_batch_size={G}", "train.plot=false"]
+    args = pretrain_command(entry, out, shards, *steps, *overrides)
     extra = {"SOILNET_TEST_KILL_SAVING": kill_saving} if kill_saving else {}
     procs = []
     for r in range(world):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_kit import children, cpu_env, free_port
+from pretrain_kit import children, cpu_env, free_port, pretrain_command
 from safetensors import safe_open
 from toymodels import FLAT
 
@@ -32,7 +32,6 @@ from soilnet.train.pretrain import accumulation_steps, engine_config, micro_batc
 
 pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 STEPS = 6  # 2N with N = 3; the demo checkpoints every 3 steps
 
 
@@ -41,22 +40,7 @@ def start(out: Path, shards: Path, world: int, *overrides: str, flat: bool = Fal
     port = str(free_port())
     entry = [str(Path(__file__).parent / "toymodels.py")] if flat else ["-m", "soilnet.cli"]
     overrides = (*FLAT, *overrides) if flat else overrides
-    args = [
-        sys.executable,
-        *entry,
-        "pretrain",
-        "--config",
-        str(DEMO),
-        f"output_dir={out}",
-        f"data.shards={shards}",
-        f"train.steps={STEPS}",
-        "data.log_sample_ids=true",
-        "train.tensorboard=false",
-        "train.global_batch_size=16",
-        "checkpoint.every_steps=3",
-        "checkpoint.keep_last=2",
-        *overrides,
-    ]
+    args = pretrain_command(entry, out, shards, f"train.steps={STEPS}", "train.global_batch_size=16", *overrides)
     procs = []
     for r in range(world):
         env = cpu_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
