@@ -34,18 +34,27 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy and torch load: one intra-op thread per process
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import rasterio  # noqa: E402
+import torch  # noqa: E402
+from rasterio.transform import from_origin  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from shards.pack import pack  # noqa: E402
 from soilnet.config.base import load_config  # noqa: E402
 from soilnet.config.pack import PackConfig  # noqa: E402
+from soilnet.config.schema import SchemaConfig  # noqa: E402
+from soilnet.data import LoaderSpec, build_loader, open_shards  # noqa: E402
+from soilnet.data.augment import AugmentSpec  # noqa: E402
+from soilnet.schema import SampleSchema  # noqa: E402
 
 
 def pack_samples(out: Path, n: int) -> Path:
-    from shards.pack import pack
-
     cfg = load_config(PackConfig, REPO / "configs/preprocess/demo.yaml", [f"output_dir={out}", f"sampling.n={n}"])
     pack(cfg)
     return out
@@ -75,19 +84,14 @@ def read_shard_samples(shard_dir: Path) -> list[dict]:
 
 def write_seed_layout(samples: list[dict], schema, root: Path) -> tuple[Path, Path]:
     """One float64 GeoTIFF per point and one CSV per climate variable, as the seed's notebooks read them."""
-    import pandas as pd
-    import rasterio
-    from rasterio.transform import from_origin
-
     images, climate = root / "images", root / "climate"
     images.mkdir(parents=True)
     climate.mkdir(parents=True)
     for s in samples:
         img = s["image.npy"].astype(np.float64)
-        with rasterio.open(
-            images / f"{s['__key__']}_150107.tif", "w", driver="GTiff", width=img.shape[2], height=img.shape[1],
-            count=img.shape[0], dtype="float64", crs="EPSG:3857", transform=from_origin(0, 0, 30, 30),
-        ) as dst:  # fmt: skip
+        profile = {"driver": "GTiff", "width": img.shape[2], "height": img.shape[1], "count": img.shape[0]}
+        profile.update(dtype="float64", crs="EPSG:3857", transform=from_origin(0, 0, 30, 30))
+        with rasterio.open(images / f"{s['__key__']}_150107.tif", "w", **profile) as dst:
             dst.write(img)
     dates = [m.replace("-", "") + "01" for m in schema.months]
     for j, var in enumerate(schema.climate_variables):
@@ -97,9 +101,6 @@ def write_seed_layout(samples: list[dict], schema, root: Path) -> tuple[Path, Pa
 
 
 def bench_seed(samples: list[dict], schema, images: Path, climate: Path) -> float:
-    import pandas as pd
-    import rasterio
-
     tables = {v: pd.read_csv(climate / f"{v}.csv", dtype={"Point_ID": str}) for v in schema.climate_variables}
     dates = [m.replace("-", "") + "01" for m in schema.months]
     start = time.perf_counter()
@@ -132,18 +133,14 @@ def bench_pipeline(
     Returns (seconds to the first batch: worker start and shard indexing, samples/s over the next ``reads``
     samples, CPU us/sample of this process over them: all its threads, not the workers); the loader is endless,
     so ``reads`` may span several epochs."""
-    from soilnet.config.schema import SchemaConfig
-    from soilnet.data import LoaderSpec, build_loader, open_shards
-    from soilnet.data.augment import AugmentSpec
-
     shards = open_shards(shard_dir, SchemaConfig())
-    options = {"threads": threads} if threads else {}  # 0 and "": the defaults (older loaders lack the options)
+    options: dict = {"threads": threads} if threads else {}  # 0 and "": the defaults (older loaders lack the options)
     if dtype:
-        import torch
-
         options["image_dtype"] = getattr(torch, dtype)
-    spec = LoaderSpec(seed=0, global_batch=batch_size, rank=0, world=1, augment=AugmentSpec(enabled=augment),
-                      num_workers=workers, **options)  # fmt: skip
+    augmentation = AugmentSpec(enabled=augment)
+    spec = LoaderSpec(
+        seed=0, global_batch=batch_size, rank=0, world=1, augment=augmentation, num_workers=workers, **options
+    )
     t0 = time.perf_counter()
     it = iter(build_loader(shards, spec))
     next(it)
@@ -157,7 +154,7 @@ def bench_pipeline(
     return first, rate, cpu_us
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1024, help="samples to pack")
     parser.add_argument("--reads", type=int, default=4096, help="samples each timed read covers (epochs repeat)")
@@ -166,63 +163,72 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2], help="builder threads per process")
     parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], help="images handed over as")
-    args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
+    return parser.parse_args()
 
+
+def bench_rounds(args: argparse.Namespace, shard_dir: Path, n: int) -> dict[str, dict[str, list[float]]]:
+    """Every pipeline configuration ``args.repeats`` times, each paired with the raw read just before it; returns
+    ``{"rates", "cpu", "firsts"}``, each a list per run name (ratios as ``ratio_<name>`` among the rates)."""
+    # interleaved repeats: each pipeline run is paired with the raw read just before it, and a ratio is the
+    # median of the pairs' ratios (the raw read's own rate moves by 2x between quiet moments here)
+    rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    firsts: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        for w, t, dt, aug in itertools.product(args.workers, args.threads, args.dtypes, (True, False)):
+            tag = f"w{w}_t{t}" + (f"_{dt}" if dt else "")
+            name = f"pipeline{'' if aug else '_noaug'}_{tag}"
+            raw, raw_cpu = bench_raw_tar(shard_dir, n, args.reads)
+            rates.setdefault("raw_tar", []).append(raw)
+            cpu.setdefault("raw_tar", []).append(raw_cpu)
+            first, rate, cpu_us = bench_pipeline(shard_dir, args.reads, w, aug, args.batch_size, t, dt)
+            rates.setdefault(name, []).append(rate)
+            rates.setdefault(f"ratio_{name}", []).append(rate / raw)
+            cpu.setdefault(name, []).append(cpu_us)
+            firsts.setdefault(tag, []).append(first)
+    return {"rates": rates, "cpu": cpu, "firsts": firsts}
+
+
+def summarise(results: dict, rounds: dict[str, dict[str, list[float]]]) -> None:
+    """Add the rounds' medians and the best configurations to ``results``, printing a line per figure."""
+    med = {k: float(np.median(v)) for k, v in rounds["rates"].items()}
+    results.update({k: v for k, v in med.items() if not k.startswith("ratio_")})
+    cpu = rounds["cpu"]
+    results.update({f"cpu_us_{k}": float(np.median(v)) for k, v in cpu.items() if "_w0_" in k or k == "raw_tar"})
+    results.update({f"first_batch_s_{k}": min(v) for k, v in rounds["firsts"].items()})
+    ratios = {k.removeprefix("ratio_"): v for k, v in med.items() if k.startswith("ratio_")}
+    top_name = max((k for k in ratios if "noaug" not in k), key=ratios.__getitem__)
+    top_noaug_name = max((k for k in ratios if "noaug" in k), key=ratios.__getitem__)
+    for k, v in results.items():
+        if k.startswith(("raw", "seed", "pipeline")):
+            print(f"{k:>28}: {v:12.0f} samples/s" + (f"  ({ratios[k]:.2f} of the raw read)" if k in ratios else ""))
+        elif k.startswith("first_batch"):
+            print(f"{k:>28}: {v:12.3f} s")
+        elif k.startswith("cpu_us"):
+            print(f"{k:>28}: {v:12.1f} CPU us/sample")
+    results.update(
+        vs_seed=med[top_name] / results["seed"],
+        vs_raw_tar=ratios[top_noaug_name],
+        vs_raw_tar_augmented=ratios[top_name],
+        best=top_name,
+        best_noaug=top_noaug_name,
+    )
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        shard_dir = pack_samples(tmp / "shards", args.samples)
+        root = Path(tmp)
+        shard_dir = pack_samples(root / "shards", args.samples)
         manifest = json.loads((shard_dir / "manifest.json").read_text())
-        from soilnet.schema import SampleSchema
-
         schema = SampleSchema.from_dict(manifest["schema"])
         n = manifest["samples"]
         samples = read_shard_samples(shard_dir)
-        images, climate = write_seed_layout(samples, schema, tmp / "seed")
-
+        images, climate = write_seed_layout(samples, schema, root / "seed")
         results: dict = {"samples": n, "reads": args.reads, "load_avg_1min": os.getloadavg()[0]}
         results["seed"] = bench_seed(samples, schema, images, climate)
-        # interleaved repeats: each pipeline run is paired with the raw read just before it, and a ratio is the
-        # median of the pairs' ratios (the raw read's own rate moves by 2x between quiet moments here)
-        rates: dict[str, list[float]] = {}
-        cpu: dict[str, list[float]] = {}
-        firsts: dict[str, list[float]] = {}
-        for _ in range(args.repeats):
-            for w, t, dt, aug in itertools.product(args.workers, args.threads, args.dtypes, (True, False)):
-                tag = f"w{w}_t{t}" + (f"_{dt}" if dt else "")
-                name = f"pipeline{'' if aug else '_noaug'}_{tag}"
-                raw, raw_cpu = bench_raw_tar(shard_dir, n, args.reads)
-                rates.setdefault("raw_tar", []).append(raw)
-                cpu.setdefault("raw_tar", []).append(raw_cpu)
-                first, rate, cpu_us = bench_pipeline(shard_dir, args.reads, w, aug, args.batch_size, t, dt)
-                rates.setdefault(name, []).append(rate)
-                rates.setdefault(f"ratio_{name}", []).append(rate / raw)
-                cpu.setdefault(name, []).append(cpu_us)
-                firsts.setdefault(tag, []).append(first)
-        med = {k: float(np.median(v)) for k, v in rates.items()}
-        results.update({k: v for k, v in med.items() if not k.startswith("ratio_")})
-        results.update({f"cpu_us_{k}": float(np.median(v)) for k, v in cpu.items() if "_w0_" in k or k == "raw_tar"})
-        results.update({f"first_batch_s_{k}": min(v) for k, v in firsts.items()})
-        ratios = {k.removeprefix("ratio_"): v for k, v in med.items() if k.startswith("ratio_")}
-        top_name = max((k for k in ratios if "noaug" not in k), key=ratios.get)
-        top_noaug_name = max((k for k in ratios if "noaug" in k), key=ratios.get)
-        for k, v in results.items():
-            if k.startswith(("raw", "seed", "pipeline")):
-                print(f"{k:>28}: {v:12.0f} samples/s" + (f"  ({ratios[k]:.2f} of the raw read)" if k in ratios else ""))
-            elif k.startswith("first_batch"):
-                print(f"{k:>28}: {v:12.3f} s")
-            elif k.startswith("cpu_us"):
-                print(f"{k:>28}: {v:12.1f} CPU us/sample")
-        results.update(
-            vs_seed=med[top_name] / results["seed"],
-            vs_raw_tar=ratios[top_noaug_name],
-            vs_raw_tar_augmented=ratios[top_name],
-            best=top_name,
-            best_noaug=top_noaug_name,
-        )
+        summarise(results, bench_rounds(args, shard_dir, n))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}))
 
 

@@ -26,6 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from soilnet.config.base import load_config
+from soilnet.config.pretrain import PretrainConfig
+from soilnet.data import build_loader, open_shards
+from soilnet.losses import ContrastiveLoss
+from soilnet.models import build_contrastive_model
+from soilnet.train.pretrain import loader_spec
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,13 +46,15 @@ def _port() -> str:
 
 def pretrain(config: str, world: int, steps: int, out: Path, extra: list[str]) -> list[dict]:
     port = _port()
-    args = [sys.executable, "-m", "soilnet.cli", "pretrain", "--config", config, f"output_dir={out}",
-            f"train.steps={steps}", f"checkpoint.every_steps={steps * 10}", "train.progress=false",
-            "train.tensorboard=false", "train.plot=false", *extra]  # fmt: skip
+    args = [
+        *(sys.executable, "-m", "soilnet.cli", "pretrain", "--config", config, f"output_dir={out}"),
+        *(f"train.steps={steps}", f"checkpoint.every_steps={steps * 10}", "train.progress=false"),
+        *("train.tensorboard=false", "train.plot=false", *extra),
+    ]
     procs = []
     for r in range(world):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")  # fmt: skip
+        ranks = {"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r)}
+        env = dict(os.environ, **ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     for p in procs:
         _, err = p.communicate()
@@ -59,15 +70,6 @@ def steady_sps(rows: list[dict]) -> float:
 
 def plain_torch_sps(config: str, steps: int, extra: list[str]) -> float:
     """The same model, loss, data and AdamW in a plain single-process torch loop."""
-    import torch
-
-    from soilnet.config.base import load_config
-    from soilnet.config.pretrain import PretrainConfig
-    from soilnet.data import build_loader, open_shards
-    from soilnet.losses import ContrastiveLoss
-    from soilnet.models import build_contrastive_model
-    from soilnet.train.pretrain import loader_spec
-
     cfg = load_config(PretrainConfig, config, extra)
     shards = open_shards(cfg.data.shards, cfg.data.schema_)
     torch.manual_seed(0)
@@ -113,7 +115,7 @@ def gather_seconds(micro_batch: int, dim: int, n: int = 50) -> float:
                 os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"
             ),
             stdout=subprocess.PIPE,
-        )  # fmt: skip
+        )
         for r in range(2)
     ]
     outs = [p.communicate()[0].decode().strip() for p in procs]
@@ -131,8 +133,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs/pretrain/demo.yaml"))
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--global-batch", type=int, default=256,
-                   help="the same for every run; at the demo's 32 the fixed per-step costs hide the model")  # fmt: skip
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        default=256,
+        help="the same for every run; at the demo's 32 the fixed per-step costs hide the model",
+    )
     p.add_argument("--repeats", type=int, default=2, help="alternate the three runs this often; medians are kept")
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
@@ -150,9 +156,6 @@ def main() -> None:
             runs["ds1"].append(steady_sps(pretrain(a.config, 1, a.steps, Path(tmp) / f"w1-{i}", extra)))
             runs["ds2"].append(steady_sps(pretrain(a.config, 2, a.steps, Path(tmp) / f"w2-{i}", extra)))
     torch_sps, sps1, sps2 = (statistics.median(runs[k]) for k in ("torch", "ds1", "ds2"))
-    from soilnet.config.base import load_config
-    from soilnet.config.pretrain import PretrainConfig
-
     cfg = load_config(PretrainConfig, a.config, extra)
     dim = cfg.model.projection_dim or 64
     g = gather_seconds(cfg.train.global_batch_size // 2, dim)

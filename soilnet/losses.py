@@ -71,6 +71,8 @@ class ContrastiveLoss(nn.Module):
     ``temperature`` is the initial value when ``learnable`` (then stored as a log so it stays positive).
     """
 
+    log_temperature: torch.Tensor  # (1,): a parameter when learnable, else a buffer
+
     def __init__(self, temperature: float = 0.5, learnable: bool = False, simclr_weight: float = 0.0):
         super().__init__()
         # shape (1,), not (): DeepSpeed's flattening and checkpoint code expect parameters with a dimension

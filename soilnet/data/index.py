@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,7 +128,7 @@ class OpenShards:
     """One thread's open shard files, by shard number (``fd`` (S,) int32, -1 when closed); beyond ``limit``
     the file opened first is closed."""
 
-    def __init__(self, urls: list[str], limit: int = 512):
+    def __init__(self, urls: Sequence[str], limit: int = 512):
         self.urls, self.limit = urls, limit
         self.fd = np.full(len(urls), -1, dtype=np.int32)
         self._opened: collections.deque[int] = collections.deque()

@@ -28,7 +28,7 @@ from soilnet.data.order import batch_ids, micro_batch, step_epoch
 from soilnet.data.shards import ShardSet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoaderSpec:
     """What a rank reads: ``global_batch`` split over ``world`` ranks, in the order of ``seed``."""
 
@@ -144,13 +144,13 @@ class PretrainBatches(IterableDataset):
             for i in (i for i in range(hi - lo) if i not in bad):
                 rng = rngs[lo + i] = np.random.default_rng([sp.seed, epoch, int(ids[lo + i])])
                 sample = dec.select_channels(rows[IMAGE][i])
-                for v, out in enumerate(views):
+                for v, work in enumerate(views):
                     view = draw_view(sp.augment, rng, *sample.shape)
-                    apply_view(sample, view, sp.augment.pad, out[i])
+                    apply_view(sample, view, sp.augment.pad, work[i])
                     if view.jitter is not None:
                         jitter[v, i] = view.jitter
-            for out, view, j in zip(images, views, jitter, strict=True):
-                dec.image_into(view, out[lo:hi], selected=True, jitter=j if sp.augment.spectral_jitter > 0 else None)
+            for out, work, j in zip(images, views, jitter, strict=True):
+                dec.image_into(work, out[lo:hi], selected=True, jitter=j if sp.augment.spectral_jitter > 0 else None)
         keys = climate_keys(raw_climate)
         climate = normalise(raw_climate, sh.climate_mean, sh.climate_std, axis=2)
         for i, rng in rngs.items():
@@ -197,7 +197,7 @@ def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -
     inside numpy's C++ code aborts the process ("terminate called without an active exception"). They stop when
     this generator closes, or when the main thread has ended while they wait to hand over a batch."""
     stop = threading.Event()
-    queues = [queue.Queue(maxsize=1) for _ in range(threads)]
+    queues: list[queue.Queue] = [queue.Queue(maxsize=1) for _ in range(threads)]
 
     def hand_over(q: queue.Queue, item) -> bool:
         while not stop.is_set():

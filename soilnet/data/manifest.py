@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from soilnet import schema as S
 from soilnet.config.base import ConfigError
 from soilnet.config.schema import SchemaConfig
+from soilnet.schema import SampleSchema, SchemaError, month_range
 
 
 class DataError(ConfigError):
@@ -44,7 +44,7 @@ def read_manifest(shards: str | Path) -> tuple[dict, Path]:
     return manifest, path.parent
 
 
-def select_schema(requested: SchemaConfig, available: S.SampleSchema) -> S.SampleSchema:
+def select_schema(requested: SchemaConfig, available: SampleSchema) -> SampleSchema:
     """The schema a run uses: what ``requested`` names, defaulting to everything the data holds.
 
     Fields the config leaves unset follow the data; names the data lacks are an error naming them.
@@ -55,10 +55,10 @@ def select_schema(requested: SchemaConfig, available: S.SampleSchema) -> S.Sampl
         tuple(requested.climate_variables) if requested.climate_variables is not None else available.climate_variables
     )
     if "first_month" in given or "last_month" in given:
-        months = S.month_range(requested.first_month, requested.last_month)
+        months = month_range(requested.first_month, requested.last_month)
     else:
         months = available.months
-    chosen = S.SampleSchema(
+    chosen = SampleSchema(
         channels=channels,
         climate_variables=variables,
         months=months,
@@ -66,7 +66,7 @@ def select_schema(requested: SchemaConfig, available: S.SampleSchema) -> S.Sampl
         pixel_size_m=requested.pixel_size_m if "pixel_size_m" in given else available.pixel_size_m,
     )
     if not chosen.subset_of(available):
-        raise S.SchemaError(
+        raise SchemaError(
             "the requested schema is not available in the shards: " + "; ".join(chosen.differences(available))
         )
     return chosen

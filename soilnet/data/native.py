@@ -10,6 +10,7 @@ The conversion uses the widest kernels the CPU has (AVX-512, AVX2 with F16C, els
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 
 import numpy as np
@@ -42,11 +43,14 @@ class Affine(ctypes.Structure):
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("SOILNET_NATIVE", "1") == "0":  # to compare, or to rule it out
         return None
-    try:
-        from soilnet.data import _native
-    except ImportError:
+    # the built extension's file, found without importing it: ctypes loads it (a CDLL call releases the GIL)
+    spec = importlib.util.find_spec("soilnet.data._native")
+    if spec is None or spec.origin is None:
         return None
-    lib = ctypes.CDLL(_native.__file__)  # a CDLL call releases the GIL
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
     affine_p = ctypes.POINTER(Affine)
     lib.soilnet_affine_rows.argtypes, lib.soilnet_affine_rows.restype = [_i64, affine_p], None
     lib.soilnet_read_runs.argtypes = [_i64, _p, _p, _p, _p, _p, _p, _p, affine_p]
@@ -77,15 +81,33 @@ def affine(raw: np.ndarray, channel, scale, bias, out: torch.Tensor, jitter: np.
     keep = [np.ascontiguousarray(a, dtype=t) for a, t in ((channel, np.int64), (scale, np.float32), (bias, np.float32))]
     if jitter is not None:
         keep.append(np.ascontiguousarray(jitter, dtype=np.float32).reshape(k, len(channel)))
-    a = Affine(raw.ctypes.data, raw[0].nbytes if k else 0, int(raw.dtype == np.int16), int(out.dtype == torch.bfloat16),
-               len(channel), keep[0].ctypes.data, h * w, keep[1].ctypes.data, keep[2].ctypes.data,
-               keep[3].ctypes.data if jitter is not None else None, out.data_ptr(), MAX_ISA)  # fmt: skip
+    a = Affine(
+        rows=raw.ctypes.data,
+        row_bytes=raw[0].nbytes if k else 0,
+        is_int16=int(raw.dtype == np.int16),
+        out_bf16=int(out.dtype == torch.bfloat16),
+        channels=len(channel),
+        channel=keep[0].ctypes.data,
+        hw=h * w,
+        scale=keep[1].ctypes.data,
+        bias=keep[2].ctypes.data,
+        jitter=keep[3].ctypes.data if jitter is not None else None,
+        out=out.data_ptr(),
+        max_isa=MAX_ISA,
+    )
     a._keep = (keep, raw, out)
     return a
 
 
+def _lib() -> ctypes.CDLL:
+    """The loaded extension; its callers run only when :func:`available`."""
+    if LIB is None:
+        raise RuntimeError("soilnet.data._native is not loaded (not built, or SOILNET_NATIVE=0)")
+    return LIB
+
+
 def affine_rows(a: Affine, k: int) -> None:
-    LIB.soilnet_affine_rows(k, ctypes.byref(a))
+    _lib().soilnet_affine_rows(k, ctypes.byref(a))
 
 
 def read_runs(runs: np.ndarray, iov: np.ndarray, got: np.ndarray, convert: Affine | None) -> None:
@@ -96,7 +118,7 @@ def read_runs(runs: np.ndarray, iov: np.ndarray, got: np.ndarray, convert: Affin
     count = np.ascontiguousarray(runs[:, 3], dtype=np.int32)
     offset, first, row = (np.ascontiguousarray(runs[:, j]) for j in (1, 2, 4))
     iov = np.ascontiguousarray(iov, dtype=np.int64)
-    LIB.soilnet_read_runs(
-        len(runs), fd.ctypes.data, offset.ctypes.data, first.ctypes.data, count.ctypes.data, row.ctypes.data,
-        iov.ctypes.data, got.ctypes.data, None if convert is None else ctypes.byref(convert),
-    )  # fmt: skip
+    _lib().soilnet_read_runs(
+        *(len(runs), fd.ctypes.data, offset.ctypes.data, first.ctypes.data, count.ctypes.data, row.ctypes.data),
+        *(iov.ctypes.data, got.ctypes.data, None if convert is None else ctypes.byref(convert)),
+    )

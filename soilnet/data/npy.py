@@ -39,6 +39,7 @@ class NpyLayout:
         """headers: (k, h) uint8, one header per row -> [(row, what it declares instead)] for the wrong ones.
         One comparison for the whole batch; only rows unlike an accepted header are parsed."""
         accepted = next((h for h in self.headers if len(h) == headers.shape[1]), None)
+        suspects: range | list[int]
         if accepted is None:
             suspects = range(len(headers))
         else:

@@ -24,6 +24,9 @@ class TensorPool:
     where this process cannot see them freed (:func:`soilnet.data.decode.empty` covers that case)."""
 
     def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
         self._free: dict[tuple, list[np.ndarray]] = {}
         self._lock = threading.Lock()
 
@@ -31,7 +34,7 @@ class TensorPool:
         return {}  # a copy in another process starts empty (and a lock cannot be pickled)
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self._reset()
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised ``shape`` tensor of ``dtype``, over a pooled array."""

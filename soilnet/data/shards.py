@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from soilnet import schema as S
 from soilnet.config.schema import SchemaConfig
 from soilnet.data.manifest import (
     DataError,
@@ -21,6 +20,7 @@ from soilnet.data.manifest import (
     required_statistics,
     select_schema,
 )
+from soilnet.schema import SampleSchema, SchemaError
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class ShardSet:
     urls: tuple[str, ...]
     counts: np.ndarray  # (S,) int64 samples per shard
     starts: np.ndarray  # (S,) int64 global id of each shard's first sample
-    available: S.SampleSchema
-    schema: S.SampleSchema
+    available: SampleSchema
+    schema: SampleSchema
     image_encoding: dict
     image_mean: np.ndarray
     image_std: np.ndarray
@@ -80,10 +80,10 @@ def open_shards(shards: str | Path, requested: SchemaConfig) -> ShardSet:
     have = set(manifest.get("modalities", ["image", "climate"]))
     if not {"image", "climate"} <= have:
         raise DataError(f"{mpath}: pretraining needs image and climate; the shards have {sorted(have)}")
-    available = S.SampleSchema.from_dict(manifest["schema"])
+    available = SampleSchema.from_dict(manifest["schema"])
     try:
         schema = select_schema(requested, available)
-    except S.SchemaError as err:
+    except SchemaError as err:
         raise DataError(f"{mpath}: {err}") from err
     urls = tuple(str(folder / e["name"]) for e in entries)
     missing = [u for u in urls if not Path(u).is_file()]

@@ -37,7 +37,7 @@ class RecurrentEncoder(nn.Module):
 
 def recurrent_layers(rnn: nn.RNNBase, prefix: str) -> list[tuple[str, list[nn.Parameter]]]:
     """``(prefix.l<k>, [weight_ih_l<k>, weight_hh_l<k>, biases])`` for each stacked layer k of ``rnn``."""
-    layer_of = {name: int(re.search(r"_l(\d+)", name).group(1)) for name, _ in rnn.named_parameters()}
+    layer_of = {name: int(re.findall(r"_l(\d+)", name)[0]) for name, _ in rnn.named_parameters()}
     return [
         (f"{prefix}.l{k}", [p for name, p in rnn.named_parameters() if layer_of[name] == k])
         for k in range(rnn.num_layers)
@@ -46,6 +46,8 @@ def recurrent_layers(rnn: nn.RNNBase, prefix: str) -> list[tuple[str, list[nn.Pa
 
 class SinusoidalPositions(nn.Module):
     """Adds the fixed sine/cosine encoding of Vaswani et al. to ``(B, T, d)``, then dropout."""
+
+    pe: torch.Tensor  # (1, max_len, d) buffer
 
     def __init__(self, d_model: int, max_len: int, dropout: float):
         super().__init__()
@@ -82,8 +84,18 @@ class BatchNormEncoderLayer(nn.Module):
 
 
 class ClimateTransformer(nn.Module):
-    def __init__(self, n_features: int, n_steps: int, d_model: int = 512, heads: int = 8, layers: int = 6,
-                 ff: int = 2048, dropout: float = 0.1, norm: str = "batch", out: int = 128):  # fmt: skip
+    def __init__(
+        self,
+        n_features: int,
+        n_steps: int,
+        d_model: int = 512,
+        heads: int = 8,
+        layers: int = 6,
+        ff: int = 2048,
+        dropout: float = 0.1,
+        norm: str = "batch",
+        out: int = 128,
+    ):
         super().__init__()
         if norm not in ("batch", "layer"):
             raise ValueError(f"climate transformer norm must be 'batch' or 'layer', got {norm!r}")

@@ -9,6 +9,8 @@ feature maps of 64x64 patches: after ResNet's layer2, after VGG16's ``features[2
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -31,17 +33,13 @@ def _params(*modules: nn.Module) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
-class ResNetEncoder(nn.Module):
-    def __init__(self, depth: int, in_channels: int, out: int, glam: bool = False, glam_reduced: int = 32,
-                 glam_kernel: int = 5, activation: str = "relu", channels_last: bool = False):  # fmt: skip
+class TorchvisionEncoder(nn.Module):
+    """A torchvision network ``net`` whose classifier ends in a Linear to ``out``, followed by ``activation``;
+    with ``channels_last`` the network and its input use that memory format."""
+
+    def __init__(self, net: Any, out: int, activation: str, channels_last: bool):
         super().__init__()
-        net = getattr(torchvision_models(), f"resnet{depth}")(weights=None)
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        net.fc = nn.Linear(net.fc.in_features, out)
-        if glam:  # after layer2, as in the seed's ResNet101+GLAM
-            layer2_channels = net.layer2[-1].conv3.out_channels
-            net.layer2 = nn.Sequential(net.layer2, GLAM(layer2_channels, glam_reduced, glam_kernel))
-        self.net = net
+        self.net = net  # Any: the subclasses reach into torchvision's layers by name (conv1, layer2, features)
         self.activation = _activation(activation)
         self.out_features = out
         self.channels_last = channels_last
@@ -52,6 +50,27 @@ class ResNetEncoder(nn.Module):
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         return self.activation(self.net(image))
+
+
+class ResNetEncoder(TorchvisionEncoder):
+    def __init__(
+        self,
+        depth: int,
+        in_channels: int,
+        out: int,
+        glam: bool = False,
+        glam_reduced: int = 32,
+        glam_kernel: int = 5,
+        activation: str = "relu",
+        channels_last: bool = False,
+    ):
+        net = getattr(torchvision_models(), f"resnet{depth}")(weights=None)
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        net.fc = nn.Linear(net.fc.in_features, out)
+        if glam:  # after layer2, as in the seed's ResNet101+GLAM
+            layer2_channels = net.layer2[-1].conv3.out_channels
+            net.layer2 = nn.Sequential(net.layer2, GLAM(layer2_channels, glam_reduced, glam_kernel))
+        super().__init__(net, out, activation, channels_last)
 
     def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Layer-wise LR decay levels, input first: the stem, the four stages (GLAM with layer2), the fc."""
@@ -60,13 +79,20 @@ class ResNetEncoder(nn.Module):
         return [("stem", _params(n.conv1, n.bn1)), *stages, ("out", _params(n.fc))]
 
 
-class VGGEncoder(nn.Module):
+class VGGEncoder(TorchvisionEncoder):
     """VGG16; with ``glam`` the attention block follows ``features[22]`` (conv4_3's ReLU, 8x8 on 64x64 patches),
     as in the seed's VGG16GLAM. (The seed's ``use_glam`` flag was inverted: it added GLAM when asked not to.)"""
 
-    def __init__(self, in_channels: int, out: int, glam: bool = False, glam_reduced: int = 32, glam_kernel: int = 5,
-                 activation: str = "leaky_relu", channels_last: bool = False):  # fmt: skip
-        super().__init__()
+    def __init__(
+        self,
+        in_channels: int,
+        out: int,
+        glam: bool = False,
+        glam_reduced: int = 32,
+        glam_kernel: int = 5,
+        activation: str = "leaky_relu",
+        channels_last: bool = False,
+    ):
         net = torchvision_models().vgg16(weights=None)
         first = net.features[0]
         net.features[0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride, first.padding)
@@ -75,22 +101,13 @@ class VGGEncoder(nn.Module):
             glam_block = GLAM(channels, glam_reduced, glam_kernel)
             net.features[VGG_GLAM_AFTER] = nn.Sequential(net.features[VGG_GLAM_AFTER], glam_block)
         net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, out)
-        self.net = net
-        self.activation = _activation(activation)
-        self.out_features = out
-        self.channels_last = channels_last
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        return self.activation(self.net(image))
+        super().__init__(net, out, activation, channels_last)
 
     def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Layer-wise LR decay levels, input first: the five convolution blocks (each ends in a max-pool; GLAM is
         in block4), the classifier's two hidden Linears, the output Linear."""
-        blocks, current = [], []
+        blocks: list[tuple[str, list[nn.Parameter]]] = []
+        current: list[nn.Parameter] = []
         for layer in self.net.features:
             current += _params(layer)
             if isinstance(layer, nn.MaxPool2d):

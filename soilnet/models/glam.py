@@ -15,14 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def channel_conv(kernel_size: int) -> nn.Conv1d:
+    """A 1-D convolution across pooled channels, one in and one out, keeping their number (``kernel_size`` odd)."""
+    if kernel_size % 2 != 1:
+        raise ValueError("GLAM kernel_size must be odd")
+    return nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2)
+
+
 class LocalChannelAttention(nn.Module):
     """ECA-style: a 1-D convolution across the pooled channels gives per-channel weights; x * a + x."""
 
     def __init__(self, kernel_size: int = 5):
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError("GLAM kernel_size must be odd")
-        self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2)
+        self.conv = channel_conv(kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
@@ -50,10 +55,8 @@ class GlobalChannelAttention(nn.Module):
 
     def __init__(self, kernel_size: int = 5):
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError("GLAM kernel_size must be odd")
-        self.conv_q = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2)
-        self.conv_k = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2)
+        self.conv_q = channel_conv(kernel_size)
+        self.conv_k = channel_conv(kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -19,10 +19,10 @@ class FusionRegressor(nn.Module):
     def __init__(self, inputs: tuple[int, ...], hidden: int = 128, dropout: float = 0.0):
         super().__init__()
         self.branches = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.Sigmoid()) for d in inputs)
-        self.fuse = nn.Sequential(
+        self.fuse: nn.Module = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(hidden * len(inputs), hidden), nn.Sigmoid(), nn.Dropout(dropout)
         )
-        self.out = nn.Linear(hidden, 1)
+        self.out: nn.Module = nn.Linear(hidden, 1)
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
         if len(features) != len(self.branches):
@@ -44,9 +44,12 @@ class FusionRegressorV2(FusionRegressor):
         super().__init__(inputs, hidden)
         narrow = hidden // 4
         self.fuse = nn.Sequential(
-            nn.Linear(hidden * len(inputs), hidden), nn.Dropout(dropout), nn.Sigmoid(), nn.Linear(hidden, narrow),
+            nn.Linear(hidden * len(inputs), hidden),
+            nn.Dropout(dropout),
             nn.Sigmoid(),
-        )  # fmt: skip
+            nn.Linear(hidden, narrow),
+            nn.Sigmoid(),
+        )
         self.out = nn.Sequential(nn.Linear(narrow, 1), nn.ReLU() if relu_output else nn.Identity())
 
 
@@ -57,9 +60,12 @@ def regressor_v1(schema: SampleSchema, inputs: tuple[int, ...] = (128, 128), hid
 
 @register("regressor", "regressor_v2")
 def regressor_v2(
-    schema: SampleSchema, inputs: tuple[int, ...] = (128, 128), hidden: int = 128, dropout: float = 0.25,
+    schema: SampleSchema,
+    inputs: tuple[int, ...] = (128, 128),
+    hidden: int = 128,
+    dropout: float = 0.25,
     relu_output: bool = True,
-) -> FusionRegressorV2:  # fmt: skip
+) -> FusionRegressorV2:
     return FusionRegressorV2(tuple(inputs), hidden, dropout=dropout, relu_output=relu_output)
 
 

@@ -63,8 +63,9 @@ def lr_groups(model: nn.Module, encoders: str = "full", layer_decay: float = 1.0
         if encoders == "lrd":
             blocks = lr_blocks(enc, f"model.{where}")
             n = len(blocks)
-            groups += [LrGroup(f"{where}.{name}", params, layer_decay ** (n - i)) for i, (name, params) in
-                       enumerate(blocks)]  # fmt: skip
+            groups += [
+                LrGroup(f"{where}.{name}", params, layer_decay ** (n - i)) for i, (name, params) in enumerate(blocks)
+            ]
         else:
             groups.append(LrGroup(where, list(enc.parameters()), 0.0 if encoders == "frozen" else 1.0))
     head = [p for p in model.parameters() if id(p) not in in_encoders]

@@ -52,10 +52,20 @@ class VisionTransformer(nn.Module):
     """image ``(B, C, S, S)`` -> ``(B, out)``; ``activation_checkpointing`` recomputes blocks in backward."""
 
     def __init__(
-        self, in_channels: int, image_size: int = 64, patch_size: int = 8, out: int = 1024, dim: int = 768,
-        depth: int = 12, heads: int = 12, mlp_dim: int = 3072, qkv_bias: bool = True, p: float = 0.1,
-        attn_p: float = 0.1, activation_checkpointing: bool = False,
-    ):  # fmt: skip
+        self,
+        in_channels: int,
+        image_size: int = 64,
+        patch_size: int = 8,
+        out: int = 1024,
+        dim: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        mlp_dim: int = 3072,
+        qkv_bias: bool = True,
+        p: float = 0.1,
+        attn_p: float = 0.1,
+        activation_checkpointing: bool = False,
+    ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not divisible by patch size {patch_size}")

@@ -23,6 +23,9 @@ class ContrastiveModel(nn.Module):
     encoders must already embed to the same size. The encoders alone are what ``soilnet export`` keeps.
     """
 
+    image_projection: ProjectionHead | None
+    climate_projection: ProjectionHead | None
+
     def __init__(self, image_encoder: nn.Module, climate_encoder: nn.Module, projection_dim: int | None = None):
         super().__init__()
         self.image_encoder = image_encoder
@@ -38,7 +41,7 @@ class ContrastiveModel(nn.Module):
 
     def forward(self, image: torch.Tensor, climate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z_img, z_clim = self.image_encoder(image), self.climate_encoder(climate)
-        if self.image_projection is not None:
+        if self.image_projection is not None and self.climate_projection is not None:
             z_img, z_clim = self.image_projection(z_img), self.climate_projection(z_clim)
         return z_img, z_clim
 

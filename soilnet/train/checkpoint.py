@@ -243,6 +243,7 @@ def save(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int, r
     :class:`CheckpointWriteError` on the rank that met it; the other ranks then fail on the lost peer. Either way
     the previous complete checkpoint stays in charge.
     """
+    # heavy (DeepSpeed's op builders); only a training process saves, and it has DeepSpeed loaded already
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -326,11 +327,9 @@ def ensure_universal(ref: CheckpointRef, rank: int) -> str:
     if rank == 0 and not (target / META).is_file():
         tmp = ref.root / (tag + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [
-            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder", str(ref.path), "--output_folder", str(tmp),
-            "--num_extract_workers", "1", "--num_merge_workers", "1",
-        ]  # fmt: skip
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+        cmd += ["--input_folder", str(ref.path), "--output_folder", str(tmp)]
+        cmd += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"converting {ref.path} to a universal checkpoint failed:\n{proc.stderr[-4000:]}")

@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from soilnet.atomic import write_bytes
+from soilnet.config.schema import SchemaConfig
+from soilnet.data.shards import ShardSet, open_shards
 from soilnet.train.checkpoint import resolve
 
 log = logging.getLogger("soilnet.export")
@@ -35,6 +37,7 @@ MODEL_PREFIX = "model."  # the contrastive model sits at PretrainModule.model
 
 def encoder_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(``image_encoder.*``/``climate_encoder.*`` fp32 tensors, the checkpoint's soilnet.json)."""
+    # heavy (DeepSpeed's op builders); only a ZeRO-partitioned checkpoint needs it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ref = resolve(checkpoint)
@@ -52,7 +55,7 @@ def encoder_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict
     return state, ref.meta
 
 
-def shard_statistics(shards) -> dict:
+def shard_statistics(shards: ShardSet) -> dict:
     """The normalisation of a pretraining :class:`~soilnet.data.shards.ShardSet`, by name.
 
     ``{"source": manifest path, "schema": the run's schema dict, "image": {channel: {"mean", "std"}},
@@ -77,17 +80,19 @@ def pretraining_statistics(meta: dict, shards: str | Path | None = None) -> dict
     the run's recorded ``data.shards`` manifest, for the checkpoint's schema (its channels and variables by name)."""
     if meta.get("normalisation") and shards is None:
         return meta["normalisation"]
-    from soilnet.config.schema import SchemaConfig
-    from soilnet.data.shards import open_shards
-
     where = shards if shards is not None else ((meta.get("config") or {}).get("data") or {}).get("shards")
     if not where:
         log.warning("the checkpoint records neither normalisation statistics nor its shards: exporting without them")
         return None
     s = meta["schema"]
-    wanted = SchemaConfig(channels=s["channels"], climate_variables=s["climate_variables"],
-                          first_month=s["months"][0], last_month=s["months"][-1], patch_size=s["patch_size"],
-                          pixel_size_m=s["pixel_size_m"])  # fmt: skip
+    wanted = SchemaConfig(
+        channels=s["channels"],
+        climate_variables=s["climate_variables"],
+        first_month=s["months"][0],
+        last_month=s["months"][-1],
+        patch_size=s["patch_size"],
+        pixel_size_m=s["pixel_size_m"],
+    )
     try:
         opened = open_shards(where, wanted)
     except (OSError, ValueError) as err:
@@ -114,9 +119,7 @@ def export(checkpoint: str | Path, out: str | Path, shards: str | Path | None = 
     }
     if stats is not None:
         metadata["normalisation"] = json.dumps(stats)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(out)
+    write_bytes(out, save(state, metadata=metadata))
     return out
 
 

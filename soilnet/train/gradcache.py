@@ -14,12 +14,14 @@ micro-batch once (:class:`RunningStats`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from soilnet.distributed import all_reduce_sum
+from soilnet.losses import ContrastiveLoss, ContrastiveOutput
 
 
 class RunningStats:
@@ -83,9 +85,84 @@ def set_rng_states(devices: list[torch.device], states: list[torch.Tensor]) -> N
         torch.get_device_module(d.type).set_rng_state(s, d)
 
 
+@dataclass
+class Embedded:
+    """The first pass over a step's micro-batches: each one's RNG states at its start, and the embeddings of the
+    whole batch as leaves for the loss (``z_img2`` with a second view)."""
+
+    rng: list[list[torch.Tensor]]
+    z_img: torch.Tensor
+    z_clim: torch.Tensor
+    z_img2: torch.Tensor | None
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [self.z_img, self.z_clim] + ([self.z_img2] if self.z_img2 is not None else [])
+
+
+def embed(
+    model: nn.Module,
+    parts: list[slice],
+    image: torch.Tensor,
+    climate: torch.Tensor,
+    image2: torch.Tensor | None,
+    devices: list[torch.device],
+    stats: RunningStats,
+) -> Embedded:
+    """Embed each micro-batch without graphs, from the step's running statistics each time (the replay updates
+    them), recording the RNG states each one starts from."""
+    start = stats.snapshot()
+    rng, zi, zc, zi2 = [], [], [], []
+    with torch.no_grad():
+        for s in parts:
+            rng.append(rng_states(devices))
+            a, c = model(image[s], climate[s])
+            zi.append(a)
+            zc.append(c)
+            if image2 is not None:
+                zi2.append(model(image2[s], climate[s])[0])
+            stats.restore(start)  # this pass only embeds; the replay updates the statistics
+    z_img2 = torch.cat(zi2).detach().requires_grad_() if image2 is not None else None
+    return Embedded(rng, torch.cat(zi).detach().requires_grad_(), torch.cat(zc).detach().requires_grad_(), z_img2)
+
+
+def replay(
+    model: nn.Module,
+    loss_fn: ContrastiveLoss,
+    parts: list[slice],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    first: Embedded,
+    grads: tuple[torch.Tensor, ...],
+    backward: Callable[[torch.Tensor, bool], None],
+    devices: list[torch.device],
+    stats: RunningStats,
+) -> torch.Tensor | None:
+    """Replay each micro-batch with graphs from its first pass's RNG states (the same dropout masks) and
+    back-propagate the cached gradients ``grads`` (of the leaves, then of the log-temperature when learnable)
+    through it; returns the sum of the micro-batches' updated running statistics (None without any)."""
+    image, climate, image2 = batch
+    start = stats.snapshot()
+    learnable = loss_fn.log_temperature.requires_grad
+    total = None
+    for k, s in enumerate(parts):
+        set_rng_states(devices, first.rng[k])  # the first pass's dropout masks
+        a, c = model(image[s], climate[s])
+        surrogate = (a * grads[0][s].to(a.dtype)).sum() + (c * grads[1][s].to(c.dtype)).sum()
+        if image2 is not None:
+            a2 = model(image2[s], climate[s])[0]
+            surrogate = surrogate + (a2 * grads[2][s].to(a2.dtype)).sum()
+        last = k == len(parts) - 1
+        if last and learnable:
+            surrogate = surrogate + loss_fn.log_temperature * grads[-1]
+        backward(surrogate, last)
+        if stats:  # after backward: BatchNorm's backward reads the running buffers it was given
+            total = stats.flat() if total is None else total + stats.flat()
+            stats.restore(start)
+    return total
+
+
 def grad_cache(
     model: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: ContrastiveLoss,
     micro: int,
     image: torch.Tensor,
     climate: torch.Tensor,
@@ -93,7 +170,7 @@ def grad_cache(
     image2: torch.Tensor | None,
     backward: Callable[[torch.Tensor, bool], None],
     world: int = 1,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ContrastiveOutput]:
     """One GradCache step over this rank's micro-batches of ``micro`` samples.
 
     model: ``(image, climate) -> (z_img (b, D), z_clim (b, D))``; loss_fn: a ``ContrastiveLoss`` (gathers the
@@ -109,41 +186,13 @@ def grad_cache(
     parts = [slice(i, i + micro) for i in range(0, image.shape[0], micro)]
     devices = accelerator_devices(image, climate, image2)
     stats = RunningStats(model)
-    start = stats.snapshot()
-    rng, zi, zc, zi2 = [], [], [], []
-    with torch.no_grad():
-        for s in parts:
-            rng.append(rng_states(devices))
-            a, c = model(image[s], climate[s])
-            zi.append(a)
-            zc.append(c)
-            if image2 is not None:
-                zi2.append(model(image2[s], climate[s])[0])
-            stats.restore(start)  # this pass only embeds; the replay updates the statistics
+    first = embed(model, parts, image, climate, image2, devices, stats)
     after = rng_states(devices)
-    z_img = torch.cat(zi).detach().requires_grad_()
-    z_clim = torch.cat(zc).detach().requires_grad_()
-    z_img2 = torch.cat(zi2).detach().requires_grad_() if image2 is not None else None
-    loss, out = loss_fn(z_img, z_clim, keys, z_img2)
-    leaves = [z_img, z_clim] + ([z_img2] if z_img2 is not None else [])
+    loss, out = loss_fn(first.z_img, first.z_clim, keys, first.z_img2)
     learnable = loss_fn.log_temperature.requires_grad
-    grads = torch.autograd.grad(loss, leaves + ([loss_fn.log_temperature] if learnable else []))
-    total = None
-    for k, s in enumerate(parts):
-        set_rng_states(devices, rng[k])  # the first pass's dropout masks
-        a, c = model(image[s], climate[s])
-        surrogate = (a * grads[0][s].to(a.dtype)).sum() + (c * grads[1][s].to(c.dtype)).sum()
-        if image2 is not None:
-            a2 = model(image2[s], climate[s])[0]
-            surrogate = surrogate + (a2 * grads[2][s].to(a2.dtype)).sum()
-        last = k == len(parts) - 1
-        if last and learnable:
-            surrogate = surrogate + loss_fn.log_temperature * grads[-1]
-        backward(surrogate, last)
-        if stats:  # after backward: BatchNorm's backward reads the running buffers it was given
-            total = stats.flat() if total is None else total + stats.flat()
-            stats.restore(start)
-    if stats:
+    grads = torch.autograd.grad(loss, first.leaves() + ([loss_fn.log_temperature] if learnable else []))
+    total = replay(model, loss_fn, parts, (image, climate, image2), first, grads, backward, devices, stats)
+    if total is not None:
         stats.set_mean(total, len(parts), world)
     set_rng_states(devices, after)
-    return loss.detach(), z_img.detach(), z_clim.detach(), out
+    return loss.detach(), first.z_img.detach(), first.z_clim.detach(), out

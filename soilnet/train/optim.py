@@ -35,7 +35,8 @@ def param_groups(
             for p in g.params:
                 p.requires_grad_(False)
             continue
-        decay, plain = [], []
+        decay: list[nn.Parameter] = []
+        plain: list[nn.Parameter] = []
         for p in g.params:
             if p.requires_grad:
                 (plain if p.ndim <= 1 else decay).append(p)

@@ -46,8 +46,10 @@ def test_lucas_config_is_resnet101_glam_lstm_with_block_wise_decay(repo_root, ca
     assert summary["input"]["image"][0] == 12  # the seed's 12 channels, from the included model file
     check_groups(summary)
     assert [g["name"] for g in image_levels(summary)] == [
-        "image_encoder.stem", *(f"image_encoder.layer{i}" for i in range(1, 5)), "image_encoder.out"
-    ]  # fmt: skip
+        "image_encoder.stem",
+        *(f"image_encoder.layer{i}" for i in range(1, 5)),
+        "image_encoder.out",
+    ]
     assert [g["lr_scale"] for g in image_levels(summary)] == [DECAY**k for k in range(6, 0, -1)]
     climate = [g["name"] for g in summary["lr_groups"] if g["name"].startswith("climate_encoder")]
     assert climate == ["climate_encoder.rnn.l0", "climate_encoder.rnn.l1", "climate_encoder.out"]
@@ -63,23 +65,29 @@ def test_vit_transformer_lrd_counts_embedding_blocks_and_norm(repo_root, tmp_pat
     levels = image_levels(summary)
     names_ = [g["name"] for g in levels]
     assert names_ == [
-        "image_encoder.embed", *(f"image_encoder.blocks.{i}" for i in range(12)), "image_encoder.norm",
+        "image_encoder.embed",
+        *(f"image_encoder.blocks.{i}" for i in range(12)),
+        "image_encoder.norm",
         "image_encoder.out",
-    ]  # fmt: skip
+    ]
     embed = levels[0]
     assert embed["parameters"] == 14 * 768 * 8 * 8 + 768 + 768 + 65 * 768  # patch conv, CLS token, positions
     assert embed["lr_scale"] == pytest.approx(FLOOR)
     climate = [g for g in summary["lr_groups"] if g["name"].startswith("climate_encoder")]
     assert [g["name"] for g in climate] == [
-        "climate_encoder.project", *(f"climate_encoder.layers.{i}" for i in range(6)), "climate_encoder.out"
-    ]  # fmt: skip
+        "climate_encoder.project",
+        *(f"climate_encoder.layers.{i}" for i in range(6)),
+        "climate_encoder.out",
+    ]
 
 
 def test_frozen_encoders_show_scale_zero(repo_root, capsys):
     summary = summary_of(capsys, "--config", str(repo_root / "configs/finetune/demo.yaml"), "train.encoders=frozen")
     assert [(g["name"], g["lr_scale"]) for g in summary["lr_groups"]] == [
-        ("image_encoder", 0.0), ("climate_encoder", 0.0), ("head", 1.0)
-    ]  # fmt: skip
+        ("image_encoder", 0.0),
+        ("climate_encoder", 0.0),
+        ("head", 1.0),
+    ]
     assert sum(g["parameters"] for g in summary["lr_groups"]) == summary["total"]
 
 
@@ -89,14 +97,15 @@ def test_climate_only_config_summarises_without_an_image_encoder(repo_root, caps
     assert [g["name"] for g in summary["lr_groups"]] == ["climate_encoder", "head"]
 
 
-IMAGE = {"vit_tiny": {}, "tiny_cnn": {}, "resnet50": {"out": 8}, "resnet101": {"out": 8},
-         "resnet101_glam": {"out": 8}, "vgg16": {"out": 8}, "vgg16_glam": {"out": 8}, "vit": {"depth": 2}}  # fmt: skip
-CLIMATE = {"lstm": {}, "gru": {"layers": 3}, "rnn": {}, "tiny_gru": {},
-           "transformer": {"d_model": 32, "ff": 64, "layers": 2}}  # fmt: skip
+CNNS = ("resnet50", "resnet101", "resnet101_glam", "vgg16", "vgg16_glam")
+IMAGE = {"vit_tiny": {}, "tiny_cnn": {}} | dict.fromkeys(CNNS, {"out": 8}) | {"vit": {"depth": 2}}
+CLIMATE = dict.fromkeys(("lstm", "gru", "rnn", "tiny_gru"), {}) | {"gru": {"layers": 3}}
+CLIMATE["transformer"] = {"d_model": 32, "ff": 64, "layers": 2}
 
 
-@pytest.mark.parametrize(("kind", "name"), [*(("image_encoder", n) for n in IMAGE),
-                                            *(("climate_encoder", n) for n in CLIMATE)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "name"), [*(("image_encoder", n) for n in IMAGE), *(("climate_encoder", n) for n in CLIMATE)]
+)
 def test_every_registered_encoder_lists_its_blocks_once(kind, name):
     enc = build(kind, name, SCHEMA, **{**IMAGE, **CLIMATE}[name])
     blocks = lr_blocks(enc)  # checks each parameter is listed exactly once

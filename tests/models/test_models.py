@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from soilnet.config.base import ConfigError, load_config
+from soilnet.config.finetune import FinetuneConfig
 from soilnet.config.model import ComponentConfig, ModelConfig
 from soilnet.models import build, build_regression_model, names
 from soilnet.models.glam import GLAM
@@ -90,10 +92,11 @@ def test_verified_parameter_counts(kind, name, kwargs, expected):
     assert n_params(build(kind, name, SCHEMA, **kwargs)) == expected
 
 
-IMAGE = {"vit_tiny": {}, "tiny_cnn": {}, "resnet50": {"out": 32}, "resnet101_glam": {"out": 32},
-         "vgg16": {"out": 32}, "vgg16_glam": {"out": 32}}  # fmt: skip
-CLIMATE = {"lstm": {}, "gru": {}, "rnn": {}, "tiny_gru": {}, "transformer": {"d_model": 32, "ff": 64, "layers": 2},
-           "transformer_ln": {"d_model": 32, "ff": 64, "layers": 2, "norm": "layer"}}  # fmt: skip
+CNNS = ("resnet50", "resnet101_glam", "vgg16", "vgg16_glam")
+IMAGE = {"vit_tiny": {}, "tiny_cnn": {}} | dict.fromkeys(CNNS, {"out": 32})
+TRANSFORMER = {"d_model": 32, "ff": 64, "layers": 2}
+CLIMATE = dict.fromkeys(("lstm", "gru", "rnn", "tiny_gru"), {})
+CLIMATE |= {"transformer": TRANSFORMER, "transformer_ln": {**TRANSFORMER, "norm": "layer"}}
 
 
 @pytest.mark.parametrize("name", IMAGE)
@@ -140,8 +143,6 @@ def test_regressor_v2_is_the_seeds_with_the_intended_dropout():
 
 
 def test_regressor_v2_with_relu_output_needs_nonnegative_targets():
-    from soilnet.config.base import ConfigError, load_config
-    from soilnet.config.finetune import FinetuneConfig
 
     v2 = ["model.regressor.name=regressor_v2"]
     with pytest.raises(ConfigError, match="relu_output=false"):
@@ -175,9 +176,14 @@ def test_vgg16_glam_follows_features_22_as_in_the_seed():
 
 @pytest.mark.parametrize(
     "name, activation",
-    [("resnet50", torch.nn.ReLU), ("resnet101", torch.nn.ReLU), ("resnet101_glam", torch.nn.LeakyReLU),
-     ("vgg16", torch.nn.LeakyReLU), ("vgg16_glam", torch.nn.LeakyReLU)],
-)  # fmt: skip
+    [
+        ("resnet50", torch.nn.ReLU),
+        ("resnet101", torch.nn.ReLU),
+        ("resnet101_glam", torch.nn.LeakyReLU),
+        ("vgg16", torch.nn.LeakyReLU),
+        ("vgg16_glam", torch.nn.LeakyReLU),
+    ],
+)
 def test_cnn_encoders_end_in_the_seeds_activation(name, activation):
     enc = build("image_encoder", name, SCHEMA, out=16).eval()
     fc = enc.net.fc if name.startswith("resnet") else enc.net.classifier[-1]
@@ -257,8 +263,11 @@ def test_forward_backward_under_bf16_autocast_on_cpu():
 def test_model_summary_prints_one_json_object(repo_root):
     proc = subprocess.run(
         [sys.executable, "-m", "soilnet.cli", "model-summary", "--config", "configs/model/vit_transformer.yaml"],
-        cwd=repo_root, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["image_encoder"]["parameters"] == 86_583_040
     assert summary["climate_encoder"]["parameters"] == 22_919_808
@@ -266,8 +275,10 @@ def test_model_summary_prints_one_json_object(repo_root):
     assert summary["total"] == 86_583_040 + 22_919_808 + 180_737
     # a model file has no train section: fine-tuning's default, every encoder at the full rate
     assert [(g["name"], g["lr_scale"]) for g in summary["lr_groups"]] == [
-        ("image_encoder", 1.0), ("climate_encoder", 1.0), ("head", 1.0)
-    ]  # fmt: skip
+        ("image_encoder", 1.0),
+        ("climate_encoder", 1.0),
+        ("head", 1.0),
+    ]
 
 
 def test_every_registered_name_is_listed():

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo.yaml"
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pretrain_command(entry: list[str], out: Path, shards: Path, *overrides: str) -> list[str]:
+    """``soilnet pretrain`` through ``entry`` on the demo config into ``out``: sample ids logged, no TensorBoard,
+    a checkpoint every 3 steps, the last 2 kept; then ``overrides``."""
+    run = [f"output_dir={out}", f"data.shards={shards}", "data.log_sample_ids=true", "train.tensorboard=false"]
+    saves = ["checkpoint.every_steps=3", "checkpoint.keep_last=2"]
+    return [sys.executable, *entry, "pretrain", "--config", str(DEMO), *run, *saves, *overrides]
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

@@ -15,17 +15,29 @@ from pretrain_kit import cpu_env, free_port
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from shards.pack import pack
+from soilnet.config.base import load_config
+from soilnet.config.finetune import FinetuneConfig
+from soilnet.config.pack import PackConfig
+from soilnet.schema import SampleSchema
+from soilnet.train.finetune import run
+
 pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[2]
-CHANNELS = ["SR_B1", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7", "clayIndex", "ferrousIndex", "carbonateIndex",
-            "rockOutcropIndex", "NDVI", "elevation", "slope"]  # fmt: skip  # SR_B2 left out: positions shift
+CHANNELS = [c for c in SampleSchema().channels if c != "SR_B2"]  # SR_B2 left out: positions shift
 VARIABLES = ["aet", "def", "pdsi", "pet", "pr", "ro", "soil", "srad", "swe", "tmmx", "vap", "vpd", "vs"]  # no tmmn
 SUBSET = [f"data.schema.channels=[{','.join(CHANNELS)}]", f"data.schema.climate_variables=[{','.join(VARIABLES)}]"]
 
 
 def soilnet(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "soilnet.cli", *args], env=cpu_env(**env), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "soilnet.cli", *args],
+        env=cpu_env(**env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def manifest_stats(shards: Path, kind: str, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +56,19 @@ def pretrained(shards, tmp_path_factory) -> Path:
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
     }
-    proc = soilnet("pretrain", "--config", str(REPO / "configs/pretrain/demo.yaml"), f"output_dir={out}",
-                   f"data.shards={shards}", "train.steps=2", "train.global_batch_size=16", "checkpoint.every_steps=2",
-                   "train.tensorboard=false", *SUBSET, **env)  # fmt: skip
+    proc = soilnet(
+        "pretrain",
+        "--config",
+        str(REPO / "configs/pretrain/demo.yaml"),
+        f"output_dir={out}",
+        f"data.shards={shards}",
+        "train.steps=2",
+        "train.global_batch_size=16",
+        "checkpoint.every_steps=2",
+        "train.tensorboard=false",
+        *SUBSET,
+        **env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return out
 
@@ -62,13 +84,13 @@ def export(pretrained, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def other_world(tmp_path_factory) -> Path:
     """32 labelled points of the same synthetic world at other places: its own statistics differ."""
-    from shards.pack import pack
-    from soilnet.config.base import load_config
-    from soilnet.config.pack import PackConfig
 
     folder = tmp_path_factory.mktemp("finetune-world")
-    cfg = load_config(PackConfig, REPO / "configs/preprocess/demo.yaml",
-                      [f"output_dir={folder}", "sampling.n=32", "sampling.seed=7", "shard.max_samples=16"])  # fmt: skip
+    cfg = load_config(
+        PackConfig,
+        REPO / "configs/preprocess/demo.yaml",
+        [f"output_dir={folder}", "sampling.n=32", "sampling.seed=7", "shard.max_samples=16"],
+    )
     assert pack(cfg) is not None
     return folder
 
@@ -114,14 +136,23 @@ def test_export_of_a_checkpoint_without_recorded_statistics_reads_the_pretrainin
 
 def finetune(world: Path, out: Path, *overrides: str) -> tuple[dict, str, dict]:
     """A one-epoch fine-tuning on ``world``: (metrics.json, report.md, the saved model's normaliser)."""
-    from soilnet.config.base import load_config
-    from soilnet.config.finetune import FinetuneConfig
-    from soilnet.train.finetune import run
 
-    cfg = load_config(FinetuneConfig, REPO / "configs/finetune/demo.yaml",
-                      [f"data.shards={world}", f"output_dir={out}", "train.epochs=1", "eval.split.kind=random",
-                       "eval.split.folds=2", "eval.baseline.enabled=false", "eval.plots=false", "train.threads=1",
-                       *SUBSET, *overrides])  # fmt: skip
+    cfg = load_config(
+        FinetuneConfig,
+        REPO / "configs/finetune/demo.yaml",
+        [
+            f"data.shards={world}",
+            f"output_dir={out}",
+            "train.epochs=1",
+            "eval.split.kind=random",
+            "eval.split.folds=2",
+            "eval.baseline.enabled=false",
+            "eval.plots=false",
+            "train.threads=1",
+            *SUBSET,
+            *overrides,
+        ],
+    )
     assert run(cfg) == 0
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         normaliser = json.loads(f.metadata()["normaliser"])
@@ -144,8 +175,9 @@ def test_finetuning_from_an_export_normalises_with_the_pretraining_statistics_by
 
 
 def test_normalisation_data_uses_the_finetuning_data_statistics(export, other_world, tmp_path):
-    metrics, report, normaliser = finetune(other_world, tmp_path / "ft", f"pretrained={export}",
-                                           "data.normalisation=data")  # fmt: skip
+    metrics, report, normaliser = finetune(
+        other_world, tmp_path / "ft", f"pretrained={export}", "data.normalisation=data"
+    )
     for kind, names in (("image", CHANNELS), ("climate", VARIABLES)):
         mean, _ = manifest_stats(other_world, kind, names)
         assert np.allclose(normaliser[f"{kind}_mean"], mean, rtol=1e-5)

@@ -20,11 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pretrain_kit import cpu_env, free_port
+from pretrain_kit import cpu_env, free_port, pretrain_command
+
+from soilnet.data.order import batch_ids
+from soilnet.data.tarindex import index_shard
+from soilnet.train import checkpoint
 
 pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 G = 16  # global batch: 4 steps an epoch of the 64 samples
 
 # ``soilnet`` whose rank 0 SIGKILLs itself right after writing the first file of the checkpoint folder named in
@@ -46,14 +49,14 @@ sys.exit(main(sys.argv[1:]))
 def start(out: Path, shards: Path, world: int, *overrides: str, kill_saving: str | None = None):
     port = str(free_port())
     entry = ["-c", KILL_IN_SAVE] if kill_saving else ["-m", "soilnet.cli"]
-    args = [sys.executable, *entry, "pretrain", "--config", str(DEMO), f"output_dir={out}", f"data.shards={shards}",
-            "train.steps=6", f"train.global_batch_size={G}", "data.log_sample_ids=true", "train.tensorboard=false",
-            "train.plot=false", "checkpoint.every_steps=3", "checkpoint.keep_last=2", *overrides]  # fmt: skip
+    steps = ["train.steps=6", f"train.global_batch_size={G}", "train.plot=false"]
+    args = pretrain_command(entry, out, shards, *steps, *overrides)
     extra = {"SOILNET_TEST_KILL_SAVING": kill_saving} if kill_saving else {}
     procs = []
     for r in range(world):
-        env = cpu_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                      **extra)  # fmt: skip
+        env = cpu_env(
+            RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra
+        )
         log = open(out.parent / f"{out.name}.rank{r}.log", "ab")
         procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     return procs
@@ -122,7 +125,6 @@ def straight(shards, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_kill_minus_9_in_the_middle_of_a_save_resumes_from_the_previous_complete_checkpoint(straight, shards, tmp_path):
-    from soilnet.train import checkpoint as ckpt
 
     out = tmp_path / "run"
     codes = run(out, shards, 2, kill_saving="step_00000006")
@@ -130,12 +132,12 @@ def test_kill_minus_9_in_the_middle_of_a_save_resumes_from_the_previous_complete
     root = out / "checkpoints"
     partial = root / "step_00000006"
     assert (partial / "mp_rank_00_model_states.pt").is_file()  # the save had begun ...
-    assert not (partial / "soilnet.json").exists() and ckpt.complete(partial) is None  # ... and is not complete
-    assert (root / "latest").read_text() == "step_00000003" and ckpt.latest(root).tag == "step_00000003"
+    assert not (partial / "soilnet.json").exists() and checkpoint.complete(partial) is None  # ... and is not complete
+    assert (root / "latest").read_text() == "step_00000003" and checkpoint.latest(root).tag == "step_00000003"
 
     assert run(out, shards, 2) == [0, 0], log_of(out)[-3000:]
     assert resumed_from(out, "step_00000003")
-    assert ckpt.latest(root).tag == "step_00000006"
+    assert checkpoint.latest(root).tag == "step_00000006"
     assert sample_sequence(out) == sample_sequence(straight)
     assert_equal_states(state(root / "step_00000006"), state(straight / "checkpoints" / "step_00000006"))
 
@@ -144,7 +146,6 @@ def test_kill_minus_9_in_the_middle_of_a_save_resumes_from_the_previous_complete
 def test_a_checkpoint_marked_complete_but_missing_a_file_is_never_picked(straight, tmp_path):
     """The completion marker lists every file with its size: a checkpoint that lost or truncated one (a pruning
     or copy cut short) is passed over for the newest complete one, whatever ``latest`` says."""
-    from soilnet.train import checkpoint as ckpt
 
     root = tmp_path / "checkpoints"
     shutil.copytree(straight / "checkpoints", root)
@@ -153,11 +154,11 @@ def test_a_checkpoint_marked_complete_but_missing_a_file_is_never_picked(straigh
     assert {"mp_rank_00_model_states.pt", "rng_rank0.pt", "rng_rank1.pt"} <= listed.keys()
     with open(newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt", "r+b") as f:
         f.truncate(100)
-    assert ckpt.latest(root).tag == "step_00000003"
+    assert checkpoint.latest(root).tag == "step_00000003"
     (newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    assert ckpt.latest(root).tag == "step_00000003"
-    ckpt.prune(root, keep_last=2)
-    assert not newest.exists() and ckpt.latest(root).tag == "step_00000003"
+    assert checkpoint.latest(root).tag == "step_00000003"
+    checkpoint.prune(root, keep_last=2)
+    assert not newest.exists() and checkpoint.latest(root).tag == "step_00000003"
 
 
 def _pages(folder: Path) -> int:
@@ -191,7 +192,6 @@ def small_tmpfs(tmp_path):
 def test_disk_full_during_a_save_names_the_path_and_free_space_and_keeps_the_previous_checkpoint(
     straight, shards, tmp_path, small_tmpfs
 ):
-    from soilnet.train import checkpoint as ckpt
 
     ref = straight / "checkpoints"
     # room for one checkpoint (and DeepSpeed's scripts beside it), plus half of the next
@@ -202,13 +202,16 @@ def test_disk_full_during_a_save_names_the_path_and_free_space_and_keeps_the_pre
     codes = run(out, shards, 2, "checkpoint.keep_last=1")
     assert all(c != 0 for c in codes), codes
     logs = log_of(out, 0) + log_of(out, 1)
-    failed = re.search(r"could not write checkpoint file (\S+): .*; ([\d.]+ \w+) free of [\d.]+ \w+ on the file "
-                       r"system of (\S+)\. Nothing of this save is used", logs)  # fmt: skip
+    failed = re.search(
+        r"could not write checkpoint file (\S+): .*; ([\d.]+ \w+) free of [\d.]+ \w+ on the file "
+        r"system of (\S+)\. Nothing of this save is used",
+        logs,
+    )
     assert failed, logs[-4000:]
     assert "step_00000006" in failed.group(1) and failed.group(3) == str(root)
     assert f"the checkpoint in charge is still {root / 'step_00000003'} (step 3)" in logs
-    assert ckpt.latest(root).tag == "step_00000003"  # intact: every listed file there, with its size
-    assert ckpt.complete(root / "step_00000006") is None
+    assert checkpoint.latest(root).tag == "step_00000003"  # intact: every listed file there, with its size
+    assert checkpoint.complete(root / "step_00000006") is None
 
     # with room again the rerun resumes from step 3 (the partial save removed) and ends where the straight run does
     small_tmpfs(64 << 20, remount=True)
@@ -221,7 +224,6 @@ def test_disk_full_during_a_save_names_the_path_and_free_space_and_keeps_the_pre
 
 def _members(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """[(key, {suffix: (data offset, size)})] in tar order."""
-    from soilnet.data.tarindex import index_shard
 
     return index_shard(str(shard))
 
@@ -263,7 +265,6 @@ def _damage(folder: Path) -> dict[int, str]:
 
 
 def test_truncated_and_bit_flipped_shards_below_the_threshold_replace_count_and_log_the_bad_samples(shards, tmp_path):
-    from soilnet.data.order import batch_ids
 
     folder = tmp_path / "shards"
     shutil.copytree(shards, folder)
@@ -286,8 +287,13 @@ def test_truncated_and_bit_flipped_shards_below_the_threshold_replace_count_and_
 
 
 def verify(target: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "soilnet.cli", "verify", "--shards", str(target)],
-                          env=cpu_env(), cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "soilnet.cli", "verify", "--shards", str(target)],
+        env=cpu_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_verify_names_each_bad_or_missing_shard_and_fails_else_prints_one_line(shards, tmp_path):
@@ -327,8 +333,10 @@ def test_a_non_finite_loss_stops_every_rank_with_the_state_before_that_step_save
     blowup = ("train.lr=1e5", "train.warmup_samples=0", "train.min_lr_ratio=1.0", "checkpoint.every_steps=100")
     out = tmp_path / "run"
     assert run(out, shards, 2, *blowup) == [2, 2], log_of(out)[-3000:]
-    said = re.search(r"step (\d+): the loss is not finite on (\d) of 2 rank\(s\); the optimizer did not take that step",
-                     log_of(out, 0))  # fmt: skip
+    said = re.search(
+        r"step (\d+): the loss is not finite on (\d) of 2 rank\(s\); the optimizer did not take that step",
+        log_of(out, 0),
+    )
     assert said, log_of(out)[-3000:]
     bad_step = int(said.group(1))
     assert 1 < bad_step <= 6

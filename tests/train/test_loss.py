@@ -99,8 +99,8 @@ def _worker(rank, world, port, queue):
     dist.all_reduce(loss)  # data parallel: the average of the ranks' losses and gradients
     for g in grads.values():
         dist.all_reduce(g)
-    if rank == 0:
-        queue.put((loss / world, {k: g / world for k, g in grads.items()}))
+    if rank == 0:  # numpy arrays travel by value: tensors would share memory with a process about to exit
+        queue.put(((loss / world).numpy(), {k: (g / world).numpy() for k, g in grads.items()}))
     dist.destroy_process_group()
 
 
@@ -111,7 +111,8 @@ def test_two_ranks_times_b_equal_one_rank_times_2b_loss_and_every_gradient():
     procs = [ctx.Process(target=_worker, args=(r, 2, PORT, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    loss, grads = queue.get(timeout=120)
+    sent_loss, sent_grads = queue.get(timeout=120)
+    loss, grads = torch.from_numpy(sent_loss), {k: torch.from_numpy(g) for k, g in sent_grads.items()}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

@@ -18,21 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_kit import children, cpu_env, free_port
+from pretrain_kit import children, cpu_env, free_port, pretrain_command
 from safetensors import safe_open
 from toymodels import FLAT
 
+from soilnet.config.base import ConfigError
+from soilnet.config.pretrain import PretrainConfig
+from soilnet.data import BatchSizeError
+from soilnet.data.order import batch_ids
+from soilnet.train.checkpoint import CheckpointRef
+from soilnet.train.export import encoder_state, export
+from soilnet.train.pretrain import accumulation_steps, engine_config, micro_batch_size
+
 pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 STEPS = 6  # 2N with N = 3; the demo checkpoints every 3 steps
-
-
-def _needs_model():
-    import soilnet.models as models
-
-    if not hasattr(models, "build_contrastive_model"):
-        pytest.skip("soilnet.models.build_contrastive_model has not landed yet")
 
 
 def start(out: Path, shards: Path, world: int, *overrides: str, flat: bool = False) -> list[subprocess.Popen]:
@@ -40,10 +40,7 @@ def start(out: Path, shards: Path, world: int, *overrides: str, flat: bool = Fal
     port = str(free_port())
     entry = [str(Path(__file__).parent / "toymodels.py")] if flat else ["-m", "soilnet.cli"]
     overrides = (*FLAT, *overrides) if flat else overrides
-    args = [sys.executable, *entry, "pretrain", "--config", str(DEMO), f"output_dir={out}",
-            f"data.shards={shards}", f"train.steps={STEPS}", "data.log_sample_ids=true", "train.tensorboard=false",
-            "train.global_batch_size=16", "checkpoint.every_steps=3", "checkpoint.keep_last=2",
-            *overrides]  # fmt: skip
+    args = pretrain_command(entry, out, shards, f"train.steps={STEPS}", "train.global_batch_size=16", *overrides)
     procs = []
     for r in range(world):
         env = cpu_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
@@ -68,14 +65,12 @@ def log_of(out: Path, rank: int = 0) -> str:
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
     tag = (out / "checkpoints" / "latest").read_text().strip()
-    from soilnet.train.export import encoder_state
 
     state, _ = encoder_state(out / "checkpoints" / tag)
     return state
 
 
 def weights_at(out: Path, tag: str) -> dict[str, torch.Tensor]:
-    from soilnet.train.export import encoder_state
 
     return encoder_state(out / "checkpoints" / tag)[0]
 
@@ -89,7 +84,6 @@ def sample_sequence(out: Path) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def straight(shards, tmp_path_factory) -> Path:
     """2N steps on 2 ranks without interruption (ZeRO stage 1, the demo's)."""
-    _needs_model()
     out = tmp_path_factory.mktemp("straight") / "run"
     codes = run(out, shards, 2, "train.tensorboard=true")
     assert codes == [0, 0], log_of(out)
@@ -108,8 +102,17 @@ def test_straight_run_writes_checkpoints_config_metrics_and_plot(straight):
     assert any((straight / "tensorboard").iterdir())
     rec = [json.loads(ln) for ln in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rec] == list(range(1, 7))
-    assert {"loss", "lr", "samples_per_s", "samples_per_s_per_device", "data_wait_fraction", "top1", "top5",
-            "mean_positive_rank", "embedding_std"} <= rec[-1].keys()  # fmt: skip
+    assert {
+        "loss",
+        "lr",
+        "samples_per_s",
+        "samples_per_s_per_device",
+        "data_wait_fraction",
+        "top1",
+        "top5",
+        "mean_positive_rank",
+        "embedding_std",
+    } <= rec[-1].keys()
     seq = sample_sequence(straight)
     assert sorted(i for ids in seq[:4] for i in ids) == list(range(64))  # epoch 0: every sample once
 
@@ -134,7 +137,6 @@ def test_kill_minus_9_then_resume_is_bitwise_identical(straight, shards, tmp_pat
 @pytest.fixture(scope="module")
 def straight_flat(shards, tmp_path_factory) -> Path:
     """2N steps on 2 ranks with the BatchNorm-free encoder."""
-    _needs_model()
     out = tmp_path_factory.mktemp("straight-flat") / "run"
     assert run(out, shards, 2, flat=True) == [0, 0], log_of(out)
     return out
@@ -180,7 +182,6 @@ def test_world_size_change_under_zero_stage_0_loads_the_checkpoint_as_it_is_and_
     """ZeRO stage 0 (LARS needs it): every rank holds the whole model and optimizer state, which DeepSpeed writes
     once (``mp_rank_00_model_states.pt``), so a checkpoint loads on another world size (2 -> 1, 1 -> 2) without
     conversion. Losing the LARS momentum on the way would move the weights by ~4e-4, far outside the tolerance."""
-    _needs_model()
     lars = ("train.optimizer=lars", "deepspeed.zero_optimization.stage=0")
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert run(straight, shards, 2, *lars, flat=True) == [0, 0], log_of(straight)
@@ -253,7 +254,6 @@ def test_world_size_change_1_to_2_with_batchnorm_matches_the_uninterrupted_1_ran
     """1 rank with micro-batches of 8 (two per step through GradCache), killed after step 4 (its checkpoint at 3
     stands), resumed on 2 ranks with one micro-batch each: the same function, so the same weights and BatchNorm
     statistics as the uninterrupted 1-rank run. A resume that asks for another micro-batch is refused."""
-    _needs_model()
     straight, one = tmp_path / "straight", tmp_path / "one"
     assert run(straight, shards, 1, "train.micro_batch_size=8") == [0], log_of(straight)
     assert run(one, shards, 1, "train.micro_batch_size=8", "debug.sigkill_after_step=4") != [0]
@@ -268,11 +268,6 @@ def test_world_size_change_1_to_2_with_batchnorm_matches_the_uninterrupted_1_ran
 
 
 def test_micro_batch_is_kept_on_resume_and_the_world_size_must_share_its_micro_batches(tmp_path):
-    from soilnet.config.base import ConfigError
-    from soilnet.config.pretrain import PretrainConfig
-    from soilnet.data import BatchSizeError
-    from soilnet.train.checkpoint import CheckpointRef
-    from soilnet.train.pretrain import accumulation_steps, micro_batch_size
 
     cfg = PretrainConfig.model_validate({"train": {"global_batch_size": 16}})
     assert micro_batch_size(cfg, 2, None) == 8  # a first start: G / W
@@ -288,7 +283,6 @@ def test_micro_batch_is_kept_on_resume_and_the_world_size_must_share_its_micro_b
         accumulation_steps(16, 8, 4)
     with pytest.raises(BatchSizeError, match="not a multiple of train.micro_batch_size=5"):
         accumulation_steps(16, 5, 1)
-    from soilnet.train.pretrain import engine_config
 
     ds = engine_config(cfg, 1, "fp32", 1e-3, False, micro=8)
     sizes = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
@@ -300,7 +294,6 @@ def test_micro_batch_is_kept_on_resume_and_the_world_size_must_share_its_micro_b
 def test_signal_on_one_rank_stops_every_rank_at_the_same_step_after_saving_and_the_rerun_resumes(
     signum, shards, tmp_path
 ):
-    _needs_model()
     out = tmp_path / "run"
     out.parent.mkdir(parents=True, exist_ok=True)
     procs = start(out, shards, 2, "train.steps=400", "checkpoint.every_steps=1000", "data.num_workers=1")
@@ -340,7 +333,6 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_step_after_saving_and_t
     assert meta["samples"] == (step + 2) * 16
     seq = sample_sequence(out)
     assert len(seq) == step + 2
-    from soilnet.data.order import batch_ids
 
     seed = meta["loader"]["seed"]
     assert seq == [batch_ids(seed, 64, 16, k).tolist() for k in range(step + 2)]
@@ -350,15 +342,17 @@ def test_export_writes_plain_encoder_weights_with_schema_and_model_metadata(stra
     target = tmp_path / "encoders.safetensors"
     proc = subprocess.run(
         [sys.executable, "-m", "soilnet.cli", "export", "--checkpoint", str(straight), "--out", str(target)],
-        env=cpu_env(), cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+        env=cpu_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with safe_open(str(target), framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert keys and all(k.startswith(("image_encoder.", "climate_encoder.")) for k in keys)
     assert json.loads(meta["schema"])["patch_size"] == 64
     assert json.loads(meta["model"])["image_encoder"]["name"]
-    from soilnet.train.export import export
 
     one = export(straight / "checkpoints" / "step_00000003", tmp_path / "step3.safetensors")
     assert one.is_file()
@@ -366,7 +360,6 @@ def test_export_writes_plain_encoder_weights_with_schema_and_model_metadata(stra
 
 @pytest.mark.slow
 def test_grad_cache_gives_the_full_batch_update(shards, tmp_path):
-    _needs_model()
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     assert run(plain, shards, 1, "train.steps=2", flat=True) == [0], log_of(plain)
     assert run(cached, shards, 1, "train.steps=2", "train.micro_batch_size=4", flat=True) == [0], log_of(cached)
@@ -376,7 +369,6 @@ def test_grad_cache_gives_the_full_batch_update(shards, tmp_path):
 
 
 def test_lars_with_every_loss_option_runs_on_zero_stage_0_and_is_refused_on_stage_1(shards, tmp_path):
-    _needs_model()
     out = tmp_path / "lars"
     options = ["loss.learnable_temperature=true", "loss.simclr_weight=0.5", "loss.mask_identical_climate=true"]
     stage0 = "deepspeed.zero_optimization.stage=0"
@@ -390,7 +382,6 @@ def test_lars_with_every_loss_option_runs_on_zero_stage_0_and_is_refused_on_stag
 
 
 def test_corrupt_samples_above_the_threshold_stop_the_job_naming_them(shards, tmp_path):
-    _needs_model()
     folder = tmp_path / "shards"
     shutil.copytree(shards, folder)
     (folder / "shard-000002.tar").write_bytes(b"not a tar" * 100)  # a quarter of the samples

@@ -11,6 +11,7 @@ import sys
 
 from torch import nn
 
+from soilnet.cli import main
 from soilnet.models import register
 from soilnet.schema import SampleSchema
 
@@ -22,9 +23,12 @@ class FlatCNN(nn.Module):
         super().__init__()
         self.out_features = out
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, stride=4), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(in_channels, width, 3, stride=4),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
             nn.Linear(width, out),
-        )  # fmt: skip
+        )
 
     def forward(self, image):
         return self.net(image)
@@ -38,6 +42,4 @@ def test_flat_cnn(schema: SampleSchema, out: int = 32, width: int = 8) -> FlatCN
 FLAT = ["model.image_encoder.name=test_flat_cnn"]
 
 if __name__ == "__main__":
-    from soilnet.cli import main
-
     sys.exit(main(sys.argv[1:]))

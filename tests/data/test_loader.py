@@ -364,8 +364,9 @@ def _batches(s, image_dtype=torch.float32, steps=2) -> list[dict]:
     specs = [AugmentSpec(enabled=False), AugmentSpec(spectral_jitter=0.05, climate_jitter=0.1)]
     out = []
     for augment in specs:
-        sp = LoaderSpec(seed=3, global_batch=32, rank=0, world=1, augment=augment, two_views=True,
-                        image_dtype=image_dtype)  # fmt: skip
+        sp = LoaderSpec(
+            seed=3, global_batch=32, rank=0, world=1, augment=augment, two_views=True, image_dtype=image_dtype
+        )
         pb = PretrainBatches(s, sp)
         stage = pb.new_stage()
         out += [pb.batch(step, stage) for step in range(steps)]
@@ -433,8 +434,9 @@ def test_a_process_left_holding_a_loader_mid_epoch_exits_cleanly(shards, repo_ro
         "batches = [next(it) for _ in range(3)]\n"  # the reader thread is busy with the next batches at exit
     )
     for _ in range(3):
-        done = subprocess.run([sys.executable, "-c", script, str(shards), str(repo_root)], capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(shards), str(repo_root)], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "terminate called" not in done.stderr
 
