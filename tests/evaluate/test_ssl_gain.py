@@ -41,7 +41,7 @@ def test_ssl_gain_pairs_identical_architectures_over_seeds_in_both_variants(tmp_
     from soilnet.config.base import load_config
     from soilnet.config.finetune import FinetuneConfig
     from soilnet.schema import SampleSchema
-    from soilnet.train.finetune import build_model
+    from soilnet.train.regressor import build_model
 
     cfg = load_config(FinetuneConfig, REPO / "configs/finetune/demo.yaml", [])
     schema = SampleSchema.from_dict(json.loads((out / "world_labelled" / "manifest.json").read_text())["schema"])

@@ -14,9 +14,10 @@ from soilnet.config.base import load_config
 from soilnet.config.finetune import FinetuneConfig
 from soilnet.data.labelled import DataError
 from soilnet.evaluate.metrics import METRIC_NAMES
-from soilnet.evaluate.run import EvaluationError
-from soilnet.train import finetune as FT
-from soilnet.train.finetune import PretrainedMismatch, run
+from soilnet.evaluate.plan import EvaluationError
+from soilnet.jobs.finetune import run
+from soilnet.train.regressor import PretrainedMismatch, build_model, modalities_of
+from soilnet.train.targets import TargetTransform
 
 FAST = [
     "train.threads=1",
@@ -62,8 +63,8 @@ def test_metrics_and_report_carry_the_learning_rate_table(finetuned):
     groups = metrics["lr_groups"]
     assert groups and all(g["name"].split(".")[0] in ("image_encoder", "climate_encoder", "head") for g in groups)
     cfg = load_config(FinetuneConfig, finetuned / "config.yaml", [])
-    model = FT.build_model(
-        cfg.model, S.SampleSchema.from_dict(metrics["data"]["schema"]), FT.modalities_of(cfg.modalities)
+    model = build_model(
+        cfg.model, S.SampleSchema.from_dict(metrics["data"]["schema"]), modalities_of(cfg.modalities)
     )
     assert sum(g["parameters"] for g in groups) == sum(p.numel() for p in model.parameters())
     report = (finetuned / "report.md").read_text()
@@ -179,7 +180,6 @@ def test_pretrained_schema_mismatch_fails_before_training(labelled_shards, tmp_p
 
 def test_target_transforms_round_trip():
     from soilnet.config.finetune import TargetConfig
-    from soilnet.train.finetune import TargetTransform
 
     y = np.array([0.0, 5.0, 50.0, 100.0])
     seed = TargetTransform.fit(TargetConfig(transform="scale", max_value=87.0), y, standardize=False)
