@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import webdataset as wds
+import yaml
 
-from soilnet import schema as S
 from soilnet.cli import main
+from soilnet.schema import SampleSchema, month_range
 
-SCHEMA = S.SampleSchema(months=S.month_range("2014-01", "2014-12"), patch_size=8)
+SCHEMA = SampleSchema(months=month_range("2014-01", "2014-12"), patch_size=8)
 
 
 def known_soc(image: np.ndarray, climate: np.ndarray) -> np.ndarray:
@@ -157,7 +159,6 @@ FAST = [
 
 
 def write_yaml(path: Path) -> Path:
-    import yaml
 
     path.write_text(yaml.safe_dump({"modalities": "both", "data": {"target": "soc"}}))
     return path
@@ -166,7 +167,6 @@ def write_yaml(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def kit():
     """The helpers above, for test modules (pytest's importlib mode cannot import conftest by name)."""
-    from types import SimpleNamespace
 
     return SimpleNamespace(
         SCHEMA=SCHEMA,

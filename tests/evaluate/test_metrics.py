@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from soilnet.evaluate import metrics
+from soilnet.evaluate.baseline import summary_features
 
 OBS = np.array([1.0, 2.0, 3.0, 4.0])
 PRED = np.array([1.5, 2.0, 2.5, 5.0])  # errors +0.5, 0, -0.5, +1
@@ -62,7 +63,6 @@ def test_bad_input_is_rejected():
 
 
 def test_baseline_features_from_float16_patches_do_not_overflow():
-    from soilnet.evaluate.baseline import summary_features
 
     image = np.full((2, 3, 64, 64), 3000.0, dtype=np.float16)  # elevation-like values, sum > float16 max
     climate = np.array([[[1.0, np.nan], [3.0, np.nan]]] * 2, dtype=np.float32)  # (N=2, T=2, F=2)

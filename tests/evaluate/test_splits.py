@@ -5,7 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from soilnet.cli import main
+from soilnet.config.finetune import FinetuneConfig, FinetuneDataConfig
+from soilnet.data.labelled import LabelledData, load_labelled
 from soilnet.evaluate import splits
+from soilnet.evaluate.plan import plan_split
+from soilnet.schema import SampleSchema, month_range
 
 
 def _points(n=600, seed=0):
@@ -106,10 +111,6 @@ def test_random_kfold_keeps_identical_inputs_together():
 
 def test_random_validation_and_calibration_keep_twins_together():
     """plan_split hands the identical-input groups to the carving of validation and calibration parts."""
-    from soilnet.config.finetune import FinetuneConfig
-    from soilnet.data.labelled import LabelledData
-    from soilnet.evaluate.plan import plan_split
-    from soilnet.schema import SampleSchema, month_range
 
     climate, _ = _twins()
     nan = np.full(200, np.nan)
@@ -145,9 +146,6 @@ RACA_DEV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rac
 @pytest.mark.skipif(not RACA_DEV.is_dir(), reason="the seed's RaCA development half is not in ../shared/data")
 def test_raca_dev_twins_share_a_climate_series_and_stay_together(tmp_path):
     """The seed's real RaCA tables: 50 pairs of labelled sites share all 13 series byte for byte."""
-    from soilnet.cli import main
-    from soilnet.config.finetune import FinetuneDataConfig
-    from soilnet.data.labelled import load_labelled
 
     argv = ["import-soilnet", "--climate", str(RACA_DEV), "--id-column", "rcasiteid"]
     assert main([*argv, "--target-column", "SOCstock100", "--out", str(tmp_path / "raca")]) == 0

@@ -144,10 +144,13 @@ def test_model_and_forest_in_both_units_with_their_transforms(dropped_run):
 
 @pytest.mark.parametrize("score", ["val_loss", "val_rmse"])
 def test_early_stopping_keeps_the_epoch_best_on_the_chosen_validation_score(labelled_shards, score):
-    cfg = FinetuneConfig.model_validate({
-        "data": {"shards": str(labelled_shards)}, "target": {"transform": "log1p"},
-        "train": {"epochs": 6, "patience": 6, "threads": 1, "lr": 3e-2, "early_stopping": score},
-    })  # fmt: skip
+    cfg = FinetuneConfig.model_validate(
+        {
+            "data": {"shards": str(labelled_shards)},
+            "target": {"transform": "log1p"},
+            "train": {"epochs": 6, "patience": 6, "threads": 1, "lr": 3e-2, "early_stopping": score},
+        }
+    )
     data = load_labelled(cfg.data, modalities_of(cfg.modalities))
     rows = np.arange(len(data))
     fitted = fit(cfg, data, rows[:60], rows[60:100], seed=0, label="fold 0")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from safetensors.torch import save_file
 
 from soilnet import schema as S
 from soilnet.cli import main
 from soilnet.config.base import load_config
-from soilnet.config.finetune import FinetuneConfig
+from soilnet.config.finetune import FinetuneConfig, TargetConfig
 from soilnet.data.labelled import DataError
 from soilnet.evaluate.metrics import METRIC_NAMES
 from soilnet.evaluate.plan import EvaluationError
@@ -63,9 +64,7 @@ def test_metrics_and_report_carry_the_learning_rate_table(finetuned):
     groups = metrics["lr_groups"]
     assert groups and all(g["name"].split(".")[0] in ("image_encoder", "climate_encoder", "head") for g in groups)
     cfg = load_config(FinetuneConfig, finetuned / "config.yaml", [])
-    model = build_model(
-        cfg.model, S.SampleSchema.from_dict(metrics["data"]["schema"]), modalities_of(cfg.modalities)
-    )
+    model = build_model(cfg.model, S.SampleSchema.from_dict(metrics["data"]["schema"]), modalities_of(cfg.modalities))
     assert sum(g["parameters"] for g in groups) == sum(p.numel() for p in model.parameters())
     report = (finetuned / "report.md").read_text()
     assert "## Learning rates" in report and f"| {groups[0]['name']} |" in report
@@ -82,7 +81,6 @@ def test_report_plots_and_model_are_written(finetuned):
 
 def test_test_points_never_guide_training(finetuned):
     """Each point is predicted by the one fold that held it out; the epoch was chosen on validation points."""
-    import pandas as pd
 
     table = pd.read_csv(finetuned / "predictions.csv")
     assert table["id"].is_unique and len(table) == 300
@@ -179,7 +177,6 @@ def test_pretrained_schema_mismatch_fails_before_training(labelled_shards, tmp_p
 
 
 def test_target_transforms_round_trip():
-    from soilnet.config.finetune import TargetConfig
 
     y = np.array([0.0, 5.0, 50.0, 100.0])
     seed = TargetTransform.fit(TargetConfig(transform="scale", max_value=87.0), y, standardize=False)

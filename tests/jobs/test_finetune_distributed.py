@@ -67,8 +67,17 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _start(shards: Path, out: Path, log: Path, env: dict[str, str], overrides: list[str]) -> subprocess.Popen:
-    args = [sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(DEMO), f"data.shards={shards}",
-            f"output_dir={out}", *overrides]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "soilnet.cli",
+        "finetune",
+        "--config",
+        str(DEMO),
+        f"data.shards={shards}",
+        f"output_dir={out}",
+        *overrides,
+    ]
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 

@@ -12,9 +12,9 @@ import torch
 from soilnet.config.finetune import FinetuneConfig, FinetuneTrainConfig
 from soilnet.config.model import ComponentConfig, ModelConfig
 from soilnet.data.labelled import load_labelled
+from soilnet.distributed import rank_rows
 from soilnet.models import build_regression_model
 from soilnet.schema import SampleSchema
-from soilnet.distributed import rank_rows
 from soilnet.train.finetune import engine_config, fit, optimizer_groups
 from soilnet.train.regressor import modalities_of
 
@@ -99,9 +99,13 @@ def test_fine_tuning_logs_and_returns_its_learning_rate_table(labelled_shards, c
         fitted = fit(cfg, data, rows[:40], rows[40:60], seed=0, label="fold 0")
     table = fitted.lr_groups
     assert [g["name"] for g in table] == [
-        "image_encoder.conv1", "image_encoder.conv2", "image_encoder.out", "climate_encoder.gru.l0",
-        "climate_encoder.out", "head",
-    ]  # fmt: skip
+        "image_encoder.conv1",
+        "image_encoder.conv2",
+        "image_encoder.out",
+        "climate_encoder.gru.l0",
+        "climate_encoder.out",
+        "head",
+    ]
     assert [g["lr_scale"] for g in table] == [0.75**3, 0.75**2, 0.75, 0.75**2, 0.75, 1.0]
     assert sum(g["parameters"] for g in table) == sum(p.numel() for p in fitted.model.parameters())
     logged = [r.getMessage() for r in caplog.records if "learning rates" in r.getMessage()]
