@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from labelled_kit import FAST  # tests/evaluate, on the path through tests/jobs/conftest.py
 from safetensors.torch import save_file
 
 from soilnet import schema as S
@@ -19,17 +20,6 @@ from soilnet.evaluate.plan import EvaluationError
 from soilnet.jobs.finetune import run
 from soilnet.train.regressor import PretrainedMismatch, build_model, modalities_of
 from soilnet.train.targets import TargetTransform
-
-FAST = [
-    "train.threads=1",
-    "train.epochs=8",
-    "train.batch_size=32",
-    "train.lr=3e-3",
-    "eval.split.folds=3",
-    "eval.split.block_km=150",
-    "eval.split.buffer_km=20",
-    "eval.baseline.n_estimators=30",
-]
 
 
 def _cfg(shards, out, *extra) -> FinetuneConfig:

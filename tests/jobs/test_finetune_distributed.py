@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "finetune" / "demo.yaml"
+FINETUNE = [sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(DEMO)]
 WORLD = 2
 
 # A model without batch statistics or dropout (see the module docstring), nor a qkv bias: the key bias has an
@@ -67,17 +68,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _start(shards: Path, out: Path, log: Path, env: dict[str, str], overrides: list[str]) -> subprocess.Popen:
-    args = [
-        sys.executable,
-        "-m",
-        "soilnet.cli",
-        "finetune",
-        "--config",
-        str(DEMO),
-        f"data.shards={shards}",
-        f"output_dir={out}",
-        *overrides,
-    ]
+    args = [*FINETUNE, f"data.shards={shards}", f"output_dir={out}", *overrides]
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 

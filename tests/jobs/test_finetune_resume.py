@@ -29,6 +29,7 @@ from soilnet.train.resume import ResumeStore, config_differences
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "finetune" / "demo.yaml"
+FINETUNE = [sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(DEMO)]
 # 2 folds of 12 epochs (no early stop) plus the final model on 120 points: a few seconds per run, long enough
 # that the signal lands inside fold 1
 SMALL = [
@@ -64,18 +65,7 @@ def _env(rank: int | None = None, world: int = 1, port: int = 0) -> dict[str, st
 
 
 def _start(shards: Path, out: Path, log: Path, env: dict, *extra: str) -> subprocess.Popen:
-    args = [
-        sys.executable,
-        "-m",
-        "soilnet.cli",
-        "finetune",
-        "--config",
-        str(DEMO),
-        f"data.shards={shards}",
-        f"output_dir={out}",
-        *SMALL,
-        *extra,
-    ]
+    args = [*FINETUNE, f"data.shards={shards}", f"output_dir={out}", *SMALL, *extra]
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
