@@ -10,7 +10,6 @@ import pytest
 from labelled_kit import FAST  # tests/evaluate, on the path through tests/jobs/conftest.py
 from safetensors.torch import save_file
 
-from soilnet import schema as S
 from soilnet.cli import main
 from soilnet.config.base import load_config
 from soilnet.config.finetune import FinetuneConfig, TargetConfig
@@ -18,6 +17,7 @@ from soilnet.data.labelled import DataError
 from soilnet.evaluate.metrics import METRIC_NAMES
 from soilnet.evaluate.plan import EvaluationError
 from soilnet.jobs.finetune import run
+from soilnet.schema import SampleSchema
 from soilnet.train.regressor import PretrainedMismatch, build_model, modalities_of
 from soilnet.train.targets import TargetTransform
 
@@ -54,7 +54,7 @@ def test_metrics_and_report_carry_the_learning_rate_table(finetuned):
     groups = metrics["lr_groups"]
     assert groups and all(g["name"].split(".")[0] in ("image_encoder", "climate_encoder", "head") for g in groups)
     cfg = load_config(FinetuneConfig, finetuned / "config.yaml", [])
-    model = build_model(cfg.model, S.SampleSchema.from_dict(metrics["data"]["schema"]), modalities_of(cfg.modalities))
+    model = build_model(cfg.model, SampleSchema.from_dict(metrics["data"]["schema"]), modalities_of(cfg.modalities))
     assert sum(g["parameters"] for g in groups) == sum(p.numel() for p in model.parameters())
     report = (finetuned / "report.md").read_text()
     assert "## Learning rates" in report and f"| {groups[0]['name']} |" in report
