@@ -212,3 +212,79 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+# ------------------------------------------------------------------ data-parallel jobs (fine-tuning, evaluation)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: the GPU when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+_JOINED: dict[str, DistInfo] = {}
+
+
+def _join(backend: str) -> DistInfo:
+    # once per process: init_distributed also sets the CPU thread count, which the job's own setting must override
+    if backend not in _JOINED:
+        _JOINED[backend] = init_distributed(backend)
+    return _JOINED[backend]
+
+
+def join_process_group(device: str = "auto") -> DistInfo | None:
+    """Join the process group when this process is one of several (``WORLD_SIZE`` > 1 from torchrun or
+    ``launch/``, or ``SLURM_NTASKS`` > 1 under ``srun``) and return its place; None when alone. Joins once per
+    process: later calls return the same place."""
+    if int(environment()["WORLD_SIZE"]) <= 1:
+        return None
+    return _join("nccl" if pick_device(device).type == "cuda" else "gloo")
+
+
+def rank_rows(n: int, world: int, rank: int) -> tuple[slice, list[int]]:
+    """This rank's contiguous share of a global batch of ``n`` rows, and every rank's share size (they differ
+    by at most one row; rank order is batch order)."""
+    sizes = [n // world + (r < n % world) for r in range(world)]
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank]), sizes
+
+
+def gather_batch(pred: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """This rank's predictions ``(sizes[rank],)`` -> the global batch's ``(sum(sizes),)`` in batch order.
+
+    Differentiable: with the same loss on every rank, backward leaves on each rank the gradient of the global
+    loss through its own rows times the world size, which DeepSpeed's averaging over ranks cancels. all_gather
+    needs equal shapes, so each rank pads its share to the largest one.
+    """
+    m = max(sizes)
+    full = gather_with_grad(torch.nn.functional.pad(pred, (0, m - pred.shape[0])))
+    keep = torch.cat([torch.arange(r * m, r * m + s) for r, s in enumerate(sizes)]).to(full.device)
+    return full[keep]
+
+
+def average_batchnorm_statistics(model: torch.nn.Module, world: int) -> None:
+    """Average the running statistics of per-rank batch norms over ranks (SyncBatchNorm's agree already), so
+    every rank evaluates the same model."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm):
+            for buf in (m.running_mean, m.running_var):
+                if buf is not None:
+                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                    buf.div_(world)
+
+
+def from_rank0(values: list[float], info: DistInfo) -> list[float]:
+    """Rank 0's ``values`` on every rank, so that every rank takes the same decision (e.g. early stopping)."""
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+def any_rank(flag: bool, info: DistInfo | None) -> bool:
+    """Whether ``flag`` is true on any rank (alone: ``flag``). Every rank must call it at the same point."""
+    if info is None:
+        return flag
+    t = torch.tensor([float(flag)], device=info.device if info.backend == "nccl" else "cpu")
+    return bool(all_reduce_sum(t).item() > 0)

@@ -2,6 +2,9 @@
 
 Seeding each sample by its identity (not by the worker's RNG stream) makes the augmented batch independent of
 the number of ranks and workers, which exact resume on a changed world size needs.
+
+Fine-tuning draws its views differently (three flip bits per sample of a global batch from one generator, see
+:func:`draw_flips`) but applies them as the same :class:`View`: the dihedral part of one, without padding or crop.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -154,3 +158,27 @@ def augment_climate(climate: np.ndarray, spec: AugmentSpec, rng: np.random.Gener
     if not spec.enabled or spec.climate_jitter <= 0:
         return climate
     return (climate + rng.normal(0.0, spec.climate_jitter, size=climate.shape)).astype(np.float32)
+
+
+def draw_flips(n: int, gen: torch.Generator) -> torch.Tensor:
+    """``(n, 3)`` bool: horizontal flip, vertical flip, transpose, per sample (fine-tuning's draw)."""
+    return torch.rand(n, 3, generator=gen) < 0.5
+
+
+def dihedral_view(flip_w: bool, flip_h: bool, transpose: bool) -> View:
+    """The :class:`View` (no padding, no crop) of flipping along W, then H, then transposing H and W: a
+    transpose is a W flip followed by a quarter turn."""
+    return View(flip_w != transpose, flip_h, int(transpose), 0, 0, None)
+
+
+def flip_batch(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """A random element of the dihedral group per sample (flips and 90-degree turns keep soil physics intact).
+
+    x: ``(B, C, H, W)`` on the CPU; flips: ``(B, 3)`` bool from :func:`draw_flips` (a data-parallel rank passes
+    its rows of the global batch's draw). The transpose applies only when H == W. Returns a new tensor."""
+    square = x.shape[-1] == x.shape[-2]
+    rows = [
+        _turn(image, dihedral_view(bool(w), bool(h), bool(t) and square))
+        for image, (w, h, t) in zip(x.numpy(), flips.tolist(), strict=True)
+    ]
+    return torch.from_numpy(np.stack(rows)) if rows else x.clone()

@@ -8,15 +8,20 @@ into a row of the batch tensor, float32 or bfloat16, which comes from a :class:`
 extension (:mod:`soilnet.data.native`) a chunk's reads and conversions are one call without the GIL, each image
 converted right after its read; without it, ``os.preadv`` and torch do the same. Pretraining reads nothing else,
 so ``meta.json`` is not read.
+
+Labelled reading (:mod:`soilnet.data.labelled`) takes every sample whole instead (:func:`read_samples`) and
+decodes its image with the same encoding (:func:`decode_image`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import get_worker_info
 
 from soilnet.data import native
@@ -35,7 +40,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, pool: TensorPool) -> torch
     if get_worker_info() is None:
         return pool.tensor(shape, dtype)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))  # contiguous
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
 
 
 Run = tuple[int, list, int]  # one preadv: (offset from the sample's base, buffers, bytes)
@@ -49,7 +55,7 @@ class RawRows:
     def __init__(self, arrays: dict[str, np.ndarray]):
         self.arrays = arrays
         self.n = len(next(iter(arrays.values())))
-        self.views = [[memoryview(r) for r in a.reshape(self.n, -1).view(np.uint8)] for a in arrays.values()]
+        self.views = [[r.data for r in a.reshape(self.n, -1).view(np.uint8)] for a in arrays.values()]
         self.gap = memoryview(bytearray(GAP))
         self.headers: dict[Structure, list[np.ndarray]] = {}
         self._runs: dict[Structure, list[list[Run]]] = {}
@@ -114,6 +120,27 @@ class RawRows:
         return runs
 
 
+def encoding_affine(encoding: dict) -> tuple[float, float]:
+    """The manifest's ``image_encoding`` as ``(scale, offset)``: decoded = stored * scale + offset."""
+    return float(encoding.get("scale", 1.0)), float(encoding.get("offset", 0.0))
+
+
+def decode_image(raw: np.ndarray, encoding: dict) -> np.ndarray:
+    """One stored image (C, H, W) in schema units: int16 -> float32 through :func:`encoding_affine`; float16 as
+    stored."""
+    if encoding.get("dtype") == "int16":
+        scale, offset = encoding_affine(encoding)
+        return raw.astype(np.float32) * scale + offset
+    return raw
+
+
+def read_samples(urls: list[str]) -> Iterator[dict]:
+    """Every sample of the shards ``urls`` in order, whole, through WebDataset: ``__key__``, ``__url__`` and each
+    member decoded by its extension (``.npy`` arrays, ``.json`` objects). Every process reads every shard
+    (labelled sets are small; data-parallel fine-tuning keeps all of one on each rank)."""
+    yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode()
+
+
 class BatchDecoder:
     """Decodes the samples of a batch into reused raw rows, then converts and normalises them into a batch
     tensor. One decoder serves every builder thread of a process: its :class:`SampleIndex` is shared,
@@ -127,7 +154,7 @@ class BatchDecoder:
             NpyLayout(CLIMATE, np.dtype(np.float32), shards.available.climate_shape),
         ]
         # decoded = raw * enc_scale + enc_offset; normalised = (decoded - mean) / std = raw * scale + bias
-        enc_scale, enc_offset = float(enc.get("scale", 1.0)), float(enc.get("offset", 0.0))
+        enc_scale, enc_offset = encoding_affine(enc)
         std, mean = shards.image_std.astype(np.float64), shards.image_mean.astype(np.float64)
         self.scale = torch.from_numpy((enc_scale / std).astype(np.float32)).view(-1, 1, 1)
         self.bias = torch.from_numpy(((enc_offset - mean) / std).astype(np.float32)).view(-1, 1, 1)
@@ -232,9 +259,9 @@ class BatchDecoder:
         convert = None if into is None else self._affine(rows[IMAGE], into, self.channel_index)
         native.read_runs(np.concatenate(runs), np.concatenate(iov), run_got, convert)
         start = 0
-        for js, block in zip(groups.values(), runs, strict=True):
-            g = run_got[start : start + len(block)].reshape(len(js), -1)
-            start += len(block)
+        for js, group_runs in zip(groups.values(), runs, strict=True):
+            g = run_got[start : start + len(group_runs)].reshape(len(js), -1)
+            start += len(group_runs)
             error = g.min(axis=1)  # a failed run's -errno
             got[js] = np.where(error < 0, error, np.maximum(g, 0).sum(axis=1))
         return got, want

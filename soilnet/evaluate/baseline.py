@@ -39,7 +39,7 @@ def summary_features(
         _, c, h, w = image.shape
         centre = image[:, :, h // 2, w // 2].astype(np.float32)
         # float32 accumulation: a float16 sum of 4096 elevations (m) overflows
-        mean = np.nanmean(image.reshape(image.shape[0], c, -1), axis=2, dtype=np.float32)
+        mean = np.asarray(np.nanmean(image.reshape(image.shape[0], c, -1), axis=2, dtype=np.float32))
         cols += [centre, mean]
         chans = channels or tuple(f"ch{i}" for i in range(c))
         names += [f"{n}_centre" for n in chans] + [f"{n}_mean" for n in chans]

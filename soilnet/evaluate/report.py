@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from soilnet.atomic import write_text
 from soilnet.evaluate.metrics import METRIC_NAMES
 
 LABELS = {
@@ -89,13 +90,11 @@ def _above_max(d: dict, t: dict) -> list[str]:
     ]
 
 
-def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
-    """Write ``report.md`` atomically and return its path."""
-    t = metrics.get("target", {})
-    unit = t.get("unit") or ""
-    split = metrics.get("split", {})
-    out = ["# SOC evaluation report", ""]
-    out += [
+def _header(metrics: dict, unit: str) -> list[str]:
+    t, split = metrics.get("target", {}), metrics.get("split", {})
+    return [
+        "# SOC evaluation report",
+        "",
         f"Target `{t.get('name')}` ({unit}); metrics in original units, pooled over all test predictions "
         "(never averaged per batch). logRMSE and logR² compare `log1p` of observed and predicted. "
         "RPIQ = IQR(observed) / RMSE. CCC is Lin's concordance correlation coefficient. Bias = mean(pred − obs).",
@@ -106,7 +105,10 @@ def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
         "## Pooled metrics",
         "",
     ]
-    out += _metric_table([("model", metrics.get("model")), ("random forest", metrics.get("baseline_rf"))])
+
+
+def _pooled(metrics: dict) -> list[str]:
+    out = _metric_table([("model", metrics.get("model")), ("random forest", metrics.get("baseline_rf"))])
     m, rf = metrics.get("model"), metrics.get("baseline_rf")
     if m and rf:
         verdict = "beats" if m["rmse"] < rf["rmse"] else "does NOT beat"
@@ -114,85 +116,116 @@ def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
         if m.get("log_r2") is not None and rf.get("log_r2") is not None:
             verdict = "beats" if m["log_r2"] > rf["log_r2"] else "does NOT beat"
             out += [f"On logR² it {verdict} it ({m['log_r2']:.4g} vs {rf['log_r2']:.4g})."]
-    out += _transforms(metrics)
-    if metrics.get("folds"):
-        out += ["", "## Per fold", ""]
-        rows = []
-        for f in metrics["folds"]:
-            rows.append((f"fold {f['fold']} model", f["model"]))
-            if f.get("baseline_rf"):
-                rows.append((f"fold {f['fold']} RF", f["baseline_rf"]))
-        out += _metric_table(rows)
-        out += [
-            "",
-            "| fold | train | val | calibration | test | excluded by buffer | excluded by val/cal buffer | "
-            "best epoch | epochs run |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for f in metrics["folds"]:
-            out.append(
-                f"| {f['fold']} | {f['n_train']} | {f['n_val']} | {f['n_calibration']} | {f['n_test']} | "
-                f"{f['n_excluded_by_buffer']} | {f.get('n_excluded_by_inner_buffer', 0)} | {f['best_epoch']} | "
-                f"{f['epochs_run']} |"
-            )
+    return out
+
+
+def _folds(folds: list[dict]) -> list[str]:
+    if not folds:
+        return []
+    out = ["", "## Per fold", ""]
+    rows = []
+    for f in folds:
+        rows.append((f"fold {f['fold']} model", f["model"]))
+        if f.get("baseline_rf"):
+            rows.append((f"fold {f['fold']} RF", f["baseline_rf"]))
+    out += _metric_table(rows)
+    out += [
+        "",
+        "| fold | train | val | calibration | test | excluded by buffer | excluded by val/cal buffer | "
+        "best epoch | epochs run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in folds:
+        out.append(
+            f"| {f['fold']} | {f['n_train']} | {f['n_val']} | {f['n_calibration']} | {f['n_test']} | "
+            f"{f['n_excluded_by_buffer']} | {f.get('n_excluded_by_inner_buffer', 0)} | {f['best_epoch']} | "
+            f"{f['epochs_run']} |"
+        )
+    return out
+
+
+def _intervals(metrics: dict, unit: str) -> list[str]:
     c = metrics.get("conformal")
-    if c:
-        out += ["", "## Prediction intervals", ""]
+    if not c:
+        return []
+    out = ["", "## Prediction intervals", ""]
+    out += [
+        f"Split-conformal intervals at nominal level {c.get('level')}: empirical coverage "
+        f"**{_fmt(c.get('coverage'))}**, mean width **{_fmt(c.get('mean_width'))} {unit}** (n={c.get('n')})."
+    ]
+    if metrics.get("coverage_by_level"):
+        out += ["", "| nominal | coverage | mean width |", "|---|---|---|"]
         out += [
-            f"Split-conformal intervals at nominal level {c.get('level')}: empirical coverage "
-            f"**{_fmt(c.get('coverage'))}**, mean width **{_fmt(c.get('mean_width'))} {unit}** (n={c.get('n')})."
+            f"| {r['level']} | {_fmt(r['coverage'])} | {_fmt(r['mean_width'])} |" for r in metrics["coverage_by_level"]
         ]
-        if metrics.get("coverage_by_level"):
-            out += ["", "| nominal | coverage | mean width |", "|---|---|---|"]
-            out += [
-                f"| {r['level']} | {_fmt(r['coverage'])} | {_fmt(r['mean_width'])} |"
-                for r in metrics["coverage_by_level"]
-            ]
-    d = metrics.get("data", {})
-    out += ["", "## Data", ""]
+    return out
+
+
+def _ground_truth(d: dict) -> list[str]:
+    out = []
+    if "no_ground_truth" in d and d.get("no_ground_truth"):
+        out.append(f"- shard samples without a ground-truth row: {d['no_ground_truth']}")
+    if "ground_truth_ids_not_in_shards" in d:
+        listed = d.get("ground_truth_ids_not_in_shards_file")
+        out.append(
+            f"- ground-truth IDs not in the shards: {d['ground_truth_ids_not_in_shards']}"
+            + (f" (listed in `{listed}`)" if listed else "")
+        )
+    return out
+
+
+def _data(metrics: dict) -> list[str]:
+    d, t = metrics.get("data", {}), metrics.get("target", {})
+    out = ["", "## Data", ""]
     out += [
         f"- samples in shards: {d.get('samples_in_shards')}",
         f"- labelled and used: {d.get('labelled')}",
         f"- dropped targets: missing {d.get('missing')}, NaN {d.get('nan')}, negative {d.get('negative')}",
     ]
     out += _above_max(d, t)
-    if "no_ground_truth" in d and d.get("no_ground_truth"):
-        out.append(f"- shard samples without a ground-truth row: {d['no_ground_truth']}")
-    if "ground_truth_ids_not_in_shards" in d:
-        out.append(
-            f"- ground-truth IDs not in the shards: {d['ground_truth_ids_not_in_shards']}"
-            + (
-                f" (listed in `{d.get('ground_truth_ids_not_in_shards_file')}`)"
-                if d.get("ground_truth_ids_not_in_shards_file")
-                else ""
-            )
-        )
+    out += _ground_truth(d)
     nz = metrics.get("normalisation")
     if nz:
         out.append(f"- input normalisation: **{nz.get('used')}** statistics (requested: {nz.get('requested')})")
         out += [f"  - {kind}: {nz[kind]}" for kind in ("image", "climate") if kind in nz]
         if nz.get("warning"):
             out.append(f"- **warning:** {nz['warning']}")
-    if metrics.get("lr_groups"):
-        out += ["", "## Learning rates", "", f"`train.encoders: {resolved_config['train']['encoders']}`, "
-                f"`train.layer_decay: {resolved_config['train']['layer_decay']}`, `train.lr: "
-                f"{resolved_config['train']['lr']}`; scale 0: frozen.", "", "| group | parameters | lr scale |",
-                "|---|---:|---:|"]  # fmt: skip
-        out += [f"| {g['name']} | {g['parameters']:,} | {g['lr_scale']:.4g} |" for g in metrics["lr_groups"]]
+    return out
+
+
+def _learning_rates(metrics: dict, resolved_config: dict) -> list[str]:
+    if not metrics.get("lr_groups"):
+        return []
+    train = resolved_config["train"]
+    settings = (
+        f"`train.encoders: {train['encoders']}`, `train.layer_decay: {train['layer_decay']}`, "
+        f"`train.lr: {train['lr']}`; scale 0: frozen."
+    )
+    out = ["", "## Learning rates", "", settings, "", "| group | parameters | lr scale |", "|---|---:|---:|"]
+    out += [f"| {g['name']} | {g['parameters']:,} | {g['lr_scale']:.4g} |" for g in metrics["lr_groups"]]
+    return out
+
+
+def _final_model(metrics: dict, unit: str) -> list[str]:
     fm = metrics.get("final_model")
-    if fm:
-        out += [
-            "",
-            "## Final model",
-            "",
-            f"Trained on {fm['n_train']} points (validation {fm['n_val']}), saved to "
-            f"`{fm['path']}`; conformal half-width {_fmt(fm['conformal']['half_width'])} {unit} at level "
-            f"{fm['conformal']['level']}.",
-        ]
+    if not fm:
+        return []
+    return [
+        "",
+        "## Final model",
+        "",
+        f"Trained on {fm['n_train']} points (validation {fm['n_val']}), saved to "
+        f"`{fm['path']}`; conformal half-width {_fmt(fm['conformal']['half_width'])} {unit} at level "
+        f"{fm['conformal']['level']}.",
+    ]
+
+
+def _plots_and_config(metrics: dict, resolved_config: dict) -> list[str]:
+    out = []
     if metrics.get("plots"):
         out += ["", "## Plots", ""]
         out += [f"- {k}: ![{k}]({Path(v).name})" for k, v in metrics["plots"].items()]
-    out += [
+    return out + [
         "",
         "## Resolved config",
         "",
@@ -201,7 +234,23 @@ def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
         "```",
         "",
     ]
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(out))
-    tmp.replace(path)
+
+
+def report_text(metrics: dict, resolved_config: dict) -> str:
+    """``report.md``'s Markdown."""
+    unit = metrics.get("target", {}).get("unit") or ""
+    out = _header(metrics, unit) + _pooled(metrics)
+    out += _transforms(metrics)
+    out += _folds(metrics.get("folds") or [])
+    out += _intervals(metrics, unit)
+    out += _data(metrics)
+    out += _learning_rates(metrics, resolved_config)
+    out += _final_model(metrics, unit)
+    out += _plots_and_config(metrics, resolved_config)
+    return "\n".join(out)
+
+
+def write_report(path: Path, metrics: dict, resolved_config: dict) -> Path:
+    """Write ``report.md`` atomically and return its path."""
+    write_text(path, report_text(metrics, resolved_config))
     return path

@@ -214,22 +214,19 @@ def carve(
     return out
 
 
-def carve_buffered(
-    indices: np.ndarray,
-    fractions: tuple[float, ...],
-    rng: np.random.Generator,
-    groups: np.ndarray | None = None,
+def buffer_parts(
+    parts: list[np.ndarray],
     lon: np.ndarray | None = None,
     lat: np.ndarray | None = None,
     buffer_km: float | None = None,
 ) -> list[np.ndarray]:
-    """:func:`carve` by ``groups`` (spatial blocks, or identical-input groups), then, with ``buffer_km`` > 0,
-    drop from the remainder (training) every point closer than ``buffer_km`` to a point of the carved parts
+    """Parts from :func:`carve` (carved by spatial blocks or identical-input groups), with ``buffer_km`` > 0
+    dropping from the last one (training) every point closer than ``buffer_km`` to a point of the carved parts
     (validation, calibration), as :func:`spatial_kfold` does around the test fold.
 
     Returns the carved parts, the training part and the points the buffer dropped (last), all sorted indices.
     """
-    *held, train = carve(indices, fractions, rng, groups)
+    *held, train = parts
     excluded = np.zeros(0, dtype=np.int64)
     if buffer_km and buffer_km > 0 and len(train):
         lon, lat = np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)

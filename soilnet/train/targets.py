@@ -99,6 +99,7 @@ class TargetTransform:
         """Training scale ``(N,)`` -> original units; ``corrected=False`` leaves out the smearing factor."""
         t = np.asarray(t, dtype=np.float64) * self.spread + self.center
         if self.kind == "scale":
+            assert self.max_value is not None, "the scale transform needs target.max_value"
             return np.clip(t, 0.0, 1.0) * self.max_value
         if self.kind == "log1p":
             y = np.expm1(np.clip(t, 0.0, 50.0))

@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from soilnet.evaluate import metrics as M
+from soilnet.evaluate import metrics
+from soilnet.evaluate.baseline import summary_features
 
 OBS = np.array([1.0, 2.0, 3.0, 4.0])
 PRED = np.array([1.5, 2.0, 2.5, 5.0])  # errors +0.5, 0, -0.5, +1
 
 
 def test_hand_computed_values():
-    m = M.regression_metrics(OBS, PRED)
+    m = metrics.regression_metrics(OBS, PRED)
     assert m["n"] == 4
     assert m["rmse"] == pytest.approx(math.sqrt(1.5 / 4))  # squared errors sum to 1.5
     assert m["mae"] == pytest.approx(2.0 / 4)
@@ -31,15 +32,15 @@ def test_hand_computed_values():
 
 
 def test_perfect_prediction_and_ccc_penalises_shift():
-    m = M.regression_metrics(OBS, OBS)
+    m = metrics.regression_metrics(OBS, OBS)
     assert m["rmse"] == 0 and m["r2"] == 1 and m["ccc"] == pytest.approx(1.0)
-    shifted = M.regression_metrics(OBS, OBS + 1.0)
+    shifted = metrics.regression_metrics(OBS, OBS + 1.0)
     # Pearson r would be 1; the concordance coefficient is not.
     assert shifted["ccc"] < 1 and shifted["bias"] == pytest.approx(1.0)
 
 
 def test_negative_predictions_are_clipped_before_the_log():
-    m = M.regression_metrics(np.array([0.0, 1.0]), np.array([-5.0, 1.0]))
+    m = metrics.regression_metrics(np.array([0.0, 1.0]), np.array([-5.0, 1.0]))
     assert m["log_rmse"] == pytest.approx(0.0)
 
 
@@ -48,21 +49,20 @@ def test_pooled_differs_from_batch_average():
     rng = np.random.default_rng(0)
     obs = rng.lognormal(3, 0.5, 200)
     pred = obs + rng.normal(0, 5, 200)
-    pooled = M.r2(obs, pred)
-    per_batch = np.mean([M.r2(obs[i : i + 20], pred[i : i + 20]) for i in range(0, 200, 20)])
-    assert pooled == pytest.approx(M.regression_metrics(obs, pred)["r2"])
+    pooled = metrics.r2(obs, pred)
+    per_batch = np.mean([metrics.r2(obs[i : i + 20], pred[i : i + 20]) for i in range(0, 200, 20)])
+    assert pooled == pytest.approx(metrics.regression_metrics(obs, pred)["r2"])
     assert pooled != pytest.approx(per_batch)
 
 
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="differ in length"):
-        M.regression_metrics(OBS, PRED[:3])
+        metrics.regression_metrics(OBS, PRED[:3])
     with pytest.raises(ValueError, match="finite"):
-        M.regression_metrics(OBS, np.array([1.0, np.nan, 2.0, 3.0]))
+        metrics.regression_metrics(OBS, np.array([1.0, np.nan, 2.0, 3.0]))
 
 
 def test_baseline_features_from_float16_patches_do_not_overflow():
-    from soilnet.evaluate.baseline import summary_features
 
     image = np.full((2, 3, 64, 64), 3000.0, dtype=np.float16)  # elevation-like values, sum > float16 max
     climate = np.array([[[1.0, np.nan], [3.0, np.nan]]] * 2, dtype=np.float32)  # (N=2, T=2, F=2)

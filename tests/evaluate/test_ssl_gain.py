@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from soilnet.config.base import load_config
+from soilnet.config.finetune import FinetuneConfig
+from soilnet.schema import SampleSchema
+from soilnet.train.regressor import build_model
+
 pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,9 +31,8 @@ def test_ssl_gain_pairs_identical_architectures_over_seeds_in_both_variants(tmp_
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     bench = load_benchmark()
     out = tmp_path / "bench"
-    bench.main(["--out", str(out), "--samples", "40", "--pretrain-steps", "2", "--pretrain-seeds", "2", "--seeds",
-                "2", "--fractions", "1", "--budget", "epochs", "train.epochs=1", "train.patience=1",
-                "train.threads=1"])  # fmt: skip
+    args = "--samples 40 --pretrain-steps 2 --pretrain-seeds 2 --seeds 2 --fractions 1 --budget epochs"
+    bench.main(["--out", str(out), *args.split(), "train.epochs=1", "train.patience=1", "train.threads=1"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     for variant in ("transductive", "inductive"):
@@ -39,18 +43,15 @@ def test_ssl_gain_pairs_identical_architectures_over_seeds_in_both_variants(tmp_
     arch = summary["architecture"]
     assert arch["identical"] and arch["scratch"] == arch["ssl"] and len(arch["ssl"]) == 1
     # the config's own model is another architecture: the scratch arm was aligned to the export's encoders
-    from soilnet.config.base import load_config
-    from soilnet.config.finetune import FinetuneConfig
-    from soilnet.schema import SampleSchema
-    from soilnet.train.finetune import build_model
-
     cfg = load_config(FinetuneConfig, REPO / "configs/finetune/demo.yaml", [])
     schema = SampleSchema.from_dict(json.loads((out / "world_labelled" / "manifest.json").read_text())["schema"])
     assert bench.fingerprint(build_model(cfg.model, schema, ("image", "climate")))["sha256"] != arch["ssl"][0]
     # pairs: same folds and training sets in both arms for each fine-tuning seed
     for seed in range(2):
-        folds = [json.loads((out / "runs" / f"{tag}_100pct_seed{seed}" / "metrics.json").read_text())["folds"]
-                 for tag in ("scratch", "ssl_transductive_p0", "ssl_inductive_p1")]  # fmt: skip
+        folds = [
+            json.loads((out / "runs" / f"{tag}_100pct_seed{seed}" / "metrics.json").read_text())["folds"]
+            for tag in ("scratch", "ssl_transductive_p0", "ssl_inductive_p1")
+        ]
         sizes = [[(f["n_train"], f["n_test"]) for f in fs] for fs in folds]
         assert sizes[0] == sizes[1] == sizes[2]
     check = summary["inductive_check"]

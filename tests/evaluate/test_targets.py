@@ -13,8 +13,11 @@ from sklearn.ensemble import RandomForestRegressor
 
 from soilnet.config.base import load_config
 from soilnet.config.finetune import FinetuneConfig, TargetConfig
-from soilnet.evaluate import baseline as B
-from soilnet.train.finetune import run
+from soilnet.data.labelled import load_labelled
+from soilnet.evaluate import baseline
+from soilnet.jobs.finetune import run
+from soilnet.train.finetune import fit
+from soilnet.train.regressor import modalities_of
 from soilnet.train.targets import TargetRangeError, TargetTransform, check_range
 
 SMALL = [
@@ -97,7 +100,7 @@ def test_forest_learns_the_models_transform():
     x = rng.uniform(0, 1, (400, 3)).astype(np.float32)
     y = np.expm1(3 * x[:, 0] + rng.normal(0, 0.5, 400))
     cfg = TargetConfig(transform="log1p", bias_correction="smearing")
-    fitted = B.fit_predict_target(x[:300], y[:300], x[300:], cfg, n_estimators=30, seed=4)
+    fitted = baseline.fit_predict_target(x[:300], y[:300], x[300:], cfg, n_estimators=30, seed=4)
     rf = RandomForestRegressor(n_estimators=30, max_features=1 / 3, random_state=4).fit(x[:300], np.log1p(y[:300]))
     assert np.allclose(fitted.uncorrected, np.expm1(rf.predict(x[300:])))
     assert fitted.transform["kind"] == "log1p" and fitted.transform["smearing"] > 1
@@ -141,14 +144,14 @@ def test_model_and_forest_in_both_units_with_their_transforms(dropped_run):
 
 @pytest.mark.parametrize("score", ["val_loss", "val_rmse"])
 def test_early_stopping_keeps_the_epoch_best_on_the_chosen_validation_score(labelled_shards, score):
-    from soilnet.data.labelled import load_labelled
-    from soilnet.train import finetune as FT
-
-    cfg = FinetuneConfig.model_validate({
-        "data": {"shards": str(labelled_shards)}, "target": {"transform": "log1p"},
-        "train": {"epochs": 6, "patience": 6, "threads": 1, "lr": 3e-2, "early_stopping": score},
-    })  # fmt: skip
-    data = load_labelled(cfg.data, FT.modalities_of(cfg.modalities))
+    cfg = FinetuneConfig.model_validate(
+        {
+            "data": {"shards": str(labelled_shards)},
+            "target": {"transform": "log1p"},
+            "train": {"epochs": 6, "patience": 6, "threads": 1, "lr": 3e-2, "early_stopping": score},
+        }
+    )
+    data = load_labelled(cfg.data, modalities_of(cfg.modalities))
     rows = np.arange(len(data))
-    fitted = FT.fit(cfg, data, rows[:60], rows[60:100], seed=0, label="fold 0")
+    fitted = fit(cfg, data, rows[:60], rows[60:100], seed=0, label="fold 0")
     assert fitted.best_epoch == int(np.argmin(fitted.history[score]))

@@ -5,29 +5,21 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
+from labelled_kit import FAST  # tests/evaluate, on the path through tests/jobs/conftest.py
 from safetensors.torch import save_file
 
-from soilnet import schema as S
 from soilnet.cli import main
 from soilnet.config.base import load_config
-from soilnet.config.finetune import FinetuneConfig
+from soilnet.config.finetune import FinetuneConfig, TargetConfig
 from soilnet.data.labelled import DataError
 from soilnet.evaluate.metrics import METRIC_NAMES
-from soilnet.evaluate.run import EvaluationError
-from soilnet.train import finetune as FT
-from soilnet.train.finetune import PretrainedMismatch, run
-
-FAST = [
-    "train.threads=1",
-    "train.epochs=8",
-    "train.batch_size=32",
-    "train.lr=3e-3",
-    "eval.split.folds=3",
-    "eval.split.block_km=150",
-    "eval.split.buffer_km=20",
-    "eval.baseline.n_estimators=30",
-]
+from soilnet.evaluate.plan import EvaluationError
+from soilnet.jobs.finetune import run
+from soilnet.schema import SampleSchema
+from soilnet.train.regressor import PretrainedMismatch, build_model, modalities_of
+from soilnet.train.targets import TargetTransform
 
 
 def _cfg(shards, out, *extra) -> FinetuneConfig:
@@ -62,9 +54,7 @@ def test_metrics_and_report_carry_the_learning_rate_table(finetuned):
     groups = metrics["lr_groups"]
     assert groups and all(g["name"].split(".")[0] in ("image_encoder", "climate_encoder", "head") for g in groups)
     cfg = load_config(FinetuneConfig, finetuned / "config.yaml", [])
-    model = FT.build_model(
-        cfg.model, S.SampleSchema.from_dict(metrics["data"]["schema"]), FT.modalities_of(cfg.modalities)
-    )
+    model = build_model(cfg.model, SampleSchema.from_dict(metrics["data"]["schema"]), modalities_of(cfg.modalities))
     assert sum(g["parameters"] for g in groups) == sum(p.numel() for p in model.parameters())
     report = (finetuned / "report.md").read_text()
     assert "## Learning rates" in report and f"| {groups[0]['name']} |" in report
@@ -81,7 +71,6 @@ def test_report_plots_and_model_are_written(finetuned):
 
 def test_test_points_never_guide_training(finetuned):
     """Each point is predicted by the one fold that held it out; the epoch was chosen on validation points."""
-    import pandas as pd
 
     table = pd.read_csv(finetuned / "predictions.csv")
     assert table["id"].is_unique and len(table) == 300
@@ -178,8 +167,6 @@ def test_pretrained_schema_mismatch_fails_before_training(labelled_shards, tmp_p
 
 
 def test_target_transforms_round_trip():
-    from soilnet.config.finetune import TargetConfig
-    from soilnet.train.finetune import TargetTransform
 
     y = np.array([0.0, 5.0, 50.0, 100.0])
     seed = TargetTransform.fit(TargetConfig(transform="scale", max_value=87.0), y, standardize=False)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "finetune" / "demo.yaml"
+FINETUNE = [sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(DEMO)]
 WORLD = 2
 
 # A model without batch statistics or dropout (see the module docstring), nor a qkv bias: the key bias has an
@@ -67,8 +68,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _start(shards: Path, out: Path, log: Path, env: dict[str, str], overrides: list[str]) -> subprocess.Popen:
-    args = [sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(DEMO), f"data.shards={shards}",
-            f"output_dir={out}", *overrides]  # fmt: skip
+    args = [*FINETUNE, f"data.shards={shards}", f"output_dir={out}", *overrides]
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
@@ -138,30 +138,3 @@ def test_batch_norm_model_trains_on_two_ranks_close_to_one(runs):
     assert m2["model"]["n"] == m1["model"]["n"] == 120
     assert [f["n_train"] for f in m2["folds"]] == [f["n_train"] for f in m1["folds"]]
     assert m2["model"]["rmse"] == pytest.approx(m1["model"]["rmse"], rel=0.1)
-
-
-def test_rank_rows_cover_the_global_batch_in_order():
-    from soilnet.train.finetune import rank_rows
-
-    for n, world in ((16, 2), (7, 3), (5, 4)):
-        parts = [rank_rows(n, world, r) for r in range(world)]
-        rows = [i for sl, _ in parts for i in range(n)[sl]]
-        assert rows == list(range(n))
-        assert all(sizes == parts[0][1] and max(sizes) - min(sizes) <= 1 for _, sizes in parts)
-
-
-def test_engine_config_splits_the_batch_and_adds_nothing_the_single_process_lacks():
-    from soilnet.config.finetune import FinetuneTrainConfig
-    from soilnet.train.finetune import engine_config
-
-    tc = FinetuneTrainConfig(batch_size=64, lr=2e-3, weight_decay=1e-4)
-    ds = engine_config(tc, 4)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
-        64,
-        16,
-        1,
-    )
-    assert ds["zero_optimization"] == {"stage": 0} and ds["gradient_clipping"] == 0.0
-    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 1e-4, "torch_adam": True}}
-    with pytest.raises(ValueError, match=r"train.batch_size=64 must be a multiple of the 3 ranks"):
-        engine_config(tc, 3)

@@ -23,10 +23,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from soilnet.train.resume import config_differences
+from soilnet.config.base import ConfigError, load_config
+from soilnet.config.finetune import FinetuneConfig
+from soilnet.train.resume import ResumeStore, config_differences
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "finetune" / "demo.yaml"
+FINETUNE = [sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(DEMO)]
 # 2 folds of 12 epochs (no early stop) plus the final model on 120 points: a few seconds per run, long enough
 # that the signal lands inside fold 1
 SMALL = [
@@ -55,14 +58,14 @@ def _env(rank: int | None = None, world: int = 1, port: int = 0) -> dict[str, st
     env = {k: v for k, v in os.environ.items() if k not in placement}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     if rank is not None:
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))  # fmt: skip
+        env.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     return env
 
 
 def _start(shards: Path, out: Path, log: Path, env: dict, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "soilnet.cli", "finetune", "--config", str(DEMO), f"data.shards={shards}",
-            f"output_dir={out}", *SMALL, *extra]  # fmt: skip
+    args = [*FINETUNE, f"data.shards={shards}", f"output_dir={out}", *SMALL, *extra]
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
@@ -129,8 +132,7 @@ def uninterrupted(shards, tmp_path_factory) -> dict[int, Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])
-def test_signal_mid_fold_exits_75_and_the_rerun_ends_as_the_uninterrupted_run(signum, shards, uninterrupted,
-                                                                              tmp_path):  # fmt: skip
+def test_signal_mid_fold_exits_75_and_the_rerun_ends_as_the_uninterrupted_run(signum, shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
     procs = _runs(shards, [out])
     _interrupt_in_fold_1(procs, out, signum)
@@ -209,9 +211,6 @@ def test_config_differences_name_each_dotted_key():
 
 def test_a_run_that_saved_nothing_does_not_block_a_corrected_config(tmp_path):
     """A run that failed on bad input before its first epoch leaves only its config: the next run may differ."""
-    from soilnet.config.base import ConfigError, load_config
-    from soilnet.config.finetune import FinetuneConfig
-    from soilnet.train.resume import ResumeStore
 
     def cfg(*extra):
         return load_config(FinetuneConfig, None, [f"output_dir={tmp_path}", *extra])
