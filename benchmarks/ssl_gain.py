@@ -150,37 +150,38 @@ def fingerprint(model) -> dict:
 @contextlib.contextmanager
 def recording_models(seen: list[dict]):
     """Record the fingerprint of every model fine-tuning builds (what actually trains, not what a config says)."""
-    from soilnet.train import finetune as FT
+    import soilnet.train.finetune
 
-    original = FT.build_model
+    original = soilnet.train.finetune.build_model
 
     def build(*a, **kw):
         model = original(*a, **kw)
         seen.append(fingerprint(model))
         return model
 
-    FT.build_model = build
+    soilnet.train.finetune.build_model = build
     try:
         yield
     finally:
-        FT.build_model = original
+        soilnet.train.finetune.build_model = original
 
 
 def finetune(config: str, overrides: list[str], export_meta: dict) -> tuple[dict, list[dict]]:
     """One ``soilnet finetune`` in this process, with the export's encoder choices in both arms; returns its
     metrics.json and the fingerprints of the models it built (from a saved run: ``[]``)."""
+    import soilnet.jobs.finetune
     from soilnet.config.base import load_config
     from soilnet.config.finetune import FinetuneConfig
-    from soilnet.train import finetune as FT
+    from soilnet.train.regressor import apply_export_model, modalities_of
 
     cfg = load_config(FinetuneConfig, REPO / config, overrides)
     # the scratch arm gets the pretrained encoders' architecture: the arms differ only in the starting weights
-    cfg.model = FT.apply_export_model(cfg.model, export_meta, FT.modalities_of(cfg.modalities))
+    cfg.model = apply_export_model(cfg.model, export_meta, modalities_of(cfg.modalities))
     done = Path(cfg.output_dir) / "metrics.json"
     seen: list[dict] = []
     if not done.is_file():
         with recording_models(seen), contextlib.redirect_stdout(io.StringIO()):
-            FT.run(cfg)
+            soilnet.jobs.finetune.run(cfg)
         (Path(cfg.output_dir) / "architectures.json").write_text(json.dumps(seen))
     else:
         seen = json.loads((Path(cfg.output_dir) / "architectures.json").read_text())
@@ -337,7 +338,7 @@ def finetune_all(
     base,
 ) -> Finetunes:
     """Both arms at every fraction and seed, the scratch arm paired with every SSL run of the same seed."""
-    from soilnet.train.finetune import read_export
+    from soilnet.train.regressor import read_export
 
     export_meta = read_export(exports[variants[0]][0])[1]
     runs = Finetunes()

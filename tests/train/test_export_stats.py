@@ -19,8 +19,8 @@ from shards.pack import pack
 from soilnet.config.base import load_config
 from soilnet.config.finetune import FinetuneConfig
 from soilnet.config.pack import PackConfig
+from soilnet.jobs.finetune import run
 from soilnet.schema import SampleSchema
-from soilnet.train.finetune import run
 
 pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[2]
