@@ -133,12 +133,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs/pretrain/demo.yaml"))
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument(
-        "--global-batch",
-        type=int,
-        default=256,
-        help="the same for every run; at the demo's 32 the fixed per-step costs hide the model",
-    )
+    # the same for every run; at the demo's 32 the fixed per-step costs hide the model
+    p.add_argument("--global-batch", type=int, default=256, help="samples per step in every run")
     p.add_argument("--repeats", type=int, default=2, help="alternate the three runs this often; medians are kept")
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")

@@ -18,8 +18,8 @@ from pathlib import Path
 import submitit
 
 from soilnet.config.base import ConfigError, Section, load_config
-from soilnet.distributed import node_address
 from soilnet.jobs.commands import COMMANDS, resolve
+from soilnet.rendezvous import node_address
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,8 @@ def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--time", type=int, default=60, help="time limit in minutes")
-    p.add_argument(
-        "--signal-delay",
-        type=int,
-        default=120,
-        help="seconds before the time limit at which Slurm sends USR2 to checkpoint",
-    )
+    usr2 = "seconds before the time limit at which Slurm sends USR2 to checkpoint"
+    p.add_argument("--signal-delay", type=int, default=120, help=usr2)
     p.add_argument("--array", type=int, default=0, help="submit as a job array of this many tasks (packing)")
     p.add_argument("--logs", default=None, help="submitit log folder (default: <output_dir>/submitit)")
     p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it failed")

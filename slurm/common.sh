@@ -11,9 +11,8 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" 
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 export PYTHONUNBUFFERED=1
 
-# --- rendezvous: the first node of the allocation, as an IP (its NodeAddr; soilnet.distributed.head_address) ---
-MASTER_ADDR=$(python -c 'import sys; from soilnet.distributed import head_address; print(head_address(sys.argv[1]))' \
-    "$SLURM_JOB_NODELIST")
+# --- rendezvous: the first node of the allocation, as an IP (its NodeAddr; soilnet.rendezvous.head_address) ---
+MASTER_ADDR=$(python -m soilnet.rendezvous "$SLURM_JOB_NODELIST")
 export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 

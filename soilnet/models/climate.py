@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Literal
 
 import torch
 from torch import nn
@@ -91,9 +92,9 @@ class ClimateTransformer(nn.Module):
         d_model: int = 512,
         heads: int = 8,
         layers: int = 6,
+        norm: Literal["batch", "layer"] = "batch",
         ff: int = 2048,
         dropout: float = 0.1,
-        norm: str = "batch",
         out: int = 128,
     ):
         super().__init__()

@@ -9,6 +9,7 @@ feature maps of 64x64 patches: after ResNet's layer2, after VGG16's ``features[2
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,17 +34,29 @@ def _params(*modules: nn.Module) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
+@dataclass(frozen=True)
+class CNNOptions:
+    """What every CNN encoder takes beside its size: GLAM (``glam_reduced`` channels, ``glam_kernel`` wide), the
+    output activation (a key of ``ACTIVATIONS``) and channels-last memory."""
+
+    glam: bool = False
+    glam_reduced: int = 32
+    glam_kernel: int = 5
+    activation: str = "relu"
+    channels_last: bool = False
+
+
 class TorchvisionEncoder(nn.Module):
     """A torchvision network ``net`` whose classifier ends in a Linear to ``out``, followed by ``activation``;
     with ``channels_last`` the network and its input use that memory format."""
 
-    def __init__(self, net: Any, out: int, activation: str, channels_last: bool):
+    def __init__(self, net: Any, out: int, options: CNNOptions):
         super().__init__()
         self.net = net  # Any: the subclasses reach into torchvision's layers by name (conv1, layer2, features)
-        self.activation = _activation(activation)
+        self.activation = _activation(options.activation)
         self.out_features = out
-        self.channels_last = channels_last
-        if channels_last:
+        self.channels_last = options.channels_last
+        if options.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -53,24 +66,14 @@ class TorchvisionEncoder(nn.Module):
 
 
 class ResNetEncoder(TorchvisionEncoder):
-    def __init__(
-        self,
-        depth: int,
-        in_channels: int,
-        out: int,
-        glam: bool = False,
-        glam_reduced: int = 32,
-        glam_kernel: int = 5,
-        activation: str = "relu",
-        channels_last: bool = False,
-    ):
+    def __init__(self, depth: int, in_channels: int, out: int, options: CNNOptions = CNNOptions()):
         net = getattr(torchvision_models(), f"resnet{depth}")(weights=None)
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         net.fc = nn.Linear(net.fc.in_features, out)
-        if glam:  # after layer2, as in the seed's ResNet101+GLAM
+        if options.glam:  # after layer2, as in the seed's ResNet101+GLAM
             layer2_channels = net.layer2[-1].conv3.out_channels
-            net.layer2 = nn.Sequential(net.layer2, GLAM(layer2_channels, glam_reduced, glam_kernel))
-        super().__init__(net, out, activation, channels_last)
+            net.layer2 = nn.Sequential(net.layer2, GLAM(layer2_channels, options.glam_reduced, options.glam_kernel))
+        super().__init__(net, out, options)
 
     def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Layer-wise LR decay levels, input first: the stem, the four stages (GLAM with layer2), the fc."""
@@ -83,25 +86,16 @@ class VGGEncoder(TorchvisionEncoder):
     """VGG16; with ``glam`` the attention block follows ``features[22]`` (conv4_3's ReLU, 8x8 on 64x64 patches),
     as in the seed's VGG16GLAM. (The seed's ``use_glam`` flag was inverted: it added GLAM when asked not to.)"""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out: int,
-        glam: bool = False,
-        glam_reduced: int = 32,
-        glam_kernel: int = 5,
-        activation: str = "leaky_relu",
-        channels_last: bool = False,
-    ):
+    def __init__(self, in_channels: int, out: int, options: CNNOptions = CNNOptions(activation="leaky_relu")):
         net = torchvision_models().vgg16(weights=None)
         first = net.features[0]
         net.features[0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride, first.padding)
-        if glam:
+        if options.glam:
             channels = net.features[VGG_GLAM_AFTER - 1].out_channels
-            glam_block = GLAM(channels, glam_reduced, glam_kernel)
+            glam_block = GLAM(channels, options.glam_reduced, options.glam_kernel)
             net.features[VGG_GLAM_AFTER] = nn.Sequential(net.features[VGG_GLAM_AFTER], glam_block)
         net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, out)
-        super().__init__(net, out, activation, channels_last)
+        super().__init__(net, out, options)
 
     def lr_blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Layer-wise LR decay levels, input first: the five convolution blocks (each ends in a max-pool; GLAM is
@@ -119,25 +113,25 @@ class VGGEncoder(TorchvisionEncoder):
 
 @register("image_encoder", "resnet50")
 def resnet50(schema: SampleSchema, out: int = 1024, **kwargs) -> ResNetEncoder:
-    return ResNetEncoder(50, schema.n_channels, out, **kwargs)
+    return ResNetEncoder(50, schema.n_channels, out, CNNOptions(**kwargs))
 
 
 @register("image_encoder", "resnet101")
 def resnet101(schema: SampleSchema, out: int = 1024, **kwargs) -> ResNetEncoder:
-    return ResNetEncoder(101, schema.n_channels, out, **kwargs)
+    return ResNetEncoder(101, schema.n_channels, out, CNNOptions(**kwargs))
 
 
 @register("image_encoder", "resnet101_glam")
 def resnet101_glam(schema: SampleSchema, out: int = 1024, activation: str = "leaky_relu", **kwargs) -> ResNetEncoder:
     """The seed's ResNet101GLAM, whose output activation is a LeakyReLU (plain ResNets have a ReLU)."""
-    return ResNetEncoder(101, schema.n_channels, out, glam=True, activation=activation, **kwargs)
+    return ResNetEncoder(101, schema.n_channels, out, CNNOptions(glam=True, activation=activation, **kwargs))
 
 
 @register("image_encoder", "vgg16")
-def vgg16(schema: SampleSchema, out: int = 1024, glam: bool = False, **kwargs) -> VGGEncoder:
-    return VGGEncoder(schema.n_channels, out, glam=glam, **kwargs)
+def vgg16(schema: SampleSchema, out: int = 1024, activation: str = "leaky_relu", **kwargs) -> VGGEncoder:
+    return VGGEncoder(schema.n_channels, out, CNNOptions(activation=activation, **kwargs))
 
 
 @register("image_encoder", "vgg16_glam")
-def vgg16_glam(schema: SampleSchema, out: int = 1024, **kwargs) -> VGGEncoder:
-    return VGGEncoder(schema.n_channels, out, glam=True, **kwargs)
+def vgg16_glam(schema: SampleSchema, out: int = 1024, activation: str = "leaky_relu", **kwargs) -> VGGEncoder:
+    return VGGEncoder(schema.n_channels, out, CNNOptions(glam=True, activation=activation, **kwargs))

@@ -1,4 +1,4 @@
-"""One rendezvous: the head node's address is soilnet.distributed.head_address, in Python and in slurm/common.sh."""
+"""One rendezvous: the head node's address is soilnet.rendezvous.head_address, in Python and in slurm/common.sh."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from soilnet import distributed
+from soilnet import rendezvous
 
 FAKE_SCONTROL = """#!/bin/sh
 # scontrol show hostnames LIST | scontrol show node NAME -o, as a cluster whose nodes resolve only through NodeAddr
@@ -34,21 +34,21 @@ def fake_slurm(tmp_path, monkeypatch):
     "nodelist, first", [("gpu[07-08]", "gpu07"), ("node[01-03,07]", "node01"), ("a,b", "a"), ("solo", "solo")]
 )
 def test_first_host_without_slurm_reads_the_list(monkeypatch, nodelist, first):
-    monkeypatch.setattr(distributed, "_scontrol", lambda *args: "")
-    assert distributed.first_host(nodelist) == first
+    monkeypatch.setattr(rendezvous, "_scontrol", lambda *args: "")
+    assert rendezvous.first_host(nodelist) == first
 
 
 def test_head_address_is_the_first_nodes_node_addr(fake_slurm, monkeypatch):
     monkeypatch.delenv("SLURM_STEP_NODELIST", raising=False)
     monkeypatch.setenv("SLURM_JOB_NODELIST", "node[a-b]")
-    assert distributed.head_address() == "127.0.0.3"
-    assert distributed.node_address("nodeb") == "nodeb"  # no NodeAddr and no DNS: the name as given
+    assert rendezvous.head_address() == "127.0.0.3"
+    assert rendezvous.node_address("nodeb") == "nodeb"  # no NodeAddr and no DNS: the name as given
 
 
 def test_head_address_outside_slurm_is_none(monkeypatch):
     for key in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"):
         monkeypatch.delenv(key, raising=False)
-    assert distributed.head_address() is None
+    assert rendezvous.head_address() is None
 
 
 def test_the_sbatch_scripts_use_the_same_lookup(fake_slurm, repo_root):
