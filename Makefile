@@ -1,6 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Each does its own set-up.
 # For contributors: `make check` (ruff, import contracts, mypy) and `make test-fast` (the suite without the
-# slurm, mpi and slow markers). CI runs .ci/run: check, then the whole suite.
+# slurm, mpi and slow markers). CI runs .ci/run: check, then the whole suite. `make lock`: constraints.txt.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,10 +8,16 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint lint-imports typecheck check clean
+.PHONY: setup lock demo test test-fast lint lint-imports typecheck check clean
 
+# TORCH_BUILD=default|cpu|cu126|...: the torch build (docs/install.md); `make setup TORCH_BUILD=cu126`
 setup:
 	@bash scripts/setup.sh
+
+# rewrite constraints.txt from .venv after a deliberate upgrade (its header says how; not through setup, which
+# would put the locked versions back)
+lock:
+	@bash scripts/lock.sh
 
 demo: setup
 	@$(PY) scripts/demo.py

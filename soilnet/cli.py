@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from soilnet import __version__
+from soilnet.buildinfo import native_isa, torch_cuda
 from soilnet.config.base import ConfigError, load_config
 from soilnet.jobs.commands import COMMANDS, resolve
 
@@ -48,10 +49,12 @@ def _installed(dist: str) -> str:
 
 
 def version_report() -> str:
-    """``soilnet --version``: the package, its commit, torch and DeepSpeed (read from metadata, not imported)."""
+    """``soilnet --version``: the package, its commit, torch, DeepSpeed, the CUDA version of the torch build and
+    the loader's native kernel ISA, all read from metadata and files (nothing heavy imported; ``soilnet doctor``
+    imports them and checks the devices)."""
     return (
         f"soilnet {__version__}\ncommit {git_commit()}\ntorch {_installed('torch')}\n"
-        f"deepspeed {_installed('deepspeed')}"
+        f"deepspeed {_installed('deepspeed')}\ncuda {torch_cuda()}\nnative-isa {native_isa()}"
     )
 
 
@@ -145,6 +148,10 @@ def _predict_map_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the source config")
 
 
+def _no_args(p: argparse.ArgumentParser) -> None:
+    """A command that takes no arguments (``doctor``)."""
+
+
 # the arguments of each command that is not config-driven
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "sample": _sample_args,
@@ -152,6 +159,7 @@ ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "export": _export_args,
     "verify": _verify_args,
     "predict-map": _predict_map_args,
+    "doctor": _no_args,
 }
 
 
@@ -160,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="soilnet",
         description="SoilNet at scale: pack shards, pretrain, fine-tune, evaluate and map soil organic carbon.",
     )
-    parser.add_argument("--version", action=_VersionAction, help="print the version, git commit, torch and DeepSpeed")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the version, commit, torch, DeepSpeed, CUDA and native ISA"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)

@@ -67,6 +67,13 @@ COMMANDS: dict[str, Command] = {
     "predict-map": Command(
         "predict SOC over a grid and write a Cloud-Optimized GeoTIFF", "soilnet.jobs.predict_map:run_cli"
     ),
+    "doctor": Command(
+        "check the install: torch and its CUDA, nccl, DeepSpeed and its ops, the loader's native kernels",
+        "soilnet.jobs.doctor:run",
+        description="print torch (version, build), CUDA (available, version, devices), nccl, DeepSpeed (version, "
+        "accelerator, op compatibility) and the loader's native kernel ISA; exits 1 naming what a run needs "
+        "and lacks",
+    ),
 }
 
 # the jobs ``python -m launch.<name>`` submits through submitit

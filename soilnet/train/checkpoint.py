@@ -244,6 +244,7 @@ def save(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int, r
     the previous complete checkpoint stays in charge.
     """
     # heavy (DeepSpeed's op builders); only a training process saves, and it has DeepSpeed loaded already
+    # DeepSpeed internals: constraints.txt pins deepspeed exactly (0.19.8); recheck these names when it moves
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
