@@ -84,4 +84,4 @@ def native_isa() -> str:
         return f"invalid SOILNET_NATIVE_ISA={cap} (one of {', '.join(levels)})"
     flags = cpu_flags()
     isa = next(name for name in levels[levels.index(cap or "avx512") :] if ISA_FLAGS[name] <= flags)
-    return f"{isa} (capped by SOILNET_NATIVE_ISA={cap})" if cap else isa
+    return f"{isa} (SOILNET_NATIVE_ISA={cap})" if cap else isa
