@@ -43,20 +43,20 @@ def deepspeed_lines() -> tuple[list[str], str | None]:
     try:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-        from deepspeed.git_version_info import installed_ops
+        from deepspeed.git_version_info import accelerator_name, installed_ops
         from deepspeed.ops.op_builder.all_ops import ALL_OPS
         from deepspeed.ops.op_builder.builder import probe_is_compatible
-    except Exception as err:  # noqa: BLE001 - any failure to import is the finding (ImportError, a CUDA probe)
+    except Exception as err:  # any failure to import is the finding (an ImportError, a CUDA probe that raises)
         return [f"deepspeed none ({type(err).__name__}: {err})"], "deepspeed does not import"
-    chosen = os.environ.get("DS_ACCELERATOR", "unset: detected")
-    lines = [f"deepspeed {deepspeed.__version__} (accelerator {get_accelerator()._name}; DS_ACCELERATOR {chosen})"]
-    ops = [
-        f"{name} {'installed' if installed_ops.get(name) else 'JIT'}/"
-        f"{'compatible' if probe_is_compatible(builder) else 'incompatible'}"
-        for name, builder in ALL_OPS.items()
-    ]
-    lines.append("deepspeed ops: " + ", ".join(ops))
-    lines.append("deepspeed optimizer: torch's AdamW (torch_adam), no op to build")
+    chosen, accel = os.environ.get("DS_ACCELERATOR", "unset: detected"), get_accelerator()._name
+    lines = [f"deepspeed {deepspeed.__version__} (accelerator {accel}; DS_ACCELERATOR {chosen})"]
+    lines.append("deepspeed ops (installed ahead / compatible with a JIT build here), as ds_report lists them:")
+    for name, builder in ALL_OPS.items():
+        # installed ahead of time, and for this accelerator (ds_report's test)
+        installed = bool(installed_ops.get(name)) and accelerator_name == accel
+        compatible = probe_is_compatible(builder)
+        lines.append(f"  {name:<26} {'yes' if installed else 'no':<3} / {'yes' if compatible else 'no'}")
+    lines.append("deepspeed ops soilnet needs: none (its optimizer is torch's AdamW: torch_adam)")
     return lines, None
 
 
