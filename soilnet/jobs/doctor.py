@@ -31,7 +31,8 @@ def torch_lines() -> list[str]:
             f"  cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB, capability {props.major}.{props.minor}"
         )
     try:
-        nccl = ".".join(str(v) for v in torch.cuda.nccl.version())
+        found = torch.cuda.nccl.version()  # (2, 21, 5); an int in older torch
+        nccl = ".".join(map(str, found)) if isinstance(found, tuple) else str(found)
     except (AttributeError, RuntimeError) as err:  # a build without NCCL
         nccl = f"none ({err})"
     return [*lines, f"nccl {nccl}"]
