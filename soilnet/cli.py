@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from soilnet import __version__
-from soilnet.config.base import ConfigError, load_config
+from soilnet.config.base import ConfigError, load_config, resolved_yaml
 from soilnet.jobs.commands import COMMANDS, resolve
 
 # EX_TEMPFAIL: a job stopped on SIGUSR2/SIGTERM after every rank saved a checkpoint; run it again to resume.
@@ -69,6 +69,9 @@ class _VersionAction(argparse.Action):
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (as the run saves it) and exit"
+    )
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
@@ -172,6 +175,9 @@ def _dispatch(args: argparse.Namespace) -> object:
     cmd = COMMANDS[args.command]
     if cmd.config_class:
         cfg = load_config(resolve(cmd.config_class), args.config, args.overrides)
+        if args.print_config:  # the job's module (and torch) is never imported
+            print(resolved_yaml(cfg), end="")
+            return 0
         return resolve(cmd.run)(cfg)
     return resolve(cmd.run)(args)
 
