@@ -75,7 +75,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--region", required=True, help="GeoJSON file of (multi)polygons")
+    p.add_argument("--region", required=True, help="region file of polygons: GeoJSON, GeoPackage or Shapefile")
     p.add_argument("--n", type=int, required=True, help="number of points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .parquet (or .csv) with columns id, lon, lat")
@@ -139,7 +139,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 def _predict_map_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a fine-tuning output_dir")
-    p.add_argument("--region", required=True, help="GeoJSON file")
+    p.add_argument("--region", required=True, help="region file: GeoJSON, GeoPackage or Shapefile (its CRS honoured)")
     p.add_argument("--resolution", type=float, required=True, help="grid spacing in metres")
     p.add_argument("--out", required=True, help="output .tif")
     p.add_argument("--batch-size", type=int, default=256)
