@@ -14,6 +14,10 @@ import pytest
 import shapely
 from pyproj import Transformer
 
+from shards.pack import load_points
+from soilnet.config.base import load_config
+from soilnet.config.pack import PackConfig
+from soilnet.jobs import predict_map
 from soilnet.regions import RegionError, read_region, region_polygons
 
 # a 100 km square in the ETRS89 LAEA grid (EPSG:3035), in Bavaria
@@ -138,3 +142,23 @@ def test_a_bad_region_is_one_line_from_the_cli(repo_root, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("soilnet sample: error: ") and str(junk) in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_pack_samples_inside_a_geopackage_region_and_predict_map_reads_it_the_same_way(repo_root, tmp_path):
+    region = _write(tmp_path / "region.gpkg", [LAEA_BOX], "EPSG:3035", "GPKG")
+    overrides = [f"sampling.region={region}", "sampling.n=50", "sampling.seed=3", f"output_dir={tmp_path / 'out'}"]
+    cfg = load_config(PackConfig, repo_root / "configs" / "preprocess" / "demo.yaml", overrides)
+    points = load_points(cfg)
+    assert len(points) == 50
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:3035", always_xy=True).transform(points.lon, points.lat)
+    assert shapely.contains_xy(LAEA_BOX, x, y).all()
+    assert predict_map.read_region is read_region  # the one reader
+
+
+def test_a_file_of_several_layers_is_an_error_naming_them(tmp_path):
+    path = tmp_path / "two.gpkg"
+    wkb = np.array([shapely.to_wkb(LAEA_BOX)], dtype=object)
+    for layer in ("land", "sea"):
+        pyogrio.raw.write(str(path), wkb, [], fields=[], layer=layer, geometry_type="Polygon", crs="EPSG:3035")
+    with pytest.raises(RegionError, match=r"two\.gpkg: 2 spatial layers \(land, sea\)"):
+        read_region(path)
