@@ -17,7 +17,7 @@ from pathlib import Path
 
 import submitit
 
-from soilnet.config.base import ConfigError, Section, load_config
+from soilnet.config.base import ConfigError, Section, load_config, resolved_yaml
 from soilnet.jobs.commands import COMMANDS, resolve
 from soilnet.rendezvous import node_address
 
@@ -63,6 +63,7 @@ def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
     p.add_argument("--array", type=int, default=0, help="submit as a job array of this many tasks (packing)")
     p.add_argument("--logs", default=None, help="submitit log folder (default: <output_dir>/submitit)")
     p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it failed")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit (submit nothing)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
 
@@ -134,6 +135,9 @@ def main(spec: JobSpec, argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"launch.{spec.name}: error: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(resolved_yaml(cfg), end="")
+        return 0
     output_dir = Path(getattr(cfg, "output_dir", "outputs"))
     log_folder = Path(args.logs) if args.logs else output_dir / "submitit"
     executor = make_executor(args, log_folder / "%j", spec.name)

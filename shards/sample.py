@@ -1,4 +1,6 @@
-"""``soilnet sample``: random points uniform by area on the sphere inside the (multi)polygons of a GeoJSON file.
+"""``soilnet sample``: random points uniform by area on the sphere inside the polygons of a region file.
+
+The region (GeoJSON, GeoPackage or Shapefile, in any CRS) is read by :mod:`soilnet.regions`, in lon/lat degrees.
 
 Equal-area sampling: a candidate picks one polygon's bounding box with probability proportional to the box's
 spherical area, then draws longitude uniformly and sin(latitude) uniformly inside the box (uniform by area on the
@@ -14,7 +16,6 @@ per TerraClimate cell (1/24 degree); a minimum great-circle spacing. Sampling co
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -29,49 +30,15 @@ import rasterio
 import shapely
 from pyproj import Transformer
 from rasterio.windows import from_bounds
-from shapely.geometry import shape
 
 from soilnet.atomic import atomic_file
+from soilnet.regions import region_polygons
 from soilnet.schema import PATCH_SIZE, PIXEL_SIZE_M
 
 EARTH_RADIUS_M = 6_371_008.8
 CLIMATE_CELLS_PER_DEGREE = 24  # TerraClimate's 1/24 degree grid
 CHUNK = 1 << 18  # candidates per draw: bounds memory, fixes the random stream
 GIVE_UP_AFTER = 20_000  # candidates in a row that fail the filters before the region is declared unusable
-
-
-def load_polygons(path: str | Path) -> list[shapely.Polygon]:
-    """The region's polygons (multipolygons split, overlaps united); a clear error for no or empty polygons."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"region file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid GeoJSON ({err})") from None
-    if data.get("type") == "FeatureCollection":
-        geometries = [(f"feature {i}", f.get("geometry")) for i, f in enumerate(data.get("features", []))]
-    elif data.get("type") == "Feature":
-        geometries = [("feature 0", data.get("geometry"))]
-    else:
-        geometries = [("geometry", data)]
-    polygons = []
-    for where, geom in geometries:
-        if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
-            continue
-        g = shape(geom)
-        if not g.is_valid:
-            g = shapely.make_valid(g)
-        if g.area == 0:
-            raise ValueError(f"{path}: {where} is a {geom['type']} with no area")
-        polygons.append(g)
-    if not polygons:
-        raise ValueError(f"{path}: no Polygon or MultiPolygon geometry (sampling needs an area)")
-    union = shapely.unary_union(polygons)
-    parts = [p for p in shapely.get_parts(union) if p.geom_type == "Polygon" and p.area > 0]
-    for p in parts:
-        shapely.prepare(p)
-    return parts
 
 
 def _box_weights(polygons: list[shapely.Polygon]) -> tuple[np.ndarray, np.ndarray]:
@@ -214,7 +181,7 @@ def iter_region(path: str | Path, n: int, seed: int, filters: Sequence[Filter] =
     """Chunks of the ``n`` points as DataFrames (``id`` str ``p0000000123``, ``lon``, ``lat`` in degrees)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    polygons = load_polygons(path)
+    polygons = region_polygons(path)
     done = rejected_in_a_row = 0
     for lon, lat in iter_candidates(polygons, seed):
         if done >= n:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from soilnet import __version__
 from soilnet.buildinfo import native_isa, torch_cuda
-from soilnet.config.base import ConfigError, load_config
+from soilnet.config.base import ConfigError, load_config, resolved_yaml
 from soilnet.jobs.commands import COMMANDS, resolve
 
 # EX_TEMPFAIL: a job stopped on SIGUSR2/SIGTERM after every rank saved a checkpoint; run it again to resume.
@@ -72,10 +72,13 @@ class _VersionAction(argparse.Action):
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (as the run saves it) and exit"
+    )
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--region", required=True, help="GeoJSON file of (multi)polygons")
+    p.add_argument("--region", required=True, help="region file of polygons: GeoJSON, GeoPackage or Shapefile")
     p.add_argument("--n", type=int, required=True, help="number of points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .parquet (or .csv) with columns id, lon, lat")
@@ -139,7 +142,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 def _predict_map_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a fine-tuning output_dir")
-    p.add_argument("--region", required=True, help="GeoJSON file")
+    p.add_argument("--region", required=True, help="region file: GeoJSON, GeoPackage or Shapefile (its CRS honoured)")
     p.add_argument("--resolution", type=float, required=True, help="grid spacing in metres")
     p.add_argument("--out", required=True, help="output .tif")
     p.add_argument("--batch-size", type=int, default=256)
@@ -182,6 +185,9 @@ def _dispatch(args: argparse.Namespace) -> object:
     cmd = COMMANDS[args.command]
     if cmd.config_class:
         cfg = load_config(resolve(cmd.config_class), args.config, args.overrides)
+        if args.print_config:  # the job's module (and torch) is never imported
+            print(resolved_yaml(cfg), end="")
+            return 0
         return resolve(cmd.run)(cfg)
     return resolve(cmd.run)(args)
 

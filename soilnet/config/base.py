@@ -121,10 +121,15 @@ def to_plain(cfg: Section) -> dict[str, Any]:
     return cfg.model_dump(mode="json", by_alias=True)
 
 
+def resolved_yaml(cfg: Section) -> str:
+    """The config as the YAML text of a run's saved ``config.yaml`` (and of ``--print-config``)."""
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False)
+
+
 def save_resolved(cfg: Section, directory: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config beside a job's outputs (atomically) and return its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / name
-    write_text(out, yaml.safe_dump(to_plain(cfg), sort_keys=False))
+    write_text(out, resolved_yaml(cfg))
     return out

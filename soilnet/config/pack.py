@@ -11,7 +11,8 @@ from soilnet.config.schema import SchemaConfig
 
 
 class SamplingConfig(Section):
-    """Random locations inside ``region`` (a GeoJSON file), or a ready point list in ``points``.
+    """Random locations inside ``region`` (GeoJSON, GeoPackage or Shapefile; its CRS honoured), or a ready point
+    list in ``points``.
 
     The filters are those of ``soilnet sample``: drop a point when more than ``max_excluded_fraction`` of its
     patch lies in ``exclude_classes`` of ``exclude_raster`` (the seed: ESA WorldCover 50/80/90/95/100, 20 %);

@@ -52,7 +52,8 @@ COMMANDS: dict[str, Command] = {
     "sample": Command(
         "random points uniform by area inside a region",
         "shards.sample:run_cli",
-        description="random points uniform by area on the sphere inside the (multi)polygons of a GeoJSON file",
+        description="random points uniform by area on the sphere inside the polygons of a region file (GeoJSON, "
+        "GeoPackage or Shapefile, in any CRS)",
     ),
     "import-soilnet": Command(
         "pack the seed's layout (patches and/or climate CSVs) into shards", "shards.import_soilnet:run_cli"

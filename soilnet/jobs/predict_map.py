@@ -17,22 +17,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import shapely
 import yaml
 
 from shards.pack import make_sample, make_source
-from shards.sample import load_polygons
 from shards.sources.base import Rejected
 from soilnet.config.base import ConfigError, apply_override
 from soilnet.config.pack import PackConfig
 from soilnet.data.manifest import read_manifest
 from soilnet.evaluate.maps import Acquire, MapError, claim_parts, plan_grid, predict_tiles, write_map
+from soilnet.regions import read_region
 from soilnet.train.regressor import MODEL_FILE, load_model
-
-
-def read_region(path: str | Path):
-    """The union of the (multi)polygons of a GeoJSON file, in lon/lat degrees (parsed as ``soilnet sample`` does)."""
-    return shapely.union_all(load_polygons(path))
 
 
 def predict_map(
