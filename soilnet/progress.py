@@ -69,7 +69,10 @@ def duration(seconds: float) -> str:
 
 
 def plural(unit: str) -> str:
-    return unit if unit.endswith("s") else unit + "s"
+    """``sample`` -> ``samples``, ``batch`` -> ``batches``."""
+    if unit.endswith("s"):
+        return unit
+    return unit + ("es" if unit.endswith(("ch", "sh", "x")) else "s")
 
 
 def rate_text(rate: float) -> str:
