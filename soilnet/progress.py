@@ -5,7 +5,7 @@ When the stream (stderr) is not a terminal, :class:`Progress` writes a line when
 ``SOILNET_PROGRESS_S`` seconds (30 by default; 0: at every update) and a final one::
 
     pack[0/1]: 1200/5000 samples (24%), 40.1 samples/s, ETA 0:01:35
-    pack[0/1]: finished 5000/5000 samples in 0:02:04, 40.3 samples/s
+    pack[0/1]: finished 5000/5000 samples (100%) in 0:02:04, 40.3 samples/s
 
 On a terminal it draws a ``tqdm`` bar instead. Where several processes run a stage, the caller passes
 ``enabled=False`` on all but one (rank 0), so one log holds one report. The clock and the stream are arguments,
