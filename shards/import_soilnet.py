@@ -50,7 +50,6 @@ import pandas as pd
 import rasterio
 from pyproj import Transformer
 from scipy.ndimage import distance_transform_edt
-from tqdm import tqdm
 
 from shards.pack import (
     PARTS,
@@ -65,6 +64,7 @@ from shards.sources.base import Patch, Rejected
 from shards.sources.rasters import patch_vrt, utm_crs
 from soilnet import __version__
 from soilnet.config.pack import PackConfig
+from soilnet.progress import Progress
 from soilnet.schema import (
     CHANNELS,
     CHANNELS_BY_NAME,
@@ -575,13 +575,7 @@ def run_cli(args) -> int:
     indices = (i for k in todo for i in shard_points(k, n, size))
     results = acquire_in_order(lambda i: plan.sample(i, cfg.shard.on_nonfinite), indices, threads)
     start = time.time()
-    with tqdm(
-        total=sum(len(shard_points(k, n, size)) for k in todo),
-        unit="sample",
-        desc="import",
-        file=sys.stderr,
-        disable=None,
-    ) as progress:
+    with Progress("import-soilnet", sum(len(shard_points(k, n, size)) for k in todo), "sample") as progress:
         for k in todo:
             pack_shard(k, results, len(shard_points(k, n, size)), cfg, s, out, progress)
     rate = n / max(time.time() - start, 1e-9)

@@ -29,7 +29,6 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 import pandas as pd
 import webdataset as wds
-from tqdm import tqdm
 
 from shards import stats
 from shards.parallel import Workers, workers_from_env
@@ -41,6 +40,7 @@ from soilnet import __version__
 from soilnet.atomic import atomic_file
 from soilnet.config.base import ConfigError, save_resolved, to_plain
 from soilnet.config.pack import PackConfig
+from soilnet.progress import Progress
 from soilnet.schema import SampleSchema
 
 FORMAT = "soilnet-shards/1"
@@ -279,7 +279,7 @@ def shard_points(k: int, n_points: int, max_samples: int) -> range:
 
 
 def pack_shard(
-    k: int, results: Iterator[dict], count: int, cfg: PackConfig, schema: SampleSchema, out: Path, progress: tqdm
+    k: int, results: Iterator[dict], count: int, cfg: PackConfig, schema: SampleSchema, out: Path, progress: Progress
 ) -> dict:
     """Write shard ``k`` from the next ``count`` results (its points) and return its part record."""
     samples: list[dict] = []
@@ -303,7 +303,7 @@ def pack_shard(
 
 
 def pack_shards(
-    todo: list[int], points: Points, source: Source, cfg: PackConfig, out: Path, progress: tqdm
+    todo: list[int], points: Points, source: Source, cfg: PackConfig, out: Path, progress: Progress
 ) -> Iterator[dict]:
     """Write the shards ``todo`` in order, yielding each part record; points are acquired in order on
     ``source.concurrency`` threads (1 when the source does not say)."""
@@ -368,14 +368,8 @@ def pack(cfg: PackConfig, workers: Workers | None = None) -> dict | None:
     total = sum(len(shard_points(k, len(points), cfg.shard.max_samples)) for k in todo)
     start = time.time()
     packed = rejected = 0
-    with tqdm(
-        total=total,
-        unit="sample",
-        desc=f"pack[{workers.rank}/{workers.world}]",
-        file=sys.stderr,
-        disable=None,
-        dynamic_ncols=True,
-    ) as progress:
+    # every worker (MPI rank, Slurm array task) reports its own part, in its own log
+    with Progress(f"pack[{workers.rank}/{workers.world}]", total, "sample") as progress:
         for part in pack_shards(todo, points, source, cfg, out, progress):
             packed += part["samples"]
             rejected += len(part["rejected"])

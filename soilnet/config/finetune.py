@@ -97,6 +97,9 @@ class FinetuneTrainConfig(Section):
     threads: int | None = None  # torch CPU threads; 1 is fastest for the tiny models on a busy node
     device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: bool = True
+    # TensorBoard logs per fold (losses, validation RMSE, learning rates) under output_dir/tensorboard/fold<k> and
+    # final, as pretraining's train.tensorboard
+    tensorboard: bool = True
 
 
 class SplitConfig(Section):

@@ -10,6 +10,7 @@ Of several processes (data-parallel fine-tuning), every rank runs the same folds
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from soilnet.distributed import DistInfo
 from soilnet.evaluate.baseline import fit_predict_target
 from soilnet.evaluate.conformal import calibrate
 from soilnet.evaluate.plan import FoldParts, Inputs, SplitPlan, carve_final
+from soilnet.progress import Scalars
 from soilnet.train.finetune import fit
 from soilnet.train.regressor import FitResult, apply_export_model, predict
 from soilnet.train.resume import ResumeStore
@@ -92,7 +94,8 @@ class FoldResult:
 @dataclass
 class Context:
     """What every fold of one run shares: the config, the inputs, the baseline's features (None: no baseline
-    on this process), this process's place among the ranks, the resume store and the stop flag."""
+    on this process), this process's place among the ranks, the resume store, the stop flag and ``scalars``: the
+    job's opener of a TensorBoard writer per fit (``fold<k>``, ``final``; None: no TensorBoard here)."""
 
     cfg: FinetuneConfig
     inputs: Inputs
@@ -100,10 +103,25 @@ class Context:
     info: DistInfo | None = None
     resume: ResumeStore | None = None
     stop: StopFlag | None = None
+    scalars: Callable[[str], Scalars] | None = None
 
     @property
     def data(self) -> LabelledData:
         return self.inputs.data
+
+    def fit(
+        self, train: np.ndarray, val: np.ndarray, seed: int, label: str, part: str, slot: tuple | None
+    ) -> FitResult:
+        """:func:`soilnet.train.finetune.fit` with this run's config, data, export, ranks and stop flag, reporting
+        to TensorBoard's ``part`` (``fold<k>``, ``final``) when the job opens writers."""
+        scalars = self.scalars(part) if self.scalars else None
+        try:
+            return fit(
+                self.cfg, self.data, train, val, seed, self.inputs.export, label, slot, self.stop, self.info, scalars
+            )
+        finally:
+            if scalars is not None:
+                scalars.close()
 
 
 def _baseline(ctx: Context, parts: FoldParts, result: FoldResult) -> None:
@@ -135,10 +153,7 @@ def run_fold(ctx: Context, parts: FoldParts) -> FoldResult:
         log.info("fold %d: finished before; results from %s", index, ctx.resume.path(key))
         return FoldResult.from_state(parts, saved)
     slot = (ctx.resume, key) if ctx.resume else None
-    export = ctx.inputs.export
-    fitted = fit(
-        cfg, data, parts.train, parts.val, cfg.train.seed + index, export, f"fold {index}", slot, ctx.stop, ctx.info
-    )
+    fitted = ctx.fit(parts.train, parts.val, cfg.train.seed + index, f"fold {index}", f"fold{index}", slot)
     result = FoldResult(
         parts,
         fitted.history,
@@ -172,7 +187,7 @@ def fit_final(ctx: Context, plan: SplitPlan, histories: dict) -> FinalModel:
     cfg, data, export = ctx.cfg, ctx.data, ctx.inputs.export
     val, cal, train, _ = carve_final(cfg, data, plan)
     slot = (ctx.resume, "final") if ctx.resume else None
-    fitted = fit(cfg, data, train, val, cfg.train.seed + 999, export, "final", slot, ctx.stop, ctx.info)
+    fitted = ctx.fit(train, val, cfg.train.seed + 999, "final", "final", slot)
     histories["final"] = fitted.history
     p_cal = predict(fitted, data, cal, ctx.inputs.mods)
     conformal = {

@@ -33,6 +33,7 @@ from rasterio.io import MemoryFile
 from soilnet.atomic import atomic_file, atomic_path, write_text
 from soilnet.evaluate.conformal import intervals
 from soilnet.evaluate.plots import _save, plt
+from soilnet.progress import Progress
 
 log = logging.getLogger("soilnet.maps")
 
@@ -118,9 +119,12 @@ def predict_tiles(
     batch_size: int = 256,
     max_tiles: int | None = None,
 ) -> dict:
-    """Predict every unfinished tile into ``parts/`` (``r{row}_c{col}.npz``); return counts."""
+    """Predict every unfinished tile into ``parts/`` (``r{row}_c{col}.npz``); return counts. Reports the tiles
+    done of those to do (:mod:`soilnet.progress`)."""
     parts.mkdir(parents=True, exist_ok=True)
     done = skipped = new = failed = cells = 0
+    todo = sum(1 for r, c in grid.tiles() if not (parts / f"r{r:04d}_c{c:04d}.npz").exists())
+    progress = Progress("predict-map", todo if max_tiles is None else min(todo, max_tiles), "tile")
     for row, col in grid.tiles():
         path = parts / f"r{row:04d}_c{col:04d}.npz"
         if path.exists():
@@ -149,6 +153,8 @@ def predict_tiles(
         cells += len(lon)
         done += 1
         log.info("tile (%d, %d): %d cells", row, col, len(lon))
+        progress.update(1)
+    progress.close()
     total = len(grid.tiles())
     finished = sum(1 for r, c in grid.tiles() if (parts / f"r{r:04d}_c{c:04d}.npz").exists())
     return {"tiles": total, "finished": finished, "new": new, "reused": skipped, "cells": cells, "failed": failed}

@@ -10,6 +10,7 @@ only rank 0 fits the baseline and writes files. The cross-validation checkpoints
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from soilnet.evaluate.outputs import (
 )
 from soilnet.evaluate.plan import SplitPlan, load_inputs
 from soilnet.evaluate.pooling import predictions_table
+from soilnet.progress import Scalars
 from soilnet.train.regressor import MODEL_FILE, save_model
 from soilnet.train.resume import ResumeStore
 from soilnet.train.signals import StopFlag, StoppedEarly, ignore_stop_signals, stop_on_signals
@@ -50,6 +52,13 @@ def write_labelled_files(out: Path, data: LabelledData) -> None:
     for name, text in files_to_write(data).items():
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / name, text)
+
+
+def tensorboard_writers(out: Path) -> Callable[[str], Scalars]:
+    """Opens a TensorBoard writer per fit under ``out/tensorboard/<part>`` (``fold0``, ..., ``final``)."""
+    from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard, protobuf); only with train.tensorboard
+
+    return lambda part: SummaryWriter(str(out / "tensorboard" / part))
 
 
 def _final_model(ctx: Context, plan: SplitPlan, histories: dict, out: Path, writes: bool) -> dict:
@@ -73,7 +82,8 @@ def _cross_validate_and_write(
     inputs = load_inputs(cfg)
     if writes:
         write_labelled_files(out, inputs.data)
-    ctx, plan = prepare(cfg, inputs, writes, info, resume, stop)
+    scalars = tensorboard_writers(out) if writes and cfg.train.tensorboard else None
+    ctx, plan = prepare(cfg, inputs, writes, info, resume, stop, scalars)
     pooled, metrics = cross_validate(ctx, plan)
     if ctx.data.missing_ids and writes:
         metrics["data"]["ground_truth_ids_not_in_shards_file"] = str(out / MISSING_IDS_FILE)

@@ -1,5 +1,5 @@
 """``soilnet pretrain``: the pretraining job. Joins the process group, catches the stop signals, writes the resolved
-config and opens rank 0's outputs (``metrics.jsonl``, ``samples.jsonl``, TensorBoard, the progress bar, the loss
+config and opens rank 0's outputs (``metrics.jsonl``, ``samples.jsonl``, TensorBoard, the progress report, the loss
 plot), around the training code of :mod:`soilnet.train.pretrain`.
 
 ``run`` returns ``{"steps", "samples", "output_dir", "checkpoint", "stopped_early"}``; with ``stopped_early``
@@ -14,12 +14,12 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from soilnet.atomic import atomic_file, write_text
 from soilnet.config.base import save_resolved
 from soilnet.config.pretrain import PretrainConfig
 from soilnet.distributed import DistInfo, init_distributed
+from soilnet.progress import Progress
 from soilnet.train import checkpoint
 from soilnet.train.pretrain import Observers, PretrainState, prepare, train
 from soilnet.train.signals import StopFlag, ignore_stop_signals, stop_on_signals
@@ -81,7 +81,7 @@ def open_observers(cfg: PretrainConfig, out: Path, rank: int, step: int) -> Obse
 
         observers.scalars = SummaryWriter(str(out / "tensorboard"))
     if t.progress:
-        observers.progress = tqdm(total=t.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+        observers.progress = Progress("pretrain", t.steps, "step", initial=step)
     return observers
 
 

@@ -42,6 +42,8 @@ from soilnet.distributed import (
     rank_rows,
 )
 from soilnet.models.layer_decay import lr_groups, lr_table
+from soilnet.progress import Progress as Report
+from soilnet.progress import Scalars
 from soilnet.train.checkpoint import rng_state, set_rng_state
 from soilnet.train.deepspeed_config import adamw, deepspeed_config
 from soilnet.train.optim import param_groups
@@ -415,8 +417,26 @@ def _step(f: Fitting, idx: np.ndarray) -> torch.Tensor:
     return f.stepper.step(im, cl, f.targets[idx], sizes)
 
 
+def _skipped(size: int, rows: int, world: int) -> bool:
+    """Whether a batch of ``size`` of an epoch's ``rows`` is skipped (its samples come back next epoch): when some
+    rank would get no row, or a batch of one would break batch-norm."""
+    return (world > 1 and size < world) or (size < 2 and rows > 1)
+
+
+def batches_per_epoch(rows: int, batch_size: int, world: int) -> int:
+    """The steps of one epoch over ``rows`` training rows (the skipped batches left out)."""
+    sizes = (min(batch_size, rows - start) for start in range(0, rows, batch_size))
+    return sum(1 for size in sizes if not _skipped(size, rows, world))
+
+
 def _train_epoch(
-    f: Fitting, p: Progress, train_idx: np.ndarray, slot: tuple[ResumeStore, str] | None, stop, label: str
+    f: Fitting,
+    p: Progress,
+    train_idx: np.ndarray,
+    slot: tuple[ResumeStore, str] | None,
+    stop,
+    label: str,
+    report: Report,
 ) -> None:
     """The rest of epoch ``p.epoch``'s batches; saves and raises :class:`StoppedEarly` when the ranks agree on
     a stop."""
@@ -432,13 +452,12 @@ def _train_epoch(
         start = p.start
         p.start += tc.batch_size
         idx = order[start : start + tc.batch_size]
-        if f.world > 1 and len(idx) < f.world:
-            continue  # some rank would get no row; the samples come back next epoch
-        if len(idx) < 2 and len(order) > 1:
-            continue  # a batch of one breaks batch-norm; the sample comes back next epoch
+        if _skipped(len(idx), len(order), f.world):
+            continue
         loss = _step(f, idx)
         p.total += float(loss.detach()) * len(idx)
         p.count += len(idx)
+        report.update(1)
         if stop is not None and stop_agreed(stop, f.info):
             _save(f, p, slot)
             barrier()  # rank 0 has written before any rank exits (srun ends the step on the first exit)
@@ -486,6 +505,28 @@ def _result(f: Fitting, p: Progress, train_idx: np.ndarray) -> FitResult:
     return FitResult(model, transform, p.best_epoch, p.history, f.lr_info)
 
 
+def _record_epoch(f: Fitting, p: Progress, scalars: Scalars | None) -> None:
+    """The epoch just scored, to TensorBoard: its losses, validation RMSE and each parameter group's LR."""
+    if scalars is None:
+        return
+    epoch = p.epoch - 1
+    scalars.add_scalar("loss/train", p.history["train_loss"][-1], epoch)
+    scalars.add_scalar("loss/val", p.history["val_loss"][-1], epoch)
+    scalars.add_scalar("val/rmse", p.history["val_rmse"][-1], epoch)
+    for i, group in enumerate(f.stepper.optimizer.param_groups):
+        scalars.add_scalar(f"lr/{group.get('name', i)}", group["lr"], epoch)
+
+
+def _report(f: Fitting, p: Progress, rows: int, label: str) -> Report:
+    """Rank 0's progress over the fit's batches (every epoch's, as if none stopped early), resumed where ``p``
+    stands."""
+    tc = f.cfg.train
+    per_epoch = batches_per_epoch(rows, tc.batch_size, f.world)
+    done = p.epoch * per_epoch + (min(p.start // tc.batch_size, per_epoch) if p.order is not None else 0)
+    stage = f"fit {label}".strip()
+    return Report(stage, tc.epochs * per_epoch, "batch", initial=done, enabled=f.rank == 0 and not p.finished)
+
+
 def fit(
     cfg: FinetuneConfig,
     data: LabelledData,
@@ -497,6 +538,7 @@ def fit(
     slot: tuple[ResumeStore, str] | None = None,
     stop: StopFlag | None = None,
     info: DistInfo | None = None,
+    scalars: Scalars | None = None,
 ) -> FitResult:
     """Train on ``train_idx``; keep the weights of the epoch with the lowest validation RMSE (original units).
 
@@ -516,11 +558,17 @@ def fit(
     a saved state that has finished training returns at once. ``stop``: after every step the ranks agree whether
     it was raised; if so, the state is saved and :class:`StoppedEarly` raised (a resumption continues exactly
     where this left off: same weights, optimizer, early-stopping state, batch order and RNG states).
+
+    Rank 0 reports its progress over the batches (:mod:`soilnet.progress`, to stderr) and, given ``scalars`` (a
+    TensorBoard writer the caller opened and closes), each epoch's losses, validation RMSE and learning rates.
     """
     f = prepare(cfg, data, train_idx, seed, export, label, info)
     p = _resumed(f, slot, label)
-    while not p.finished:
-        _train_epoch(f, p, train_idx, slot, stop, label)
-        _end_epoch(f, p, val_idx, label)
-        _save(f, p, slot)
+    with _report(f, p, len(train_idx), label) as report:
+        while not p.finished:
+            report.set_postfix(epoch=f"{p.epoch + 1}/{cfg.train.epochs}")
+            _train_epoch(f, p, train_idx, slot, stop, label, report)
+            _end_epoch(f, p, val_idx, label)
+            _record_epoch(f, p, scalars)
+            _save(f, p, slot)
     return _result(f, p, train_idx)

@@ -43,6 +43,7 @@ from soilnet.data.order import steps_per_epoch
 from soilnet.distributed import DistInfo, all_reduce_sum, gather_no_grad
 from soilnet.losses import ContrastiveLoss, ContrastiveOutput, retrieval_metrics
 from soilnet.models import build_contrastive_model
+from soilnet.progress import Progress, Scalars
 from soilnet.schema import SampleSchema
 from soilnet.train import checkpoint
 from soilnet.train.deepspeed_config import adamw, deepspeed_config
@@ -448,24 +449,6 @@ class Records(Protocol):
     def close(self) -> None: ...
 
 
-class Scalars(Protocol):
-    """TensorBoard's ``SummaryWriter``, as the loop uses it."""
-
-    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> Any: ...
-
-    def close(self) -> Any: ...
-
-
-class Progress(Protocol):
-    """A ``tqdm`` bar, as the loop uses it."""
-
-    def update(self, n: int = 1) -> Any: ...
-
-    def set_postfix(self, **kwargs: Any) -> Any: ...
-
-    def close(self) -> Any: ...
-
-
 @dataclass
 class Observers:
     """Where rank 0 reports a run besides its checkpoints; the job opens and closes them
@@ -474,7 +457,7 @@ class Observers:
     metrics: Records | None = None  # metrics.jsonl: one record per logged step
     samples: Records | None = None  # samples.jsonl: the global sample ids of each step (data.log_sample_ids)
     scalars: Scalars | None = None  # TensorBoard (train.tensorboard)
-    progress: Progress | None = None  # a progress bar (train.progress); without one, a log line per record
+    progress: Progress | None = None  # steps done, rate and ETA (train.progress); without it, a log line per record
 
 
 @dataclass
@@ -600,7 +583,7 @@ def step_record(state: PretrainState, stats: StepStats, lr: float, window: Windo
 
 
 def report(state: PretrainState, rec: dict, observers: Observers) -> None:
-    """Rank 0: the record to the metrics log and TensorBoard, and to the progress bar or the log."""
+    """Rank 0: the record to the metrics log and TensorBoard, and to the progress report or the log."""
     assert observers.metrics is not None
     observers.metrics.write(rec)
     if observers.scalars is not None:
