@@ -36,7 +36,7 @@ from soilnet.data.manifest import read_manifest
 from soilnet.evaluate.conformal import intervals
 from soilnet.schema import SampleSchema, SchemaError
 from soilnet.train import regressor
-from soilnet.train.regressor import Finetuned, modalities_of, read_export
+from soilnet.train.regressor import Finetuned, Normaliser, modalities_of, read_export
 
 __all__ = ["Encoders", "Model", "Prediction", "Sample", "Shards", "load_encoders", "load_model", "open_shards"]
 
@@ -148,12 +148,18 @@ class Sample:
 
 
 class Shards:
-    """A shard folder (:func:`open_shards`): ``manifest``, ``schema`` (the shards' whole schema), ``len()`` its
-    sample count; iterating reads every sample in order."""
+    """A shard folder (:func:`open_shards`): ``manifest``, ``schema`` (what each :class:`Sample` holds: the shards'
+    own, or the selection asked for), ``len()`` its sample count; iterating reads every sample in order."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, schema: SampleSchema | None = None):
         self.manifest, self.folder = read_manifest(path)
-        self.schema = SampleSchema.from_dict(self.manifest["schema"])
+        available = SampleSchema.from_dict(self.manifest["schema"])
+        self.schema = available if schema is None else schema
+        if not self.schema.subset_of(available):
+            raise SchemaError(f"{self.folder}: " + "; ".join(self.schema.differences(available)))
+        self.channels = available.channel_indices(self.schema.channels)
+        self.months = available.month_indices(self.schema.months)
+        self.variables = available.climate_indices(self.schema.climate_variables)
         self.urls = [str(self.folder / s["name"]) for s in self.manifest["shards"]]
         self.encoding = self.manifest.get("image_encoding", {"dtype": "float16"})
 
@@ -165,20 +171,20 @@ class Shards:
 
     def __iter__(self) -> Iterator[Sample]:
         for s in read_samples(self.urls):
-            image = s.get("image.npy")
-            climate = s.get("climate.npy")
-            yield Sample(
-                key=s["__key__"],
-                image=None if image is None else decode_image(image, self.encoding),
-                climate=None if climate is None else np.asarray(climate, dtype=np.float32),
-                meta=s.get("meta.json") or {},
-                shard=str(s.get("__url__", "")),
-            )
+            image, climate = s.get("image.npy"), s.get("climate.npy")
+            if image is not None:
+                image = decode_image(image, self.encoding)[self.channels]
+            if climate is not None:
+                climate = np.asarray(climate, dtype=np.float32)[np.ix_(self.months, self.variables)]
+            meta = s.get("meta.json") or {}
+            yield Sample(s["__key__"], image, climate, meta, str(s.get("__url__", "")))
 
 
-def open_shards(path: str | Path) -> Shards:
-    """A shard folder (or its ``manifest.json``); iterate it for :class:`Sample` objects."""
-    return Shards(path)
+def open_shards(path: str | Path, schema: SampleSchema | None = None) -> Shards:
+    """A shard folder (or its ``manifest.json``); iterate it for :class:`Sample` objects. ``schema`` (e.g.
+    ``model.schema``): take only its channels, climate variables and months, in its order (an error naming what
+    the shards lack); default: everything the shards hold."""
+    return Shards(path, schema)
 
 
 # ------------------------------------------------------------------------------------------- encoders
@@ -197,6 +203,28 @@ class Encoders:
     model: ModelConfig
     normalisation: dict | None
     metadata: dict
+
+    def normaliser(self) -> Normaliser:
+        """The pretraining statistics as a :class:`~soilnet.train.regressor.Normaliser` in the schema's order."""
+        if not self.normalisation:
+            raise ValueError("the export records no normalisation statistics: normalise the inputs yourself")
+        arrays = []
+        for kind, names in (("image", self.schema.channels), ("climate", self.schema.climate_variables)):
+            table = self.normalisation.get(kind) or {}
+            for stat in ("mean", "std"):
+                arrays.append(np.array([table[n][stat] for n in names], np.float32) if table else None)
+        return Normaliser(*arrays)
+
+    @torch.no_grad()
+    def embed(self, image=None, climate=None) -> dict[str, np.ndarray]:
+        """Features ``(N, D)`` of each modality given (shapes and units as :meth:`Model.predict` takes them),
+        normalised with the pretraining statistics: ``{"image": ..., "climate": ...}``."""
+        norm, out = self.normaliser(), {}
+        if image is not None and self.image is not None:
+            out["image"] = self.image(norm.image(_rows(image, self.schema.image_shape, "image"))).numpy()
+        if climate is not None and self.climate is not None:
+            out["climate"] = self.climate(norm.climate(_rows(climate, self.schema.climate_shape, "climate"))).numpy()
+        return out
 
 
 def load_encoders(path: str | Path) -> Encoders:

@@ -194,6 +194,11 @@ def _finetune_metrics(metrics: dict) -> list[str]:
     return out
 
 
+def _dropped(counts: dict) -> str:
+    reasons = ("missing", "nan", "negative", "no_ground_truth")
+    return ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in reasons if counts.get(k)) or "none"
+
+
 def _finetune_intervals(metrics: dict, unit: str) -> list[str]:
     cv, final = metrics.get("conformal") or {}, (metrics.get("final_model") or {}).get("conformal") or {}
     level = final.get("level", cv.get("level"))
@@ -229,7 +234,7 @@ def finetune_card(metrics: dict, config: dict, data: LabelledData, export_meta: 
         "Schema": schema_lines(data.schema.to_dict()),
         "Data": [
             *data_lines(shards, "Labelled shards"),
-            f"- Labelled points used: {len(data)} (counts: {data.counts})",
+            f"- Labelled points used: {len(data)}; left out: " + _dropped(data.counts),
             *(data_lines(pretraining, "Pretraining shards") if pretraining else []),
         ],
         "Metrics": _finetune_metrics(metrics),
