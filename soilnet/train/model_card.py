@@ -128,13 +128,9 @@ def metric_table(rows: list[tuple[str, dict]]) -> list[str]:
     return out + [f"| {name} | " + " | ".join(_num(m.get(k)) for k in keys) + " |" for name, m in rows]
 
 
-def components(model: dict) -> str:
-    """The registry names of the model config's encoders (and regressor, when set)."""
-    parts = [
-        f"{role.replace('_', ' ')} `{(model.get(role) or {}).get('name')}`"
-        for role in ("image_encoder", "climate_encoder", "regressor")
-        if model.get(role)
-    ]
+def components(model: dict, roles: tuple[str, ...] = ("image_encoder", "climate_encoder", "regressor")) -> str:
+    """The registry names of the model config's parts ``roles`` (those it sets)."""
+    parts = [f"{role.replace('_', ' ')} `{(model.get(role) or {}).get('name')}`" for role in roles if model.get(role)]
     return "; ".join(parts) or "not recorded"
 
 
@@ -279,7 +275,7 @@ def export_card(out: Path, meta: dict, stats: dict | None, shards: str | Path | 
     sections: Sections = {
         "Model": [
             f"- Pretrained SoilNet encoders (cross-modal contrastive pretraining); weights `{out.name}`",
-            f"- {components(model)}",
+            f"- {components(model, ('image_encoder', 'climate_encoder'))}",
         ],
         "Schema": schema_lines(meta.get("schema") or {}),
         "Data": [

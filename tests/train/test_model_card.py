@@ -75,6 +75,7 @@ def test_export_card(finetuned_dir, labelled_shards, tmp_path):
     s = sections(card)
     assert f"Image channels ({len(SCHEMA.channels)}): {', '.join(SCHEMA.channels)}" in s["Schema"]
     assert "weights `encoders.safetensors`" in s["Model"] and "tiny_cnn" in s["Model"]
+    assert "regressor" not in s["Model"]
     assert f"Pretraining shards: `{labelled_shards}`" in s["Data"] and "Samples in the shards: 303" in s["Data"]
     assert "Pretraining: 2 steps, 32 samples seen" in s["Data"]
     assert "Normalisation statistics: recorded in the export" in s["Data"]
