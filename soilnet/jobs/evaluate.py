@@ -32,6 +32,7 @@ from soilnet.evaluate.outputs import (
 from soilnet.evaluate.plan import SplitPlan, load_inputs
 from soilnet.evaluate.pooling import predictions_table
 from soilnet.progress import Scalars
+from soilnet.train.model_card import finetune_card, write_card
 from soilnet.train.regressor import MODEL_FILE, save_model
 from soilnet.train.resume import ResumeStore
 from soilnet.train.signals import StopFlag, StoppedEarly, ignore_stop_signals, stop_on_signals
@@ -73,9 +74,9 @@ def _final_model(ctx: Context, plan: SplitPlan, histories: dict, out: Path, writ
 def _cross_validate_and_write(
     cfg: FinetuneConfig, out: Path, info: DistInfo | None, final_model: bool, resume: ResumeStore, stop: StopFlag
 ) -> dict:
-    """Cross-validate ``cfg`` and, on the process that writes, write predictions.csv, model.safetensors (with
-    ``final_model``), the plots, metrics.json and report.md into ``out``; returns the metrics (``baseline_rf``
-    None on the other processes)."""
+    """Cross-validate ``cfg`` and, on the process that writes, write predictions.csv, model.safetensors and
+    MODEL_CARD.md (with ``final_model``), the plots, metrics.json and report.md into ``out``; returns the
+    metrics (``baseline_rf`` None on the other processes)."""
     writes = info is None or info.is_main
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -96,6 +97,9 @@ def _cross_validate_and_write(
     if cfg.eval.plots:
         metrics["plots"] = cross_validation_plots(ctx.data, pooled, metrics, out)
     write_metrics_and_report(out, metrics, to_plain(cfg))
+    if final_model:  # after metrics.json: the card quotes it
+        export_meta = ctx.inputs.export[1] if ctx.inputs.export else None
+        write_card(out / MODEL_FILE, finetune_card(metrics, to_plain(cfg), ctx.data, export_meta))
     return metrics
 
 

@@ -12,6 +12,8 @@ encoders were pretrained with, keyed by name, so that fine-tuning can scale its 
 from the checkpoint's soilnet.json (pretraining records them) or, for checkpoints written before it did, from the
 pretraining manifest (the run's recorded ``data.shards``, or ``--shards``). Without either, the export has no
 ``normalisation`` and a warning says so; fine-tuning then falls back to its data's statistics.
+
+``MODEL_CARD.md`` (:mod:`soilnet.train.model_card`) is written beside the export.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from soilnet.atomic import write_bytes
 from soilnet.config.schema import SchemaConfig
 from soilnet.data.shards import ShardSet, open_shards
 from soilnet.train.checkpoint import resolve
+from soilnet.train.model_card import export_card, write_card
 
 log = logging.getLogger("soilnet.export")
 
@@ -120,6 +123,7 @@ def export(checkpoint: str | Path, out: str | Path, shards: str | Path | None = 
     if stats is not None:
         metadata["normalisation"] = json.dumps(stats)
     write_bytes(out, save(state, metadata=metadata))
+    write_card(out, export_card(out, meta, stats, shards))
     return out
 
 
