@@ -18,28 +18,35 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 import rasterio
 import rasterio.shutil
 import shapely
 from affine import Affine
-from pyproj import Transformer
-from rasterio.io import MemoryFile
+from pyproj import CRS, Transformer
+from pyproj.crs import ProjectedCRS
+from pyproj.crs.coordinate_operation import LambertAzimuthalEqualAreaConversion
+from pyproj.exceptions import CRSError
 
-from soilnet.atomic import atomic_file, atomic_path, write_text
+from soilnet.atomic import atomic_path, write_text
 from soilnet.evaluate.conformal import intervals
 from soilnet.evaluate.plots import _save, plt
+from soilnet.evaluate.tiles import Batch, TileAcquire
 from soilnet.progress import Progress
 
 log = logging.getLogger("soilnet.maps")
 
 # (lon (N,), lat (N,)) -> (image (N, C, H, W) | None, climate (N, T, F) | None, ok (N,) bool)
 Acquire = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray | None, np.ndarray | None, np.ndarray]]
+# The COG's bands, in order; a new band (e.g. the area of applicability) appends its name here and its values in
+# tile_bands; write_map describes bands past the third by their name.
 BANDS = ("prediction", "lower", "upper")
+COG_BLOCK = 512
 
 
 class MapError(ValueError):
@@ -75,27 +82,65 @@ class Grid:
         return slice(row * t, min((row + 1) * t, self.height)), slice(col * t, min((col + 1) * t, self.width))
 
 
-def plan_grid(region, resolution_m: float, tile_size: int = 256) -> tuple[Grid, object]:
-    """The grid covering ``region`` (lon/lat) and the region projected onto the grid's plane."""
+EUROPE = "EPSG:3035"
+
+
+def default_crs(region) -> str:
+    """EPSG:3035 (ETRS89 / LAEA Europe) for a region inside its area of use; else a Lambert azimuthal equal-area
+    CRS centred on the region, named ``SoilNet LAEA <lat> <lon>`` in its WKT (GIS shows the name and the
+    projection, not "unknown")."""
+    west, south, east, north = region.bounds
+    aw, as_, ae, an = CRS(EUROPE).area_of_use.bounds
+    if aw <= west and east <= ae and as_ <= south and north <= an:
+        return EUROPE
+    c = region.centroid
+    conv = LambertAzimuthalEqualAreaConversion(
+        latitude_natural_origin=round(c.y, 4), longitude_natural_origin=round(c.x, 4)
+    )
+    return ProjectedCRS(conv, name=f"SoilNet LAEA {c.y:.4f} {c.x:.4f}", geodetic_crs=CRS("EPSG:4326")).to_wkt()
+
+
+def plan_grid(
+    region,
+    resolution_m: float,
+    tile_size: int = 256,
+    crs: str | None = None,
+    origin: tuple[float, float] = (0.0, 0.0),
+) -> tuple[Grid, object]:
+    """The grid covering ``region`` (lon/lat) and the region projected onto the grid's plane.
+
+    ``crs``: any CRS pyproj knows (``EPSG:5070``), default :func:`default_crs`; cell edges fall on ``origin``
+    plus whole multiples of ``resolution_m``, so maps of neighbouring regions line up."""
     if resolution_m <= 0:
         raise MapError(f"--resolution must be positive metres, got {resolution_m}")
-    c = region.centroid
-    crs = f"+proj=laea +lat_0={c.y:.6f} +lon_0={c.x:.6f} +datum=WGS84 +units=m +no_defs"
+    crs = crs or default_crs(region)
+    try:
+        if not CRS(crs).is_projected:
+            raise MapError(f"--crs {crs} is not a projected CRS (the grid needs metres)")
+    except CRSError as err:
+        raise MapError(f"--crs {crs}: {err}") from None
     fwd = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
     projected = shapely.transform(shapely.segmentize(region, 0.05), fwd.transform, interleaved=False)
     minx, miny, maxx, maxy = projected.bounds
-    x0 = math.floor(minx / resolution_m) * resolution_m
-    y0 = math.ceil(maxy / resolution_m) * resolution_m
+    ox, oy = origin
+    x0 = ox + math.floor((minx - ox) / resolution_m) * resolution_m
+    y0 = oy + math.ceil((maxy - oy) / resolution_m) * resolution_m
     width = max(1, math.ceil((maxx - x0) / resolution_m))
     height = max(1, math.ceil((y0 - miny) / resolution_m))
     return Grid(crs, x0, y0, float(resolution_m), width, height, tile_size), projected
 
 
-def tile_cells(grid: Grid, projected, row: int, col: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inside-mask ``(h, w)`` bool and the lon/lat of the inside cells' centres, for one tile."""
+def tile_centres(grid: Grid, row: int, col: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map coordinates of one tile's cell centres: ``xs`` of its columns, ``ys`` of its rows."""
     rs, cs = grid.tile_window(row, col)
     ys = grid.y0 - (np.arange(rs.start, rs.stop) + 0.5) * grid.resolution
     xs = grid.x0 + (np.arange(cs.start, cs.stop) + 0.5) * grid.resolution
+    return xs, ys
+
+
+def tile_cells(grid: Grid, projected, row: int, col: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inside-mask ``(h, w)`` bool and the lon/lat of the inside cells' centres, for one tile."""
+    xs, ys = tile_centres(grid, row, col)
     xx, yy = np.meshgrid(xs, ys)
     inside = shapely.contains_xy(projected, xx, yy)
     inv = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
@@ -103,15 +148,61 @@ def tile_cells(grid: Grid, projected, row: int, col: int) -> tuple[np.ndarray, n
     return inside, np.asarray(lon), np.asarray(lat)
 
 
-def _atomic_npz(path: Path, **arrays) -> None:
-    with atomic_file(path) as f:
-        np.savez(f, **arrays)
+def tile_path(parts: Path, row: int, col: int) -> Path:
+    """The finished tile's GeoTIFF in ``parts/``."""
+    return parts / f"r{row:04d}_c{col:04d}.tif"
+
+
+def write_tile(parts: Path, grid: Grid, row: int, col: int, bands: np.ndarray) -> Path:
+    """One tile's ``(B, h, w)`` float32 bands as a GeoTIFF on the grid, written atomically."""
+    rs, cs = grid.tile_window(row, col)
+    path = tile_path(parts, row, col)
+    profile = {"driver": "GTiff", "width": cs.stop - cs.start, "height": rs.stop - rs.start, "count": len(bands)}
+    profile.update(dtype="float32", crs=grid.crs, nodata=float("nan"), compress="DEFLATE")
+    with (
+        atomic_path(path) as tmp,
+        rasterio.open(tmp, "w", transform=grid.transform @ Affine.translation(cs.start, rs.start), **profile) as dst,
+    ):
+        dst.write(bands.astype(np.float32))
+    return path
+
+
+def point_batches(acquire: Acquire, lon: np.ndarray, lat: np.ndarray, batch_size: int) -> Iterator[Batch]:
+    """The per-point path in batches: ``acquire`` builds each cell's inputs on its own."""
+    for start in range(0, len(lon), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(lon)))
+        image, climate, ok = acquire(lon[idx], lat[idx])
+        yield idx, image, climate, ok
+
+
+def tile_bands(
+    grid: Grid, projected, row: int, col: int, acquire, predict, half_width: float, space: str, batch_size: int = 256
+) -> tuple[np.ndarray, dict]:
+    """One tile's ``(len(BANDS), h, w)`` bands and its counts (``cells``, ``failed``). ``acquire``: a
+    :class:`~soilnet.evaluate.tiles.TileAcquire` (the tile path) or an :data:`Acquire` (the per-point path)."""
+    inside, lon, lat = tile_cells(grid, projected, row, col)
+    if isinstance(acquire, TileAcquire):
+        xs, ys = tile_centres(grid, row, col)
+        batches = acquire.batches(grid.crs, xs, ys, inside, lon, lat)
+    else:
+        batches = point_batches(acquire, lon, lat, batch_size)
+    values = np.full(len(lon), np.nan)
+    failed = 0
+    for idx, image, climate, ok in batches:
+        failed += int(np.sum(~ok))
+        if ok.any():
+            values[idx[ok]] = predict(None if image is None else image[ok], None if climate is None else climate[ok])
+    lower, upper = intervals(values, half_width, space=space)
+    out = np.full((len(BANDS), *inside.shape), np.nan, dtype=np.float32)
+    for band, data in zip(out, (values, lower, upper), strict=False):
+        band[inside] = data
+    return out, {"cells": len(lon), "failed": failed}
 
 
 def predict_tiles(
     grid: Grid,
     projected,
-    acquire: Acquire,
+    acquire,
     predict: Callable[[np.ndarray | None, np.ndarray | None], np.ndarray],
     half_width: float,
     parts: Path,
@@ -119,89 +210,99 @@ def predict_tiles(
     batch_size: int = 256,
     max_tiles: int | None = None,
 ) -> dict:
-    """Predict every unfinished tile into ``parts/`` (``r{row}_c{col}.npz``); return counts. Reports the tiles
-    done of those to do (:mod:`soilnet.progress`)."""
+    """Predict every unfinished tile into ``parts/`` (``r{row}_c{col}.tif``, :func:`tile_bands`); return counts.
+    Reports the tiles done of those to do (:mod:`soilnet.progress`)."""
     parts.mkdir(parents=True, exist_ok=True)
-    done = skipped = new = failed = cells = 0
-    todo = sum(1 for r, c in grid.tiles() if not (parts / f"r{r:04d}_c{c:04d}.npz").exists())
+    skipped = new = failed = cells = 0
+    todo = sum(1 for r, c in grid.tiles() if not tile_path(parts, r, c).exists())
     progress = Progress("predict-map", todo if max_tiles is None else min(todo, max_tiles), "tile")
     for row, col in grid.tiles():
-        path = parts / f"r{row:04d}_c{col:04d}.npz"
-        if path.exists():
+        if tile_path(parts, row, col).exists():
             skipped += 1
             continue
         if max_tiles is not None and new >= max_tiles:
             break
-        inside, lon, lat = tile_cells(grid, projected, row, col)
-        out = np.full((len(BANDS), *inside.shape), np.nan, dtype=np.float32)
-        values = np.full(len(lon), np.nan)
-        for start in range(0, len(lon), batch_size):
-            sl = slice(start, start + batch_size)
-            image, climate, ok = acquire(lon[sl], lat[sl])
-            failed += int(np.sum(~ok))
-            if ok.any():
-                pred = predict(None if image is None else image[ok], None if climate is None else climate[ok])
-                chunk = np.full(len(ok), np.nan)
-                chunk[ok] = pred
-                values[sl] = chunk
-        lower, upper = intervals(values, half_width, space=space)
-        out[0][inside] = values
-        out[1][inside] = lower
-        out[2][inside] = upper
-        _atomic_npz(path, bands=out)
+        bands, counts = tile_bands(grid, projected, row, col, acquire, predict, half_width, space, batch_size)
+        write_tile(parts, grid, row, col, bands)
         new += 1
-        cells += len(lon)
-        done += 1
-        log.info("tile (%d, %d): %d cells", row, col, len(lon))
+        cells += counts["cells"]
+        failed += counts["failed"]
+        log.info("tile (%d, %d): %d cells", row, col, counts["cells"])
         progress.update(1)
     progress.close()
     total = len(grid.tiles())
-    finished = sum(1 for r, c in grid.tiles() if (parts / f"r{r:04d}_c{c:04d}.npz").exists())
+    finished = sum(1 for r, c in grid.tiles() if tile_path(parts, r, c).exists())
     return {"tiles": total, "finished": finished, "new": new, "reused": skipped, "cells": cells, "failed": failed}
 
 
-def assemble(grid: Grid, parts: Path) -> np.ndarray:
-    """The full ``(3, height, width)`` float32 map from finished tiles."""
-    full = np.full((len(BANDS), grid.height, grid.width), np.nan, dtype=np.float32)
-    for row, col in grid.tiles():
-        rs, cs = grid.tile_window(row, col)
-        with np.load(parts / f"r{row:04d}_c{col:04d}.npz") as z:
-            full[:, rs, cs] = z["bands"]
-    return full
-
-
-def write_cog(path: Path, bands: np.ndarray, grid: Grid, tags: dict, band_names: tuple[str, ...]) -> Path:
-    """Write ``bands`` ``(B, H, W)`` float32 as a tiled, DEFLATE-compressed COG with overviews, atomically."""
-    profile = {
-        "driver": "GTiff",
-        "width": grid.width,
-        "height": grid.height,
-        "count": bands.shape[0],
-        "dtype": "float32",
-        "crs": grid.crs,
-        "transform": grid.transform,
-        "nodata": float("nan"),
-    }
-    block = 256 if min(grid.width, grid.height) >= 512 else 16
-    levels = max(1, int(math.log2(max(1, min(grid.width, grid.height) // block))))
-    with MemoryFile() as mem, atomic_path(path) as tmp:
-        with mem.open(**profile) as dst:
-            dst.write(bands)
-            for i, name in enumerate(band_names, start=1):
-                dst.set_band_description(i, name)
-            dst.update_tags(**{k: str(v) for k, v in tags.items()})
-        with mem.open() as src:
-            rasterio.shutil.copy(
-                src,
-                tmp,
-                driver="COG",
-                BLOCKSIZE=block,
-                OVERVIEW_COUNT=levels,
-                COMPRESS="DEFLATE",
-                PREDICTOR="YES",
-                RESAMPLING="AVERAGE",
+def tiles_vrt(path: Path, grid: Grid, parts: Path, names: tuple[str, ...], unit: str, tags: dict) -> Path:
+    """A GDAL VRT mosaic of the finished tiles (relative paths) with band descriptions, unit, NaN nodata and
+    ``tags`` as dataset metadata; GDAL reads it window by window, so nothing holds the map."""
+    t = grid.transform
+    meta = "".join(f"<MDI key={quoteattr(str(k))}>{escape(str(v))}</MDI>" for k, v in tags.items())
+    bands = []
+    for b, name in enumerate(names, start=1):
+        sources = []
+        for row, col in grid.tiles():
+            rs, cs = grid.tile_window(row, col)
+            w, h = cs.stop - cs.start, rs.stop - rs.start
+            sources.append(
+                f'<SimpleSource><SourceFilename relativeToVRT="1">{tile_path(parts, row, col).name}</SourceFilename>'
+                f'<SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+                f'<DstRect xOff="{cs.start}" yOff="{rs.start}" xSize="{w}" ySize="{h}"/></SimpleSource>'
             )
+        bands.append(
+            f'<VRTRasterBand dataType="Float32" band="{b}"><Description>{escape(name)}</Description>'
+            f"<NoDataValue>nan</NoDataValue><UnitType>{escape(unit)}</UnitType>{''.join(sources)}</VRTRasterBand>"
+        )
+    write_text(
+        path,
+        f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">'
+        f"<SRS>{escape(CRS(grid.crs).to_wkt())}</SRS><GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform>"
+        f"<Metadata>{meta}</Metadata>{''.join(bands)}</VRTDataset>",
+    )
     return path
+
+
+def write_cog(path: Path, source: Path, grid: Grid) -> Path:
+    """``source`` (the tiles' VRT) through GDAL's COG driver: 512-pixel blocks, DEFLATE, overviews down to one
+    block (at least one level), written atomically. GDAL streams it: memory does not grow with the map."""
+    levels = max(1, math.ceil(math.log2(max(grid.width, grid.height, 1) / COG_BLOCK)))
+    with atomic_path(path) as tmp, rasterio.Env(GDAL_CACHEMAX=256):
+        rasterio.shutil.copy(
+            str(source),
+            tmp,
+            driver="COG",
+            BLOCKSIZE=COG_BLOCK,
+            OVERVIEW_COUNT=levels,
+            COMPRESS="DEFLATE",
+            PREDICTOR="YES",
+            RESAMPLING="AVERAGE",
+            NUM_THREADS="ALL_CPUS",
+        )
+    return path
+
+
+def read_preview(path: Path, max_side: int = 1024) -> np.ndarray:
+    """The COG's bands decimated to at most ``max_side`` pixels a side (GDAL reads its overviews)."""
+    with rasterio.open(path) as src:
+        f = max(1, math.ceil(max(src.width, src.height) / max_side))
+        return src.read(out_shape=(src.count, max(1, src.height // f), max(1, src.width // f)), masked=True).filled(
+            np.nan
+        )
+
+
+def _limits(data: np.ndarray) -> tuple[float | None, float | None, str]:
+    """Colour limits: ``None`` (matplotlib's) unless the finite values are constant; then a band around them and
+    a note (else the colour bar would show float noise)."""
+    ok = data[np.isfinite(data)]
+    if ok.size == 0:
+        return None, None, " (no data)"
+    lo, hi = float(ok.min()), float(ok.max())
+    if hi - lo > 1e-6 * max(1.0, abs(hi)):
+        return None, None, ""
+    pad = max(abs(hi) * 0.05, 1e-3)
+    return lo - pad, lo + pad, f" (constant {lo:.4g})"
 
 
 def write_preview(path: Path, bands: np.ndarray, unit: str, level: float | None) -> Path:
@@ -211,8 +312,9 @@ def write_preview(path: Path, bands: np.ndarray, unit: str, level: float | None)
         (axes[0], bands[0], f"prediction ({unit})"),
         (axes[1], bands[2] - bands[1], f"{int(round((level or 0) * 100))} % interval width ({unit})"),
     ):
-        im = ax.imshow(data, cmap="viridis")
-        ax.set_title(title)
+        vmin, vmax, note = _limits(data)
+        im = ax.imshow(data, cmap="viridis", vmin=vmin, vmax=vmax)
+        ax.set_title(title + note)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, shrink=0.8)
@@ -237,11 +339,9 @@ def claim_parts(parts: Path, grid: Grid, model_file: Path) -> None:
 
 
 def write_map(out: Path, grid: Grid, parts: Path, target: dict, conformal: dict, tags: dict) -> dict:
-    """Assemble the finished tiles into the COG ``out`` and its PNG preview; ``tags`` are added to the COG's.
-
-    ``target`` (``name``, ``unit``) and ``conformal`` (``level``, ``half_width``) describe the model's prediction.
-    """
-    bands = assemble(grid, parts)
+    """Assemble the finished tiles into the COG ``out`` (through a VRT, :func:`write_cog`) and its PNG preview
+    (from the COG's overviews); ``tags`` are added to the COG's. ``target`` (``name``, ``unit``) and ``conformal``
+    (``level``, ``half_width``) describe the model's prediction."""
     level = conformal.get("level")
     unit = target.get("unit", "")
     pct = int(round((level or 0) * 100))
@@ -250,8 +350,13 @@ def write_map(out: Path, grid: Grid, parts: Path, target: dict, conformal: dict,
         "unit": unit,
         "interval_level": level,
         "half_width": float(conformal.get("half_width", math.nan)),
+        "crs": grid.crs if grid.crs.startswith("EPSG:") else CRS(grid.crs).name,
         **tags,
     }
-    write_cog(out, bands, grid, tags, (f"{target.get('name')} ({unit})", f"lower {pct} %", f"upper {pct} %"))
-    preview = write_preview(out.with_suffix(".png"), bands, unit, level)
-    return {"preview": str(preview), "cells_predicted": int(np.isfinite(bands[0]).sum())}
+    names = (f"{target.get('name')} ({unit})", f"lower {pct} %", f"upper {pct} %", *BANDS[3:])
+    vrt = tiles_vrt(parts / "tiles.vrt", grid, parts, names, unit, tags)
+    write_cog(out, vrt, grid)
+    with rasterio.open(out) as src:
+        cells = sum(int(np.isfinite(src.read(1, window=w)).sum()) for _, w in src.block_windows(1))
+    preview = write_preview(out.with_suffix(".png"), read_preview(out), unit, level)
+    return {"preview": str(preview), "cells_predicted": cells}
