@@ -148,6 +148,10 @@ def _predict_map_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--tile-size", type=int, default=256, help="tile edge in grid cells (unit of resumption)")
     p.add_argument("--max-tiles", type=int, default=None, help="stop after this many new tiles (rerun resumes)")
+    p.add_argument("--crs", default=None, help="grid CRS, e.g. EPSG:3035 (default: 3035 in Europe, else a LAEA)")
+    p.add_argument("--origin", type=float, nargs=2, default=None, metavar=("X", "Y"), help="grid alignment origin")
+    p.add_argument("--bf16", action="store_true", help="predict under bfloat16 autocast")
+    p.add_argument("--per-point", action="store_true", help="build each cell on its own (the slow, old path)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the source config")
 
 

@@ -122,6 +122,56 @@ class RasterSource:
         image = np.stack([layers[c] for c in s.channels]).astype(np.float32)
         return Patch(image=image, scene_date=self.scene_date, qa={"crs": crs})
 
+    def read_window(self, crs, transform, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """The tile path's read (:mod:`soilnet.evaluate.tiles`): the schema's channels ``(C, H, W)`` float32 warped
+        (bilinear) onto a north-up window in ``crs`` (``transform``: its affine, metres), one read per file, and
+        a valid mask ``(H, W)``: False outside a raster or on its nodata."""
+        s = self.schema
+        image = np.zeros((len(s.channels), height, width), dtype=np.float32)
+        valid = np.ones((height, width), dtype=bool)
+        for path, bands in self.images:
+            wanted = [i for i, b in enumerate(bands) if b in s.channels]
+            if not wanted:
+                continue
+            src = self._dataset(path)
+            try:
+                with WarpedVRT(
+                    src, crs=crs, transform=transform, width=width, height=height, resampling=Resampling.bilinear
+                ) as vrt:
+                    data = vrt.read([i + 1 for i in wanted], masked=True)
+                    valid &= vrt.dataset_mask() > 0
+            except rasterio.errors.RasterioError as err:
+                raise OSError(f"{path}: read failed ({err})") from None
+            valid &= ~np.ma.getmaskarray(data).any(axis=0)
+            for k, i in enumerate(wanted):
+                image[s.channels.index(bands[i])] = np.ma.filled(data[k], 0.0)
+        return image, valid
+
+    def climate_many(self, lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, T, F)`` climate at the pixels containing ``N`` points, one windowed read per variable (the
+        window spanning the points), and ok ``(N,)``: False outside a file or on its nodata."""
+        s = self.schema
+        out = np.zeros((len(lon), *s.climate_shape), dtype=np.float32)
+        ok = np.ones(len(lon), dtype=bool)
+        for f, var in enumerate(s.climate_variables):
+            path, first, scale = self.climate_files[var]
+            src = self._dataset(path)
+            x, y = self._transformer(src.crs).transform(np.asarray(lon), np.asarray(lat))
+            c, r = ~src.transform * (np.asarray(x), np.asarray(y))
+            row, col = np.floor(r).astype(np.int64), np.floor(c).astype(np.int64)
+            ok &= (row >= 0) & (row < src.height) & (col >= 0) & (col < src.width)
+            if not ok.any():
+                break
+            r0, r1, c0, c1 = row[ok].min(), row[ok].max() + 1, col[ok].min(), col[ok].max() + 1
+            try:
+                block = src.read(self._bands(path, src, first), window=((r0, r1), (c0, c1)), masked=True)
+            except rasterio.errors.RasterioError as err:
+                raise OSError(f"{path}: read failed ({err})") from None
+            rr, cc = np.clip(row - r0, 0, r1 - r0 - 1), np.clip(col - c0, 0, c1 - c0 - 1)
+            ok &= ~np.ma.getmaskarray(block)[:, rr, cc].any(axis=0)
+            out[:, :, f] = (np.ma.filled(block, 0.0)[:, rr, cc].T.astype(np.float64) * scale).astype(np.float32)
+        return out, ok
+
     def _bands(self, path: Path, src, first: str) -> list[int]:
         """1-based band numbers of the schema's months in a monthly stack starting at ``first`` (cached)."""
         if path not in self._band_index:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pyproj import Transformer
 
 from shards.sources.base import Patch
 from soilnet import __version__
@@ -101,53 +102,68 @@ class SyntheticWorld:
     # -- the Source interface ------------------------------------------------------------------------------------
     def patch(self, lon: float, lat: float) -> Patch:
         glon, glat = self.pixel_grid(lon, lat)
+        image = self.image(glon, glat, self.schema.pixel_size_m)
+        return Patch(image=image, scene_date="2015-01-07", qa={"clear_fraction": 1.0})
+
+    def image(self, glon: np.ndarray, glat: np.ndarray, pixel_m: float) -> np.ndarray:
+        """``(C, H, W)`` float32: the schema's channels at pixel centres ``glon``/``glat`` ``(H, W)`` (north up,
+        ``pixel_m`` metres apart; slope from the elevation's gradient over the grid)."""
         elev = self.elevation(glon, glat)
         veg = self.vegetation(glon, glat)
         soil = 0.16 + 0.06 * self.brightness(glon, glat)
         refl = (1 - veg)[None] * soil[None] * SOIL_SPECTRUM[:, None, None] + veg[None] * VEG_SPECTRUM[:, None, None]
         bands = {f"SR_B{i + 1}": refl[i].astype(np.float32) for i in range(7)}
-        dy, dx = np.gradient(elev, self.schema.pixel_size_m)
+        dy, dx = np.gradient(elev, pixel_m)
         layers = {
             **bands,
             **compute_indices(bands, self.schema.channels),
             "elevation": elev.astype(np.float32),
             "slope": np.degrees(np.arctan(np.hypot(dx, dy))).astype(np.float32),
         }
-        image = np.stack([layers[c] for c in self.schema.channels])
-        return Patch(image=image, scene_date="2015-01-07", qa={"clear_fraction": 1.0})
+        return np.stack([layers[c] for c in self.schema.channels])
+
+    def read_window(self, crs, transform, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """The tile path's read (:mod:`soilnet.evaluate.tiles`): the channels on a north-up grid in ``crs``
+        (``transform``: the window's affine, metres) and a valid mask (the world has data everywhere)."""
+        cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+        x, y = transform.c + cols * transform.a, transform.f + rows * transform.e
+        glon, glat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
+        image = self.image(np.asarray(glon), np.asarray(glat), abs(transform.a))
+        return image, np.ones((height, width), dtype=bool)
 
     def climate(self, lon: float, lat: float) -> np.ndarray:
         """``(T, F)`` for the schema's months and variables, in TerraClimate's units."""
-        lon, lat = np.float64(lon), np.float64(lat)
+        return self.climate_many(np.array([lon], dtype=np.float64), np.array([lat], dtype=np.float64))[0][0]
+
+    def climate_many(self, lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, T, F)`` climate of ``N`` points at once, and an all-true ok mask (the tile path's read)."""
+        lon, lat = np.asarray(lon, np.float64)[:, None], np.asarray(lat, np.float64)[:, None]
         years = np.array([int(m[:4]) for m in self.schema.months])
         months = np.array([int(m[5:]) for m in self.schema.months])
-        elev = float(self.elevation(lon, lat))
-        t_year = float(self.mean_temperature(lon, lat, elev))
+        elev = self.elevation(lon[:, 0], lat[:, 0])[:, None]
+        t_year = self.mean_temperature(lon[:, 0], lat[:, 0], elev[:, 0])[:, None]
         season = np.cos(2 * np.pi * (months - 7) / 12)
-        anomaly = np.sin(years * 1.7) * float(self.anomaly[0](lon, lat)) + np.cos(years * 0.9) * float(
-            self.anomaly[1](lon, lat)
+        anomaly = (
+            np.sin(years * 1.7) * self.anomaly[0](lon[:, 0], lat[:, 0])[:, None]
+            + np.cos(years * 0.9) * self.anomaly[1](lon[:, 0], lat[:, 0])[:, None]
         )
         tmean = t_year + (7 + 0.15 * (lat - 35)) * season + 0.8 * anomaly
-        p_year = 700 * (1 + 0.45 * float(self.rain(lon, lat))) + 0.2 * elev
+        p_year = 700 * (1 + 0.45 * self.rain(lon[:, 0], lat[:, 0])[:, None]) + 0.2 * elev
         pr = np.maximum(0.0, p_year / 12 * (1 + 0.3 * np.cos(2 * np.pi * (months - 1) / 12) + 0.25 * anomaly))
         tmmx, tmmn = tmean + 5.0, tmean - 5.0
-        srad = 180 + 110 * season - 1.5 * (lat - 35)
+        srad = np.broadcast_to(180 + 110 * season - 1.5 * (lat - 35), tmean.shape)
         pet = np.maximum(0.0, 12 + 5.2 * np.maximum(tmean, 0) + 0.05 * srad)
         snow = tmean < 0
-        swe = np.where(snow, np.cumsum(np.where(snow, pr, 0.0)) % 400, 0.0)
+        swe = np.where(snow, np.cumsum(np.where(snow, pr, 0.0), axis=1) % 400, 0.0)
         soil = np.clip(60 + 0.9 * (pr - pet), 0, 300)
         aet = np.minimum(pet, pr + 0.3 * soil)
-        deficit = np.maximum(0.0, pet - aet)
         ro = np.maximum(0.0, pr - aet - 20)
         vap = 0.6108 * np.exp(17.27 * tmmn / (tmmn + 237.3))
         es = 0.6108 * np.exp(17.27 * tmean / (tmean + 237.3))
-        vpd = np.maximum(0.0, es - vap)
-        vs = np.maximum(0.2, 3.5 + 1.2 * float(self.wind(lon, lat)) + 0.4 * season)
-        pdsi = np.clip(2.5 * anomaly + (pr - pet) / 40, -10, 10)
         values = {
             "aet": aet,
-            "def": deficit,
-            "pdsi": pdsi,
+            "def": np.maximum(0.0, pet - aet),
+            "pdsi": np.clip(2.5 * anomaly + (pr - pet) / 40, -10, 10),
             "pet": pet,
             "pr": pr,
             "ro": ro,
@@ -157,10 +173,11 @@ class SyntheticWorld:
             "tmmn": tmmn,
             "tmmx": tmmx,
             "vap": vap,
-            "vpd": vpd,
-            "vs": vs,
+            "vpd": np.maximum(0.0, es - vap),
+            "vs": np.maximum(0.2, 3.5 + 1.2 * self.wind(lon[:, 0], lat[:, 0])[:, None] + 0.4 * season),
         }
-        return np.stack([values[v] for v in self.schema.climate_variables], axis=1).astype(np.float32)
+        out = np.stack([values[v] for v in self.schema.climate_variables], axis=2).astype(np.float32)
+        return out, np.ones(len(lon), dtype=bool)
 
     def targets(self, lon: float, lat: float, patch: Patch | None = None, climate=None) -> dict[str, float]:
         """``{"soc": g/kg}`` by the module's documented function, from the full-schema fields at the point."""

@@ -1,9 +1,11 @@
 """``soilnet predict-map``: a fine-tuned model's SOC over a GeoJSON region, as a Cloud-Optimized GeoTIFF and a PNG.
 
 The grid, the tiles, their resumption and the COG are :mod:`soilnet.evaluate.maps`'s. This job joins them to the
-saved model (:mod:`soilnet.train.regressor`) and to the data source: each cell is built through the shards sources
-interface and the packer's own sample builder, configured like the model's training shards, so the synthetic
-world, local rasters and Earth Engine share one code path and a map cell holds exactly what a shard sample would.
+saved model (:mod:`soilnet.train.regressor`) and to the data source, configured like the model's training shards.
+Sources that serve windows (local rasters, the synthetic world) take the tile path
+(:mod:`soilnet.evaluate.tiles`): one read per tile in the map's CRS, every cell's patch a view of it. Earth Engine
+takes the per-point path: each cell built by the packer's own sample builder (its ``computePixels`` tile request
+is not implemented yet). docs/maps.md measures how far the two paths' predictions differ.
 
 Bands: 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the model, in the
 target's unit; nodata NaN.
@@ -11,20 +13,24 @@ target's unit; nodata NaN.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from shards.pack import make_sample, make_source
 from shards.sources.base import Rejected
+from soilnet import __version__
 from soilnet.config.base import ConfigError, apply_override
 from soilnet.config.pack import PackConfig
 from soilnet.data.manifest import read_manifest
 from soilnet.evaluate.maps import Acquire, MapError, claim_parts, plan_grid, predict_tiles, write_map
+from soilnet.evaluate.tiles import TileAcquire
 from soilnet.regions import read_region
 from soilnet.train.regressor import MODEL_FILE, load_model
 
@@ -39,30 +45,43 @@ def predict_map(
     batch_size: int = 256,
     tile_size: int = 256,
     max_tiles: int | None = None,
+    crs: str | None = None,
+    origin: tuple[float, float] = (0.0, 0.0),
+    bf16: bool = False,
+    per_point: bool = False,
 ) -> dict:
-    """Map a fine-tuned model (a fine-tuning ``output_dir``) over a GeoJSON region; see the module docstring.
+    """Map a fine-tuned model (a fine-tuning ``output_dir``) over a region file; see the module docstring.
 
     ``acquire`` defaults to the data source the model's training shards were packed from (with ``overrides`` of
-    that pack config). Returns a summary; ``complete`` is False when ``max_tiles`` stopped it early.
+    that pack config): its tile path (:func:`source_tiles`) when it has one and ``per_point`` is False, else the
+    per-point path (:func:`source_acquire`). ``crs``/``origin``: the grid's (:func:`plan_grid`); ``bf16``:
+    predict under bfloat16 autocast. Returns a summary; ``complete`` is False when ``max_tiles`` stopped it early.
     """
     out = Path(out)
     model_file = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
     model = load_model(model_file)
-    grid, projected = plan_grid(read_region(region_path), resolution_m, tile_size)
+    grid, projected = plan_grid(read_region(region_path), resolution_m, tile_size, crs, origin)
     if acquire is None:
-        acquire = source_acquire(Path(checkpoint), model, list(overrides))
+        acquire = source_tiles(Path(checkpoint), model, list(overrides), batch_size, per_point)
     parts = out.with_name(out.name + ".parts")
     claim_parts(parts, grid, model_file)
     q = float(model.conformal.get("half_width", math.nan))
     start = time.time()
     space = model.conformal.get("space", "original")
-    summary = predict_tiles(grid, projected, acquire, model.predict, q, parts, space, batch_size, max_tiles)
+    predict = bf16_predict(model) if bf16 else model.predict
+    summary = predict_tiles(grid, projected, acquire, predict, q, parts, space, batch_size, max_tiles)
     summary.update(
         out=str(out), seconds=round(time.time() - start, 1), complete=summary["finished"] == summary["tiles"]
     )
     if not summary["complete"]:
         return summary
-    tags = {"checkpoint": str(checkpoint), "region": str(region_path), "resolution_m": resolution_m}
+    tags = {
+        "model": str(model_file),
+        "model_sha256": json.loads((parts / "grid.json").read_text()).get("model_sha256"),
+        "config": json.dumps({"region": str(region_path), "resolution_m": resolution_m, "overrides": list(overrides)}),
+        "code_version": __version__,
+        "resolution_m": resolution_m,
+    }
     summary.update(write_map(out, grid, parts, model.target, model.conformal, tags))
     return summary
 
@@ -84,6 +103,29 @@ def _pack_config(checkpoint: Path, overrides: list[str]) -> PackConfig:
         return PackConfig.model_validate(tree)
     except ValueError as err:
         raise ConfigError(f"pack config of {shards} (with overrides {overrides}): {err}") from err
+
+
+def bf16_predict(model):
+    """``model.predict`` under bfloat16 autocast on the model's device."""
+    device = next(model.model.parameters()).device.type
+
+    def predict(image, climate):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            return model.predict(image, climate)
+
+    return predict
+
+
+def source_tiles(checkpoint: Path, model, overrides: list[str], batch_size: int = 256, per_point: bool = False):
+    """The tile path (:class:`~soilnet.evaluate.tiles.TileAcquire`) of the model's data source when the source
+    serves windows (local rasters, the synthetic world), else its per-point path (:func:`source_acquire`: Earth
+    Engine, whose tile request is not implemented)."""
+    source = make_source(_pack_config(checkpoint, overrides), model.schema)
+    if per_point or not hasattr(source, "read_window"):
+        return source_acquire(checkpoint, model, overrides)
+    s = model.schema
+    use_image, use_climate = "image" in model.modalities, "climate" in model.modalities
+    return TileAcquire(source, s.patch_size, s.pixel_size_m, use_image, use_climate, batch_size)
 
 
 def source_acquire(checkpoint: Path, model, overrides: list[str]) -> Acquire:
@@ -128,6 +170,10 @@ def run_cli(args) -> int:
         batch_size=args.batch_size,
         tile_size=getattr(args, "tile_size", 256),
         max_tiles=getattr(args, "max_tiles", None),
+        crs=getattr(args, "crs", None),
+        origin=tuple(getattr(args, "origin", None) or (0.0, 0.0)),
+        bf16=getattr(args, "bf16", False),
+        per_point=getattr(args, "per_point", False),
     )
     if summary["complete"]:
         print(
