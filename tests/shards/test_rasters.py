@@ -187,3 +187,24 @@ def test_vrt_mosaic_reads_like_its_geotiff(world, tmp_path):
     lon, lat = _lonlat(world, 0.4, 0.2)
     via_vrt = _source(world, images=[(vrt, CHANNELS)]).patch(lon, lat).image
     np.testing.assert_array_equal(via_vrt, _source(world).patch(lon, lat).image)
+
+
+def test_read_window_and_climate_many_serve_the_map_tile_path(world):
+    """A window on the mosaic's own grid reads its values; the nodata hole and the outside are invalid; the climate
+    of many points in one read per variable equals the per-point climate."""
+    src = _source(world)
+    x0, y0 = world["x0"], world["y0"]
+    image, valid = src.read_window("EPSG:3035", from_origin(x0 + 17_970, y0 - 17_970, 30.0, 30.0), 80, 80)
+    assert image.shape == (2, 80, 80) and image.dtype == np.float32
+    xs = x0 + 17_970 + 30 * (np.arange(80) + 0.5)
+    # rows and columns 599..678 of the mosaic, whose nodata hole is rows and columns 600..699
+    assert not valid[2:, 2:].any() and valid[0].all() and valid[:, 0].all()
+    assert np.allclose(image[0, 0], xs / 1000.0, atol=1e-3) and np.allclose(image[1][valid], 0.5)
+    _, outside = src.read_window("EPSG:3035", from_origin(x0 - 600, y0, 30.0, 30.0), 40, 10)
+    assert not outside[:, :20].any() and outside[:, 21:].all()
+    lon, lat = _lonlat(world, np.array([0.2, 0.5, 0.8]), np.array([0.3, 0.6, 0.1]))
+    many, cok = src.climate_many(np.asarray(lon), np.asarray(lat))
+    assert cok.all()
+    assert np.array_equal(many, np.stack([src.climate(x, y) for x, y in zip(lon, lat, strict=True)]))
+    _, far = src.climate_many(np.array([20.0, lon[0]]), np.array([60.0, lat[0]]))
+    assert far.tolist() == [False, True]
