@@ -157,7 +157,7 @@ class RasterSource:
             path, first, scale = self.climate_files[var]
             src = self._dataset(path)
             x, y = self._transformer(src.crs).transform(np.asarray(lon), np.asarray(lat))
-            c, r = ~src.transform * (np.asarray(x), np.asarray(y))
+            c, r = ~src.transform @ (np.asarray(x), np.asarray(y))
             row, col = np.floor(r).astype(np.int64), np.floor(c).astype(np.int64)
             ok &= (row >= 0) & (row < src.height) & (col >= 0) & (col < src.width)
             if not ok.any():

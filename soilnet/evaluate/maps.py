@@ -90,7 +90,7 @@ def default_crs(region) -> str:
     CRS centred on the region, named ``SoilNet LAEA <lat> <lon>`` in its WKT (GIS shows the name and the
     projection, not "unknown")."""
     west, south, east, north = region.bounds
-    aw, as_, ae, an = CRS(EUROPE).area_of_use.bounds
+    aw, as_, ae, an = -35.58, 24.6, 44.83, 84.73  # EPSG:3035's area of use
     if aw <= west and east <= ae and as_ <= south and north <= an:
         return EUROPE
     c = region.centroid

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from affine import Affine
@@ -44,13 +45,14 @@ def window_valid_counts(valid: np.ndarray, size: int) -> np.ndarray:
 class TileAcquire:
     """Batches of a tile's inputs from a tile source (see the module docstring)."""
 
-    source: object
+    source: Any  # a shards.sources.base.TileSource (evaluate does not import shards)
     patch_size: int
     pixel_size_m: float
     use_image: bool = True
     use_climate: bool = True
     batch_size: int = 256
     max_values: int = 64 * 2**20
+    image_dtype: Any = np.float16  # the shards' storage type, which the model was trained on
 
     def strip_rows(self, n_cols: int, n_channels: int, resolution: float) -> int:
         """Cell rows per window read so that a window holds at most ``max_values`` values."""
@@ -62,7 +64,8 @@ class TileAcquire:
     def batches(self, crs, xs: np.ndarray, ys: np.ndarray, inside: np.ndarray, lon, lat) -> Iterator[Batch]:
         """Batches over a tile's inside cells, row-major. ``xs``/``ys``: the cell centres' map coordinates of the
         tile's columns and rows (metres); ``lon``/``lat``: the inside cells' centres."""
-        climate, cok = (None, np.ones(len(lon), bool))
+        climate: Any = None
+        cok = np.ones(len(lon), bool)
         if self.use_climate:
             climate, cok = self.source.climate_many(np.asarray(lon), np.asarray(lat))
         ir, ic = np.nonzero(inside)
@@ -93,7 +96,7 @@ class TileAcquire:
         for start in range(0, len(sel), self.batch_size):
             b = slice(start, start + self.batch_size)
             patches = np.moveaxis(views[:, pr[b], pc[b]], 0, 1)  # (B, C, n, n): the one copy, per batch
-            patches = np.nan_to_num(patches, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float16)
+            patches = np.nan_to_num(patches, nan=0.0, posinf=0.0, neginf=0.0).astype(self.image_dtype)
             idx = sel[b]
             ok = ok_image[b] & cok[idx]
             yield idx, patches, None if climate is None else climate[idx], ok

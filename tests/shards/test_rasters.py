@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import shapely
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
@@ -17,6 +18,8 @@ from shards.sources.base import Rejected
 from shards.sources.rasters import RasterSource
 from soilnet.config.base import load_config
 from soilnet.config.pack import PackConfig
+from soilnet.evaluate.maps import Grid, tile_bands, tile_centres
+from soilnet.evaluate.tiles import TileAcquire
 from soilnet.schema import SampleSchema, month_range
 
 CHANNELS = ["SR_B4", "SR_B5"]
@@ -208,3 +211,29 @@ def test_read_window_and_climate_many_serve_the_map_tile_path(world):
     assert np.array_equal(many, np.stack([src.climate(x, y) for x, y in zip(lon, lat, strict=True)]))
     _, far = src.climate_many(np.array([20.0, lon[0]]), np.array([60.0, lat[0]]))
     assert far.tolist() == [False, True]
+
+
+def test_map_tile_path_centres_patches_and_masks_cells_without_data(world):
+    """The tile path over the mosaic (a 300 m grid in its own CRS, reaching past its west edge): each cell's patch
+    is centred on the cell (band 1 is easting in km), cells whose patch leaves the mosaic or meets its nodata hole
+    are NaN."""
+    src = _source(world)
+    s = src.schema
+    x0, y0 = world["x0"], world["y0"]
+    grid = Grid("EPSG:3035", x0 - 3000.0, y0 - 3000.0, 300.0, 90, 60, 32)
+    region = shapely.geometry.box(x0 - 3000.0, y0 - 21000.0, x0 + 24000.0, y0 - 3000.0)
+    tiles = TileAcquire(src, s.patch_size, s.pixel_size_m, batch_size=100, max_values=2_000_000, image_dtype=np.float32)
+
+    def predict(image, climate):
+        return image[:, 0].astype(np.float64).mean(axis=(1, 2))
+
+    half = s.patch_size * s.pixel_size_m / 2
+    hole = (x0 + 18_000.0 - half, x0 + 21_000.0 + half, y0 - 21_000.0 - half, y0 - 18_000.0 + half)
+    for row, col in grid.tiles():
+        bands, counts = tile_bands(grid, region, row, col, tiles, predict, 1.0, "original")
+        xs, ys = tile_centres(grid, row, col)
+        xx, yy = np.meshgrid(xs, ys)
+        off = (xx - half < x0) | ((xx > hole[0]) & (xx < hole[1]) & (yy > hole[2]) & (yy < hole[3]))
+        assert np.isnan(bands[0][off]).all()
+        assert np.allclose(bands[0][~off], xx[~off] / 1000.0, atol=1e-3)
+        assert counts["failed"] == int(off.sum())
