@@ -4,12 +4,17 @@ predict-map maps it through the same source the shards were packed from."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 import rasterio
+import shapely
 
 from soilnet.cli import main
+from soilnet.evaluate.maps import plan_grid
+from soilnet.jobs.predict_map import predict_map
+from soilnet.regions import read_region
 
 pytest.importorskip("shards.pack", reason="the packer (shards/pack.py) is needed to pack the synthetic world")
 pytestmark = pytest.mark.slow
@@ -91,7 +96,40 @@ def test_predict_map_on_the_synthetic_source(world, tmp_path):
         assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.overviews(1)
         pred, lower, upper = src.read()
     ok = np.isfinite(pred)
-    assert ok.mean() > 0.9
+    grid, projected = plan_grid(read_region(region), 4000.0, 16)
+    xs, ys = grid.x0 + (np.arange(grid.width) + 0.5) * 4000.0, grid.y0 - (np.arange(grid.height) + 0.5) * 4000.0
+    inside = shapely.contains_xy(projected, *np.meshgrid(xs, ys))
+    assert np.array_equal(ok, inside)  # every cell inside the region predicted (the world has data everywhere)
     assert (lower[ok] <= pred[ok]).all() and (upper[ok] >= pred[ok]).all()
     assert 2 < np.nanmedian(pred) < 200  # g/kg, the world's SOC range
     assert out.with_suffix(".png").is_file()
+
+
+def test_tile_path_agrees_with_the_per_point_path(world, tmp_path):
+    """The trained model's map from the tile path (patches cut from the map's EPSG:3035 grid) against the
+    per-point path (each patch on its own north-up grid) on the same cells: docs/maps.md records the line printed."""
+    region = tmp_path / "r.geojson"
+    region.write_text(json.dumps({"type": "Polygon", "coordinates": [[[8, 49], [9, 49], [9, 50], [8, 50], [8, 49]]]}))
+    maps, rate = {}, {}
+    for per_point in (False, True):
+        out = tmp_path / f"soc_{per_point}.tif"
+        t0 = time.perf_counter()
+        summary = predict_map(world / "finetune", region, 4000.0, out, tile_size=16, per_point=per_point)
+        rate[per_point] = round(summary["cells"] / (time.perf_counter() - t0), 1)
+        with rasterio.open(out) as src:
+            maps[per_point] = src.read(1)
+    tile, point = maps[False], maps[True]
+    ok = np.isfinite(point)
+    assert np.array_equal(ok, np.isfinite(tile)) and ok.sum() > 400
+    diff = np.abs(tile[ok] - point[ok])
+    m = {
+        "cells": int(ok.sum()),
+        "correlation": round(float(np.corrcoef(tile[ok], point[ok])[0, 1]), 5),
+        "max_abs_diff_g_per_kg": round(float(diff.max()), 4),
+        "max_rel_diff": round(float((diff / np.abs(point[ok])).max()), 5),
+        "mean_soc_g_per_kg": round(float(point[ok].mean()), 3),
+        "cells_per_s_tile": rate[False],
+        "cells_per_s_per_point": rate[True],
+    }
+    print("tile-vs-per-point", json.dumps(m))
+    assert m["correlation"] > 0.99 and m["max_rel_diff"] < 0.05
