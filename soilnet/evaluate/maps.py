@@ -1,15 +1,16 @@
 """SOC maps over a regular grid: the grid, its tiles, their assembly, the Cloud-Optimized GeoTIFF and a preview.
 
-The grid lives on a Lambert azimuthal equal-area plane centred on the region (every cell covers the same area,
-which SOC stock totals need), with square cells of ``--resolution`` metres; cells whose centre falls outside
-the region are nodata. Work goes tile by tile (``--tile-size`` cells square): for each cell an ``acquire``
-function builds the inputs (``soilnet predict-map``, :mod:`soilnet.jobs.predict_map`, passes one that builds the
-same sample a shard holds, through the shards sources) and a ``predict`` function maps them to SOC in batches.
-Each finished tile is written atomically to ``<out>.parts/``; a rerun (after a kill, or after ``--max-tiles``)
-skips finished tiles. The COG is assembled only when every tile is done.
+The grid is north-up in a projected CRS (``--crs``, any EPSG code; default EPSG:3035 inside Europe, else a named
+Lambert azimuthal equal-area CRS centred on the region), with square cells of ``--resolution`` metres whose edges
+fall on an alignment origin; cells whose centre falls outside the region are nodata. Work goes tile by tile
+(``--tile-size`` cells square, :func:`tile_bands`): the tile path (:mod:`soilnet.evaluate.tiles`) cuts every
+cell's patch from one windowed read, the per-point path calls an ``acquire`` function per batch of cells; a
+``predict`` function maps the inputs to SOC in batches. Each finished tile is written atomically to
+``<out>.parts/`` as a GeoTIFF; a rerun (after a kill, or after ``--max-tiles``) skips finished tiles. The COG is
+assembled when every tile is done, streamed from a VRT of the tiles through GDAL's COG driver (docs/maps.md).
 
-Bands: 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the model, in the
-target's unit; nodata NaN.
+Bands (:data:`BANDS`): 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the
+model, in the target's unit; nodata NaN.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ Acquire = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray | None, np.ndarray
 # tile_bands; write_map describes bands past the third by their name.
 BANDS = ("prediction", "lower", "upper")
 COG_BLOCK = 512
+GDAL_CACHE_MB = 64  # GDAL's block cache while assembling: bounds the memory whatever the map's size
 
 
 class MapError(ValueError):
@@ -268,7 +270,7 @@ def write_cog(path: Path, source: Path, grid: Grid) -> Path:
     """``source`` (the tiles' VRT) through GDAL's COG driver: 512-pixel blocks, DEFLATE, overviews down to one
     block (at least one level), written atomically. GDAL streams it: memory does not grow with the map."""
     levels = max(1, math.ceil(math.log2(max(grid.width, grid.height, 1) / COG_BLOCK)))
-    with atomic_path(path) as tmp, rasterio.Env(GDAL_CACHEMAX=256):
+    with atomic_path(path) as tmp, rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         rasterio.shutil.copy(
             str(source),
             tmp,
@@ -356,7 +358,7 @@ def write_map(out: Path, grid: Grid, parts: Path, target: dict, conformal: dict,
     names = (f"{target.get('name')} ({unit})", f"lower {pct} %", f"upper {pct} %", *BANDS[3:])
     vrt = tiles_vrt(parts / "tiles.vrt", grid, parts, names, unit, tags)
     write_cog(out, vrt, grid)
-    with rasterio.open(out) as src:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(out) as src:
         cells = sum(int(np.isfinite(src.read(1, window=w)).sum()) for _, w in src.block_windows(1))
-    preview = write_preview(out.with_suffix(".png"), read_preview(out), unit, level)
+        preview = write_preview(out.with_suffix(".png"), read_preview(out), unit, level)
     return {"preview": str(preview), "cells_predicted": cells}

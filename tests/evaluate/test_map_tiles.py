@@ -18,6 +18,7 @@ from soilnet.evaluate.maps import (
     COG_BLOCK,
     Grid,
     MapError,
+    _limits,
     plan_grid,
     tile_bands,
     tile_cells,
@@ -153,3 +154,13 @@ def test_predict_map_on_an_epsg_grid_tags_model_config_and_version(finetuned_dir
         tags = src.tags()
     assert {"model", "model_sha256", "config", "code_version"} <= set(tags)
     assert json.loads(tags["config"])["resolution_m"] == 5000.0
+
+
+def test_a_constant_width_is_drawn_on_a_fixed_range_not_as_float_noise():
+    width = np.full((5, 5), 4.0, dtype=np.float32) + np.float32(1e-7) * np.arange(25, dtype=np.float32).reshape(5, 5)
+    width[0, 0] = np.nan
+    vmin, vmax, note = _limits(width)
+    assert vmin is not None and vmax is not None and vmin < 4.0 < vmax and vmax - vmin >= 0.2
+    assert "constant 4" in note
+    assert _limits(np.arange(4.0))[:2] == (None, None)
+    assert _limits(np.full(3, np.nan))[2] == " (no data)"
