@@ -23,6 +23,7 @@ from pyproj import Transformer
 from rasterio.enums import Resampling
 from rasterio.transform import from_origin
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 
 from shards.sources.base import Patch, Rejected
 from soilnet import __version__
@@ -121,6 +122,14 @@ class RasterSource:
                 layers[bands[i]] = np.asarray(data[k], dtype=np.float32)
         image = np.stack([layers[c] for c in s.channels]).astype(np.float32)
         return Patch(image=image, scene_date=self.scene_date, qa={"crs": crs})
+
+    def bounds_lonlat(self) -> tuple[float, float, float, float]:
+        """``(west, south, east, north)`` in degrees: where every image file has pixels (their intersection)."""
+        boxes = [transform_bounds(src.crs, "EPSG:4326", *src.bounds) for src in map(self._dataset, self._paths())]
+        return max(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), min(b[3] for b in boxes)
+
+    def _paths(self) -> list[Path]:
+        return [p for p, bands in self.images if any(b in self.schema.channels for b in bands)]
 
     def read_window(self, crs, transform, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """The tile path's read (:mod:`soilnet.evaluate.tiles`): the schema's channels ``(C, H, W)`` float32 warped

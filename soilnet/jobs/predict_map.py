@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import shapely
 import torch
 import yaml
 
@@ -60,9 +61,10 @@ def predict_map(
     out = Path(out)
     model_file = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
     model = load_model(model_file)
-    grid, projected = plan_grid(read_region(region_path), resolution_m, tile_size, crs, origin)
+    region = read_region(region_path)
+    grid, projected = plan_grid(region, resolution_m, tile_size, crs, origin)
     if acquire is None:
-        acquire = source_tiles(Path(checkpoint), model, list(overrides), batch_size, per_point)
+        acquire = source_tiles(Path(checkpoint), model, list(overrides), batch_size, per_point, region)
     parts = out.with_name(out.name + ".parts")
     claim_parts(parts, grid, model_file)
     q = float(model.conformal.get("half_width", math.nan))
@@ -116,11 +118,30 @@ def bf16_predict(model):
     return predict
 
 
-def source_tiles(checkpoint: Path, model, overrides: list[str], batch_size: int = 256, per_point: bool = False):
+def check_overlap(region, source) -> None:
+    """A :class:`MapError` naming both bounds when ``region`` (lon/lat) misses the source's rasters, if the
+    source knows its bounds (``bounds_lonlat``)."""
+    bounds = getattr(source, "bounds_lonlat", None)
+    if region is None or bounds is None:
+        return
+    w, s, e, n = bounds()
+    if not region.intersects(shapely.box(w, s, e, n)):
+        rw, rs, re_, rn = region.bounds
+        raise MapError(
+            f"the region (lon {rw:.4f}..{re_:.4f}, lat {rs:.4f}..{rn:.4f}) does not overlap the rasters "
+            f"(lon {w:.4f}..{e:.4f}, lat {s:.4f}..{n:.4f})"
+        )
+
+
+def source_tiles(
+    checkpoint: Path, model, overrides: list[str], batch_size: int = 256, per_point: bool = False, region=None
+):
     """The tile path (:class:`~soilnet.evaluate.tiles.TileAcquire`) of the model's data source when the source
     serves windows (local rasters, the synthetic world), else its per-point path (:func:`source_acquire`: Earth
-    Engine, whose tile request is not implemented)."""
+    Engine, whose tile request is not implemented). A ``region`` (lon/lat) outside the rasters is refused here,
+    before any tile runs (:func:`check_overlap`)."""
     source = make_source(_pack_config(checkpoint, overrides), model.schema)
+    check_overlap(region, source)
     if per_point or not hasattr(source, "read_window"):
         return source_acquire(checkpoint, model, overrides)
     s = model.schema

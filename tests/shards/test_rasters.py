@@ -18,8 +18,9 @@ from shards.sources.base import Rejected
 from shards.sources.rasters import RasterSource
 from soilnet.config.base import load_config
 from soilnet.config.pack import PackConfig
-from soilnet.evaluate.maps import Grid, tile_bands, tile_centres
+from soilnet.evaluate.maps import Grid, MapError, tile_bands, tile_centres
 from soilnet.evaluate.tiles import TileAcquire
+from soilnet.jobs.predict_map import check_overlap
 from soilnet.schema import SampleSchema, month_range
 
 CHANNELS = ["SR_B4", "SR_B5"]
@@ -237,3 +238,13 @@ def test_map_tile_path_centres_patches_and_masks_cells_without_data(world):
         assert np.isnan(bands[0][off]).all()
         assert np.allclose(bands[0][~off], xx[~off] / 1000.0, atol=1e-3)
         assert counts["failed"] == int(off.sum())
+
+
+def test_a_region_off_the_rasters_is_refused_naming_both_bounds(world):
+    src = _source(world)
+    w, s, e, n = src.bounds_lonlat()
+    lon, lat = _lonlat(world, 0.5, 0.5)
+    assert w < lon < e and s < lat < n
+    check_overlap(shapely.geometry.box(lon - 0.01, lat - 0.01, lon + 0.01, lat + 0.01), src)
+    with pytest.raises(MapError, match=r"region \(lon 20\.0000\.\.21\.0000.*does not overlap the rasters \(lon "):
+        check_overlap(shapely.geometry.box(20, 60, 21, 61), src)
