@@ -164,3 +164,17 @@ def test_a_constant_width_is_drawn_on_a_fixed_range_not_as_float_noise():
     assert "constant 4" in note
     assert _limits(np.arange(4.0))[:2] == (None, None)
     assert _limits(np.full(3, np.nan))[2] == " (no data)"
+
+
+def test_bf16_prediction_stays_close_to_float32(finetuned_dir, tmp_path, kit):
+    region = tmp_path / "r.geojson"
+    region.write_text(json.dumps(shapely.geometry.mapping(shapely.geometry.box(9, 46, 10, 46.6))))
+    maps = []
+    for bf16 in (False, True):
+        out = tmp_path / f"map_{bf16}.tif"
+        predict_map(finetuned_dir, region, 5000.0, out, acquire=kit.field_acquire, tile_size=16, bf16=bf16)
+        with rasterio.open(out) as src:
+            maps.append(src.read(1))
+    ok = np.isfinite(maps[0])
+    assert ok.sum() > 50 and np.array_equal(ok, np.isfinite(maps[1]))
+    assert np.allclose(maps[1][ok], maps[0][ok], rtol=0.05)
