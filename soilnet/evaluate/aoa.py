@@ -24,7 +24,9 @@ on small samples). A cell is inside when ``DI <= threshold``.
 
 Files. A fine-tuning run with a final model writes ``aoa.npz`` (:data:`AOA_FILE`) beside ``model.safetensors``: the
 training features standardised and weighted ``(N, D)`` float32, the mean, standard deviation and weight per column
-``(D,)``, the column names, ``d_mean``, the threshold and the training DIs ``(N,)``. It is read without pickle.
+``(D,)``, the column names, the modalities, ``d_mean``, the threshold and the training DIs ``(N,)``. It is read
+without pickle. The map (``soilnet predict-map``) loads it with :func:`load_reference` and calls
+:func:`inputs_aoa` on each batch of cells' model inputs, or :meth:`Reference.aoa` on their :func:`input_features`.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Reference:
     threshold: float
     train_di: np.ndarray
     names: list[str] = field(default_factory=list)
+    modalities: tuple[str, ...] = ("image", "climate")
 
     def aoa(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:func:`aoa` of ``features`` ``(M, D)`` against this reference."""
@@ -142,9 +145,11 @@ def fit_reference(
     folds: Sequence[tuple[np.ndarray, np.ndarray]],
     weights: np.ndarray | None = None,
     names: Sequence[str] = (),
+    modalities: Sequence[str] = ("image", "climate"),
 ) -> Reference:
     """The AOA reference of training ``features`` ``(N, D)`` and the cross-validation's ``folds``
-    (``(test_rows, train_rows)`` pairs); ``weights`` ``(D,)`` >= 0, default all 1."""
+    (``(test_rows, train_rows)`` pairs); ``weights`` ``(D,)`` >= 0, default all 1; ``names``, ``modalities``:
+    what the columns are, recorded for the map."""
     x = np.asarray(features, dtype=np.float64)
     w = np.ones(x.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (x.shape[1],) or np.any(w < 0):
@@ -155,7 +160,8 @@ def fit_reference(
     if not d_mean > 0:
         raise AOAError("every training sample has the same features: no distance to scale the DI by")
     train_di = cv_training_di(z, folds, d_mean)
-    return Reference(mean, std, w, z, d_mean, upper_whisker(train_di), train_di, list(names))
+    threshold = upper_whisker(train_di)
+    return Reference(mean, std, w, z, d_mean, threshold, train_di, list(names), tuple(modalities))
 
 
 def run_reference(data: LabelledData, folds: Sequence[Fold], modalities: Sequence[str]) -> Reference:
@@ -165,7 +171,7 @@ def run_reference(data: LabelledData, folds: Sequence[Fold], modalities: Sequenc
     image = data.image if "image" in modalities else None
     climate = data.climate if "climate" in modalities else None
     features, names = input_features(image, climate, data.schema.channels, data.schema.climate_variables)
-    return fit_reference(features, [(f.test, f.train) for f in folds], names=names)
+    return fit_reference(features, [(f.test, f.train) for f in folds], names=names, modalities=modalities)
 
 
 def summary(reference: Reference, path: str | Path) -> dict:
@@ -192,6 +198,18 @@ def aoa(reference: Reference, features: np.ndarray) -> tuple[np.ndarray, np.ndar
     return di, di <= reference.threshold
 
 
+def inputs_aoa(
+    reference: Reference, image: np.ndarray | None, climate: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`aoa` of samples given as the model takes them: image ``(M, C, H, W)`` in schema units, climate
+    ``(M, T, F)`` in physical units (either may be None when the model does not use it; a modality the reference
+    was not built on is ignored). Returns the DI ``(M,)`` float64 and inside ``(M,)`` bool."""
+    image = image if "image" in reference.modalities else None
+    climate = climate if "climate" in reference.modalities else None
+    features, _ = input_features(image, climate)
+    return aoa(reference, features)
+
+
 def save_reference(path: str | Path, reference: Reference) -> Path:
     """Write ``reference`` to ``path`` (``.npz``, atomically)."""
     meta = {
@@ -199,6 +217,7 @@ def save_reference(path: str | Path, reference: Reference) -> Path:
         "mean_distance": reference.mean_distance,
         "threshold": reference.threshold,
         "names": list(reference.names),
+        "modalities": list(reference.modalities),
     }
     with atomic_file(path) as f:
         np.savez(
@@ -233,4 +252,5 @@ def load_reference(path: str | Path) -> Reference:
         float(meta["threshold"]),
         arrays["train_di"],
         list(meta["names"]),
+        tuple(meta["modalities"]),
     )

@@ -16,6 +16,7 @@ from soilnet.evaluate.aoa import (
     aoa,
     fit_reference,
     input_features,
+    inputs_aoa,
     load_reference,
     mean_pairwise_distance,
     save_reference,
@@ -133,6 +134,20 @@ def test_region_with_an_out_of_distribution_patch(kit):
     assert di.shape == inside.shape == (400,)
     assert not inside[:40].any()
     assert inside[40:].mean() > 0.9
+    # the same from the model inputs themselves, as the map calls it
+    di2, inside2 = inputs_aoa(ref, *_grid_inputs(kit, 400, seed=11, level_of_ndvi=ndvi))
+    np.testing.assert_array_equal(di2, di)
+    np.testing.assert_array_equal(inside2, inside)
+
+
+def test_a_climate_only_reference_ignores_the_image(kit):
+    image, climate = _grid_inputs(kit, 200, seed=0)
+    ref = fit_reference(input_features(None, climate)[0], _folds(200), modalities=("climate",))
+    new_image, new_climate = _grid_inputs(kit, 50, seed=4)
+    di, inside = inputs_aoa(ref, new_image * 100, new_climate)
+    np.testing.assert_array_equal(di, inputs_aoa(ref, None, new_climate)[0])
+    assert inside.mean() > 0.9
+    assert not inputs_aoa(ref, None, new_climate + 1000)[1].any()
 
 
 def test_saved_file_round_trips(tmp_path):
@@ -142,6 +157,7 @@ def test_saved_file_round_trips(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     back = load_reference(tmp_path)  # a run's output_dir
     assert isinstance(back, Reference) and back.names == ["a", "b", "c", "d"]
+    assert back.modalities == ("image", "climate")
     assert back.threshold == ref.threshold and back.mean_distance == ref.mean_distance
     for k in ("mean", "std", "weights", "train", "train_di"):
         np.testing.assert_array_equal(getattr(back, k), getattr(ref, k))
@@ -165,7 +181,7 @@ def test_finetuning_run_writes_the_area_beside_the_model(finetuned_dir, kit):
     assert ref.train.shape == (n, saved["features"]) and np.isfinite(ref.train_di).sum() == n
     assert "Area of applicability" in (finetuned_dir / "report.md").read_text()
     # the labelled kit's own distribution is inside; images ten times brighter are not
+    assert ref.modalities == ("image", "climate")
     image, climate = _grid_inputs(kit, 100, seed=21)
-    names = (kit.SCHEMA.channels, kit.SCHEMA.climate_variables)
-    assert ref.aoa(input_features(image, climate, *names)[0])[1].mean() > 0.9
-    assert not ref.aoa(input_features(image * 10, climate, *names)[0])[1].any()
+    assert inputs_aoa(ref, image, climate)[1].mean() > 0.9
+    assert not inputs_aoa(ref, image * 10, climate)[1].any()
