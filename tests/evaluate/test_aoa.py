@@ -51,6 +51,20 @@ def test_mean_pairwise_distance_is_the_mean_over_pairs():
     assert mean_pairwise_distance(z) == pytest.approx(pdist(z).mean(), rel=1e-5)
 
 
+def test_torch_distances_agree_with_scikit_learn(monkeypatch):
+    """The device path (torch.cdist, float32, chunked) gives the float64 path's DI to ~1e-3."""
+    x = _clusters()
+    ref = fit_reference(x, _folds(len(x)))
+    new = _clusters(500, seed=9)
+    new[:50, 1] += 8000.0
+    monkeypatch.setattr("soilnet.evaluate.aoa.CHUNK_ELEMENTS", 300 * 64)  # several chunks
+    di, inside = aoa(ref, new)
+    di_t, inside_t = aoa(ref, new, device="cpu")
+    np.testing.assert_allclose(di_t, di, atol=2e-3)
+    assert (inside_t == inside).mean() > 0.99
+    assert len(aoa(ref, new[:0], device="cpu")[0]) == 0
+
+
 def test_upper_whisker_drops_outliers():
     values = np.r_[np.arange(1.0, 11.0), 100.0, np.nan]
     assert upper_whisker(values) == 10.0
