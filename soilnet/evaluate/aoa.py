@@ -255,7 +255,10 @@ def load_reference(path: str | Path) -> Reference:
     path = Path(path)
     path = path / AOA_FILE if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the model was saved without its area of applicability")
+        raise FileNotFoundError(
+            f"{path} not found: the model was saved without its area of applicability (before it was written "
+            "beside model.safetensors); run `soilnet finetune` again to save it"
+        )
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         if meta.get("format") != FORMAT:
