@@ -217,6 +217,17 @@ def _final_model(metrics: dict, unit: str) -> list[str]:
         f"Trained on {fm['n_train']} points (validation {fm['n_val']}), saved to "
         f"`{fm['path']}`; conformal half-width {_fmt(fm['conformal']['half_width'])} {unit} at level "
         f"{fm['conformal']['level']}.",
+    ] + _area_of_applicability(fm.get("aoa"))
+
+
+def _area_of_applicability(a: dict | None) -> list[str]:
+    if not a:
+        return []
+    inside = "" if a["train_inside"] is None else f"; {a['train_inside']:.1%} of the cross-validated points are inside"
+    return [
+        "",
+        f"Area of applicability (Meyer & Pebesma 2021) saved to `{a['path']}`: {a['features']} input features, "
+        f"DI threshold {_fmt(a['threshold'])} from the cross-validation{inside}.",
     ]
 
 

@@ -20,6 +20,8 @@ from soilnet.config.base import save_resolved, to_plain
 from soilnet.config.finetune import EvaluateConfig, FinetuneConfig
 from soilnet.data.labelled import MISSING_IDS_FILE, LabelledData, files_to_write
 from soilnet.distributed import DistInfo, join_process_group
+from soilnet.evaluate.aoa import AOA_FILE, run_reference, save_reference
+from soilnet.evaluate.aoa import summary as aoa_summary
 from soilnet.evaluate.checkpoint import score_checkpoint
 from soilnet.evaluate.crossval import cross_validate, prepare
 from soilnet.evaluate.folds import Context, fit_final
@@ -63,12 +65,16 @@ def tensorboard_writers(out: Path) -> Callable[[str], Scalars]:
 
 
 def _final_model(ctx: Context, plan: SplitPlan, histories: dict, out: Path, writes: bool) -> dict:
-    """Train the final model for predict-map; saved (``out/model.safetensors``) when ``writes``."""
+    """Train the final model for predict-map; saved (``out/model.safetensors``) when ``writes``, with its area of
+    applicability beside it (``out/aoa.npz``, :mod:`soilnet.evaluate.aoa`) from the labelled data and the folds."""
     final = fit_final(ctx, plan, histories)
     path = out / MODEL_FILE
+    section = {"path": str(path), **final.section}
     if writes:
-        path = save_model(out, final.fitted, ctx.cfg, ctx.data, final.model_cfg, final.conformal)
-    return {"path": str(path), **final.section}
+        section["path"] = str(save_model(out, final.fitted, ctx.cfg, ctx.data, final.model_cfg, final.conformal))
+        reference = run_reference(ctx.data, plan.folds, ctx.inputs.mods)
+        section["aoa"] = aoa_summary(reference, save_reference(out / AOA_FILE, reference))
+    return section
 
 
 def _cross_validate_and_write(
