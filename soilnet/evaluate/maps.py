@@ -10,7 +10,8 @@ cell's patch from one windowed read, the per-point path calls an ``acquire`` fun
 assembled when every tile is done, streamed from a VRT of the tiles through GDAL's COG driver (docs/maps.md).
 
 Bands (:data:`BANDS`): 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the
-model, in the target's unit; nodata NaN.
+model, in the target's unit; 4 the area of applicability (1 inside, 0 outside: an ``applicability`` function of
+the same model inputs, :mod:`soilnet.evaluate.aoa`); nodata NaN.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ log = logging.getLogger("soilnet.maps")
 
 # (lon (N,), lat (N,)) -> (image (N, C, H, W) | None, climate (N, T, F) | None, ok (N,) bool)
 Acquire = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray | None, np.ndarray | None, np.ndarray]]
-# The COG's bands, in order; a new band (e.g. the area of applicability) appends its name here and its values in
-# tile_bands; write_map describes bands past the third by their name.
-BANDS = ("prediction", "lower", "upper")
+# (image (N, C, H, W) | None, climate (N, T, F) | None), the model's inputs -> 1 inside the area of applicability,
+# 0 outside (N,)
+Applicability = Callable[[np.ndarray | None, np.ndarray | None], np.ndarray]
+# The COG's bands, in order; a new band appends its name here, its values in tile_bands and its description in
+# write_map.
+BANDS = ("prediction", "lower", "upper", "aoa")
+AOA_DESCRIPTION = "aoa (1 inside, 0 outside)"
 COG_BLOCK = 512
 GDAL_CACHE_MB = 64  # GDAL's block cache while assembling: bounds the memory whatever the map's size
 
@@ -178,25 +183,38 @@ def point_batches(acquire: Acquire, lon: np.ndarray, lat: np.ndarray, batch_size
 
 
 def tile_bands(
-    grid: Grid, projected, row: int, col: int, acquire, predict, half_width: float, space: str, batch_size: int = 256
+    grid: Grid,
+    projected,
+    row: int,
+    col: int,
+    acquire,
+    predict,
+    half_width: float,
+    space: str,
+    batch_size: int = 256,
+    applicability: Applicability | None = None,
 ) -> tuple[np.ndarray, dict]:
     """One tile's ``(len(BANDS), h, w)`` bands and its counts (``cells``, ``failed``). ``acquire``: a
-    :class:`~soilnet.evaluate.tiles.TileAcquire` (the tile path) or an :data:`Acquire` (the per-point path)."""
+    :class:`~soilnet.evaluate.tiles.TileAcquire` (the tile path) or an :data:`Acquire` (the per-point path).
+    ``applicability`` flags each batch of cells from the very inputs ``predict`` gets (band 4; NaN without it)."""
     inside, lon, lat = tile_cells(grid, projected, row, col)
     if isinstance(acquire, TileAcquire):
         xs, ys = tile_centres(grid, row, col)
         batches = acquire.batches(grid.crs, xs, ys, inside, lon, lat)
     else:
         batches = point_batches(acquire, lon, lat, batch_size)
-    values = np.full(len(lon), np.nan)
+    values, flags = np.full(len(lon), np.nan), np.full(len(lon), np.nan)
     failed = 0
     for idx, image, climate, ok in batches:
         failed += int(np.sum(~ok))
         if ok.any():
-            values[idx[ok]] = predict(None if image is None else image[ok], None if climate is None else climate[ok])
+            img, clim = (None if image is None else image[ok]), (None if climate is None else climate[ok])
+            values[idx[ok]] = predict(img, clim)
+            if applicability is not None:
+                flags[idx[ok]] = applicability(img, clim)
     lower, upper = intervals(values, half_width, space=space)
     out = np.full((len(BANDS), *inside.shape), np.nan, dtype=np.float32)
-    for band, data in zip(out, (values, lower, upper), strict=False):
+    for band, data in zip(out, (values, lower, upper, flags), strict=True):
         band[inside] = data
     return out, {"cells": len(lon), "failed": failed}
 
@@ -211,9 +229,10 @@ def predict_tiles(
     space: str = "original",
     batch_size: int = 256,
     max_tiles: int | None = None,
+    applicability: Applicability | None = None,
 ) -> dict:
-    """Predict every unfinished tile into ``parts/`` (``r{row}_c{col}.tif``, :func:`tile_bands`); return counts.
-    Reports the tiles done of those to do (:mod:`soilnet.progress`)."""
+    """Predict every unfinished tile into ``parts/`` (``r{row}_c{col}.tif``, :func:`tile_bands`, band 4 from
+    ``applicability``); return counts. Reports the tiles done of those to do (:mod:`soilnet.progress`)."""
     parts.mkdir(parents=True, exist_ok=True)
     skipped = new = failed = cells = 0
     todo = sum(1 for r, c in grid.tiles() if not tile_path(parts, r, c).exists())
@@ -224,7 +243,9 @@ def predict_tiles(
             continue
         if max_tiles is not None and new >= max_tiles:
             break
-        bands, counts = tile_bands(grid, projected, row, col, acquire, predict, half_width, space, batch_size)
+        bands, counts = tile_bands(
+            grid, projected, row, col, acquire, predict, half_width, space, batch_size, applicability
+        )
         write_tile(parts, grid, row, col, bands)
         new += 1
         cells += counts["cells"]
@@ -237,13 +258,13 @@ def predict_tiles(
     return {"tiles": total, "finished": finished, "new": new, "reused": skipped, "cells": cells, "failed": failed}
 
 
-def tiles_vrt(path: Path, grid: Grid, parts: Path, names: tuple[str, ...], unit: str, tags: dict) -> Path:
-    """A GDAL VRT mosaic of the finished tiles (relative paths) with band descriptions, unit, NaN nodata and
+def tiles_vrt(path: Path, grid: Grid, parts: Path, names: tuple[str, ...], units: tuple[str, ...], tags: dict) -> Path:
+    """A GDAL VRT mosaic of the finished tiles (relative paths) with band descriptions, units, NaN nodata and
     ``tags`` as dataset metadata; GDAL reads it window by window, so nothing holds the map."""
     t = grid.transform
     meta = "".join(f"<MDI key={quoteattr(str(k))}>{escape(str(v))}</MDI>" for k, v in tags.items())
     bands = []
-    for b, name in enumerate(names, start=1):
+    for b, (name, unit) in enumerate(zip(names, units, strict=True), start=1):
         sources = []
         for row, col in grid.tiles():
             rs, cs = grid.tile_window(row, col)
@@ -308,8 +329,9 @@ def _limits(data: np.ndarray) -> tuple[float | None, float | None, str]:
 
 
 def write_preview(path: Path, bands: np.ndarray, unit: str, level: float | None) -> Path:
-    """PNG with the prediction and the interval width."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    """PNG with the prediction, the interval width and the area of applicability (overviews average it: a
+    zoomed-out pixel shows the fraction of its cells inside)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, data, title in (
         (axes[0], bands[0], f"prediction ({unit})"),
         (axes[1], bands[2] - bands[1], f"{int(round((level or 0) * 100))} % interval width ({unit})"),
@@ -320,12 +342,17 @@ def write_preview(path: Path, bands: np.ndarray, unit: str, level: float | None)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, shrink=0.8)
+    im = axes[2].imshow(bands[3], cmap="RdYlGn", vmin=0, vmax=1)  # a fixed range: 0 outside .. 1 inside
+    axes[2].set_title("area of applicability (1 inside, 0 outside)" + _limits(bands[3])[2])
+    axes[2].set_xticks([])
+    axes[2].set_yticks([])
+    fig.colorbar(im, ax=axes[2], shrink=0.8, ticks=[0, 1])
     return _save(fig, path)
 
 
 def _fingerprint(grid: Grid, model_file: Path) -> dict:
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
-    return {"grid": asdict(grid), "model_sha256": digest}
+    return {"grid": asdict(grid), "model_sha256": digest, "bands": list(BANDS)}
 
 
 def claim_parts(parts: Path, grid: Grid, model_file: Path) -> None:
@@ -335,7 +362,7 @@ def claim_parts(parts: Path, grid: Grid, model_file: Path) -> None:
     fp_path = parts / "grid.json"
     if fp_path.exists():
         if json.loads(fp_path.read_text()) != json.loads(json.dumps(fp)):
-            raise MapError(f"{parts} holds tiles of another grid or model; delete it or choose another --out")
+            raise MapError(f"{parts} holds tiles of another grid, model or band set; delete it or choose another --out")
     else:
         write_text(fp_path, json.dumps(fp, indent=2))
 
@@ -355,8 +382,8 @@ def write_map(out: Path, grid: Grid, parts: Path, target: dict, conformal: dict,
         "crs": grid.crs if grid.crs.startswith("EPSG:") else CRS(grid.crs).name,
         **tags,
     }
-    names = (f"{target.get('name')} ({unit})", f"lower {pct} %", f"upper {pct} %", *BANDS[3:])
-    vrt = tiles_vrt(parts / "tiles.vrt", grid, parts, names, unit, tags)
+    names = (f"{target.get('name')} ({unit})", f"lower {pct} %", f"upper {pct} %", AOA_DESCRIPTION)
+    vrt = tiles_vrt(parts / "tiles.vrt", grid, parts, names, (unit, unit, unit, ""), tags)
     write_cog(out, vrt, grid)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(out) as src:
         cells = sum(int(np.isfinite(src.read(1, window=w)).sum()) for _, w in src.block_windows(1))

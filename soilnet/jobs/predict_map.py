@@ -8,7 +8,9 @@ takes the per-point path: each cell built by the packer's own sample builder (it
 is not implemented yet). docs/maps.md measures how far the two paths' predictions differ.
 
 Bands: 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the model, in the
-target's unit; nodata NaN.
+target's unit; 4 the area of applicability (1 inside, 0 outside; :mod:`soilnet.evaluate.aoa`, from the
+``aoa.npz`` the fine-tuning run saved beside the model: a model without it is refused before any tile runs);
+nodata NaN.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from soilnet import __version__
 from soilnet.config.base import ConfigError, apply_override
 from soilnet.config.pack import PackConfig
 from soilnet.data.manifest import read_manifest
-from soilnet.evaluate.maps import Acquire, MapError, claim_parts, plan_grid, predict_tiles, write_map
+from soilnet.evaluate.aoa import Reference, inputs_aoa, load_reference
+from soilnet.evaluate.maps import Acquire, Applicability, MapError, claim_parts, plan_grid, predict_tiles, write_map
 from soilnet.evaluate.tiles import TileAcquire
 from soilnet.regions import read_region
 from soilnet.train.regressor import MODEL_FILE, load_model
@@ -61,6 +64,7 @@ def predict_map(
     out = Path(out)
     model_file = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
     model = load_model(model_file)
+    area = load_reference(model_file.parent)  # aoa.npz beside model.safetensors; missing: refused before any tile
     region = read_region(region_path)
     grid, projected = plan_grid(region, resolution_m, tile_size, crs, origin)
     if acquire is None:
@@ -71,7 +75,8 @@ def predict_map(
     start = time.time()
     space = model.conformal.get("space", "original")
     predict = bf16_predict(model) if bf16 else model.predict
-    summary = predict_tiles(grid, projected, acquire, predict, q, parts, space, batch_size, max_tiles)
+    applicability = aoa_flags(area, model)
+    summary = predict_tiles(grid, projected, acquire, predict, q, parts, space, batch_size, max_tiles, applicability)
     summary.update(
         out=str(out), seconds=round(time.time() - start, 1), complete=summary["finished"] == summary["tiles"]
     )
@@ -83,6 +88,7 @@ def predict_map(
         "config": json.dumps({"region": str(region_path), "resolution_m": resolution_m, "overrides": list(overrides)}),
         "code_version": __version__,
         "resolution_m": resolution_m,
+        "aoa_threshold": area.threshold,
     }
     summary.update(write_map(out, grid, parts, model.target, model.conformal, tags))
     return summary
@@ -116,6 +122,17 @@ def bf16_predict(model):
             return model.predict(image, climate)
 
     return predict
+
+
+def aoa_flags(area: Reference, model) -> Applicability:
+    """Band 4: 1 where a batch of cells' model inputs (schema units, before the model's normalisation) lie inside
+    the area of applicability ``area``, 0 outside; distances on the model's device."""
+    device = next(model.model.parameters()).device
+
+    def applicability(image, climate):
+        return inputs_aoa(area, image, climate, device)[1].astype(np.float32)
+
+    return applicability
 
 
 def check_overlap(region, source) -> None:

@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+import rasterio
+from pyproj import Transformer
 from scipy.spatial.distance import pdist
 
 from soilnet.evaluate.aoa import (
@@ -23,6 +25,7 @@ from soilnet.evaluate.aoa import (
     upper_whisker,
 )
 from soilnet.evaluate.splits import random_kfold
+from soilnet.jobs.predict_map import predict_map
 
 
 def _folds(n: int, k: int = 5, seed: int = 0):
@@ -199,3 +202,32 @@ def test_finetuning_run_writes_the_area_beside_the_model(finetuned_dir, kit):
     image, climate = _grid_inputs(kit, 100, seed=21)
     assert inputs_aoa(ref, image, climate)[1].mean() > 0.9
     assert not inputs_aoa(ref, image * 10, climate)[1].any()
+
+
+def test_map_flags_an_out_of_distribution_patch(finetuned_dir, kit, tmp_path):
+    """Band 4 of predict-map (the per-point path): cells drawn like the training samples are inside (1); the cells
+    east of 10.4 deg E, whose NDVI is far above anything in training, are flagged (0), and still predicted."""
+    region = tmp_path / "region.geojson"
+    box = [[[9, 46], [11, 46], [11, 47.5], [9, 47.5], [9, 46]]]
+    region.write_text(json.dumps({"type": "Polygon", "coordinates": box}))
+
+    def acquire(lon, lat):
+        image, climate = _grid_inputs(kit, len(lon), seed=int(abs(lon).sum() * 1e6) % 2**32)
+        image[lon > 10.4, kit.SCHEMA.channels.index("NDVI")] = 6.0
+        return image.astype(np.float16), climate, np.ones(len(lon), dtype=bool)
+
+    out = tmp_path / "map.tif"
+    predict_map(finetuned_dir, region, 10000.0, out, acquire=acquire, tile_size=8, batch_size=100)
+    with rasterio.open(out) as src:
+        pred, flag = src.read(1), src.read(4)
+        assert float(src.tags()["aoa_threshold"]) == pytest.approx(load_reference(finetuned_dir).threshold)
+        cols, rows = np.meshgrid(np.arange(src.width) + 0.5, np.arange(src.height) + 0.5)
+        t = src.transform
+        x, y = t.c + cols * t.a, t.f + rows * t.e  # cell centres (north-up)
+        lon, _ = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True).transform(x, y)
+    ok = np.isfinite(pred)
+    assert np.array_equal(ok, np.isfinite(flag))
+    east, west = ok & (lon > 10.45), ok & (lon < 10.35)
+    assert east.sum() > 20 and west.sum() > 20
+    assert (flag[east] == 0).all()
+    assert flag[west].mean() > 0.9

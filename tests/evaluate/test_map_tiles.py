@@ -84,6 +84,33 @@ def test_tile_path_agrees_with_the_per_point_path_on_the_synthetic_world():
     assert m["max_rel_diff"] < 0.05
 
 
+def test_the_tile_path_flags_cells_from_the_inputs_it_predicts_on():
+    """Band 4 on the tile path: ``applicability`` gets the very arrays ``predict`` gets (raw, schema units), and its
+    flags land on the cells they belong to; cells outside the region stay NaN."""
+    schema = SampleSchema()
+    grid, projected = plan_grid(ALPS, 1000.0, 8)
+    tiles = TileAcquire(SyntheticWorld(schema, seed=0), schema.patch_size, schema.pixel_size_m, batch_size=64)
+    seen = []
+
+    def predict(image, climate):
+        seen.append((image, climate))
+        return known_soc(image, climate, schema)
+
+    def applicability(image, climate):
+        assert image is seen[-1][0] and climate is seen[-1][1]
+        return (known_soc(image, climate, schema) > threshold).astype(np.float32)
+
+    threshold = float(np.nanmedian(tile_bands(grid, projected, 0, 0, tiles, predict, 1.0, "original")[0][0]))
+    flagged = 0
+    for row, col in grid.tiles():
+        inside = tile_cells(grid, projected, row, col)[0]
+        bands = tile_bands(grid, projected, row, col, tiles, predict, 1.0, "original", 64, applicability)[0]
+        assert bands.shape[0] == 4 and np.isnan(bands[3][~inside]).all()
+        assert np.array_equal(bands[3][inside], (bands[0][inside] > threshold).astype(np.float32))
+        flagged += int((bands[3][inside] == 0).sum())
+    assert flagged > 0
+
+
 def test_valid_counts_flag_every_patch_touching_a_bad_pixel():
     valid = np.ones((10, 12), bool)
     valid[4, 7] = False
@@ -116,7 +143,7 @@ def _big_map(tmp_path, width=1300, height=1100, tile=256) -> tuple[Grid, object]
         rs, cs = grid.tile_window(row, col)
         pred = rng.uniform(5, 50, (rs.stop - rs.start, cs.stop - cs.start)).astype(np.float32)
         pred[:3] = np.nan
-        write_tile(parts, grid, row, col, np.stack([pred, pred - 2, pred + 2]))
+        write_tile(parts, grid, row, col, np.stack([pred, pred - 2, pred + 2, (pred > 20).astype(np.float32)]))
     return grid, parts
 
 
@@ -131,11 +158,11 @@ def test_cog_from_tiles_validates_with_crs_bands_and_tags(tmp_path, caplog):
     with rasterio.open(out) as src:
         assert src.crs.to_epsg() == 3035
         assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
-        assert src.block_shapes == [(COG_BLOCK, COG_BLOCK)] * 3
+        assert src.block_shapes == [(COG_BLOCK, COG_BLOCK)] * 4
         assert src.overviews(1) == [2, 4]
-        assert np.isnan(src.nodata) and src.dtypes == ("float32",) * 3
-        assert src.descriptions == ("soc (g/kg)", "lower 90 %", "upper 90 %")
-        assert src.units == ("g/kg",) * 3
+        assert np.isnan(src.nodata) and src.dtypes == ("float32",) * 4
+        assert src.descriptions == ("soc (g/kg)", "lower 90 %", "upper 90 %", "aoa (1 inside, 0 outside)")
+        assert src.units == ("g/kg",) * 3 + (None,)  # the flags have no unit
         assert src.tags()["model"] == "m.st" and src.tags()["unit"] == "g/kg"
         data = src.read()
     first = rasterio.open(parts / "r0000_c0000.tif").read()

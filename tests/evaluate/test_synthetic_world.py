@@ -94,8 +94,11 @@ def test_predict_map_on_the_synthetic_source(world, tmp_path):
     assert main(argv) == 0
     with rasterio.open(out) as src:
         assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.overviews(1)
-        pred, lower, upper = src.read()
+        pred, lower, upper, aoa = src.read()
+        assert float(src.tags()["aoa_threshold"]) > 0
     ok = np.isfinite(pred)
+    assert set(np.unique(aoa[ok])) <= {0.0, 1.0} and np.isnan(aoa[~ok]).all()  # band 4 flags every predicted cell
+    assert aoa[ok].mean() > 0.9  # the region lies among the training samples (measured: all cells inside)
     grid, projected = plan_grid(read_region(region), 4000.0, 16)
     xs, ys = grid.x0 + (np.arange(grid.width) + 0.5) * 4000.0, grid.y0 - (np.arange(grid.height) + 0.5) * 4000.0
     inside = shapely.contains_xy(projected, *np.meshgrid(xs, ys))
