@@ -148,6 +148,13 @@ def _predict_map_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--tile-size", type=int, default=256, help="tile edge in grid cells (unit of resumption)")
     p.add_argument("--max-tiles", type=int, default=None, help="stop after this many new tiles (rerun resumes)")
+    p.add_argument("--tasks", type=int, default=None, help="spread the tiles over N independent tasks (with --task-id)")
+    p.add_argument(
+        "--task-id",
+        type=int,
+        default=None,
+        help="this task's index, 0..N-1 (default: the MPI rank or Slurm array task, else one task does every tile)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the source config")
 
 

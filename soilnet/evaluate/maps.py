@@ -14,12 +14,10 @@ target's unit; nodata NaN.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.io import MemoryFile
 
-from soilnet.atomic import atomic_file, atomic_path, write_text
+from soilnet.atomic import atomic_file, atomic_path
 from soilnet.evaluate.conformal import intervals
 from soilnet.evaluate.plots import _save, plt
 from soilnet.progress import Progress
@@ -108,6 +106,39 @@ def _atomic_npz(path: Path, **arrays) -> None:
         np.savez(f, **arrays)
 
 
+def predict_tile(
+    grid: Grid,
+    projected,
+    row: int,
+    col: int,
+    acquire: Acquire,
+    predict: Callable[[np.ndarray | None, np.ndarray | None], np.ndarray],
+    half_width: float,
+    space: str = "original",
+    batch_size: int = 256,
+) -> tuple[np.ndarray, int, int]:
+    """One tile's bands ``(3, h, w)`` float32 (NaN outside the region and where acquisition failed), the number
+    of cells inside the region and the number that failed."""
+    failed = 0
+    inside, lon, lat = tile_cells(grid, projected, row, col)
+    out = np.full((len(BANDS), *inside.shape), np.nan, dtype=np.float32)
+    values = np.full(len(lon), np.nan)
+    for start in range(0, len(lon), batch_size):
+        sl = slice(start, start + batch_size)
+        image, climate, ok = acquire(lon[sl], lat[sl])
+        failed += int(np.sum(~ok))
+        if ok.any():
+            pred = predict(None if image is None else image[ok], None if climate is None else climate[ok])
+            chunk = np.full(len(ok), np.nan)
+            chunk[ok] = pred
+            values[sl] = chunk
+    lower, upper = intervals(values, half_width, space=space)
+    out[0][inside] = values
+    out[1][inside] = lower
+    out[2][inside] = upper
+    return out, len(lon), failed
+
+
 def predict_tiles(
     grid: Grid,
     projected,
@@ -132,27 +163,14 @@ def predict_tiles(
             continue
         if max_tiles is not None and new >= max_tiles:
             break
-        inside, lon, lat = tile_cells(grid, projected, row, col)
-        out = np.full((len(BANDS), *inside.shape), np.nan, dtype=np.float32)
-        values = np.full(len(lon), np.nan)
-        for start in range(0, len(lon), batch_size):
-            sl = slice(start, start + batch_size)
-            image, climate, ok = acquire(lon[sl], lat[sl])
-            failed += int(np.sum(~ok))
-            if ok.any():
-                pred = predict(None if image is None else image[ok], None if climate is None else climate[ok])
-                chunk = np.full(len(ok), np.nan)
-                chunk[ok] = pred
-                values[sl] = chunk
-        lower, upper = intervals(values, half_width, space=space)
-        out[0][inside] = values
-        out[1][inside] = lower
-        out[2][inside] = upper
+        args = (acquire, predict, half_width, space, batch_size)
+        out, n_cells, n_failed = predict_tile(grid, projected, row, col, *args)
+        failed += n_failed
         _atomic_npz(path, bands=out)
         new += 1
-        cells += len(lon)
+        cells += n_cells
         done += 1
-        log.info("tile (%d, %d): %d cells", row, col, len(lon))
+        log.info("tile (%d, %d): %d cells", row, col, n_cells)
         progress.update(1)
     progress.close()
     total = len(grid.tiles())
@@ -217,23 +235,6 @@ def write_preview(path: Path, bands: np.ndarray, unit: str, level: float | None)
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, shrink=0.8)
     return _save(fig, path)
-
-
-def _fingerprint(grid: Grid, model_file: Path) -> dict:
-    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
-    return {"grid": asdict(grid), "model_sha256": digest}
-
-
-def claim_parts(parts: Path, grid: Grid, model_file: Path) -> None:
-    """Create ``parts/`` for this grid and model, or check that the tiles already there are theirs."""
-    parts.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(grid, model_file)
-    fp_path = parts / "grid.json"
-    if fp_path.exists():
-        if json.loads(fp_path.read_text()) != json.loads(json.dumps(fp)):
-            raise MapError(f"{parts} holds tiles of another grid or model; delete it or choose another --out")
-    else:
-        write_text(fp_path, json.dumps(fp, indent=2))
 
 
 def write_map(out: Path, grid: Grid, parts: Path, target: dict, conformal: dict, tags: dict) -> dict:

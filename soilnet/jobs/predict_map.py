@@ -11,20 +11,24 @@ target's unit; nodata NaN.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from shards.pack import make_sample, make_source
+from shards.parallel import workers_from
 from shards.sources.base import Rejected
 from soilnet.config.base import ConfigError, apply_override
 from soilnet.config.pack import PackConfig
 from soilnet.data.manifest import read_manifest
-from soilnet.evaluate.maps import Acquire, MapError, claim_parts, plan_grid, predict_tiles, write_map
+from soilnet.evaluate.maps import Acquire, MapError, plan_grid, predict_tile, write_map
+from soilnet.jobs.map_tasks import claim_parts, run_tiles
 from soilnet.regions import read_region
 from soilnet.train.regressor import MODEL_FILE, load_model
 
@@ -39,31 +43,39 @@ def predict_map(
     batch_size: int = 256,
     tile_size: int = 256,
     max_tiles: int | None = None,
+    tasks: int | None = None,
+    task_id: int | None = None,
 ) -> dict:
     """Map a fine-tuned model (a fine-tuning ``output_dir``) over a GeoJSON region; see the module docstring.
 
     ``acquire`` defaults to the data source the model's training shards were packed from (with ``overrides`` of
-    that pack config). Returns a summary; ``complete`` is False when ``max_tiles`` stopped it early.
+    that pack config). The tiles are spread over the workers (``tasks``/``task_id``, else an MPI rank or a Slurm
+    array task; :mod:`soilnet.jobs.map_tasks`); the one that finishes the last tile assembles the map. Returns a
+    summary; ``complete`` is False while tiles are missing, ``assembled`` True for the worker that wrote the map.
     """
     out = Path(out)
+    workers = workers_from(tasks, task_id)
     model_file = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
     model = load_model(model_file)
     grid, projected = plan_grid(read_region(region_path), resolution_m, tile_size)
     if acquire is None:
         acquire = source_acquire(Path(checkpoint), model, list(overrides))
     parts = out.with_name(out.name + ".parts")
-    claim_parts(parts, grid, model_file)
+    fingerprint = {"grid": asdict(grid), "model_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()}
+    claim_parts(parts, fingerprint)
     q = float(model.conformal.get("half_width", math.nan))
     start = time.time()
     space = model.conformal.get("space", "original")
-    summary = predict_tiles(grid, projected, acquire, model.predict, q, parts, space, batch_size, max_tiles)
-    summary.update(
-        out=str(out), seconds=round(time.time() - start, 1), complete=summary["finished"] == summary["tiles"]
-    )
-    if not summary["complete"]:
-        return summary
-    tags = {"checkpoint": str(checkpoint), "region": str(region_path), "resolution_m": resolution_m}
-    summary.update(write_map(out, grid, parts, model.target, model.conformal, tags))
+
+    def compute_tile(row: int, col: int):
+        return predict_tile(grid, projected, row, col, acquire, model.predict, q, space, batch_size)
+
+    def assemble() -> dict:
+        tags = {"checkpoint": str(checkpoint), "region": str(region_path), "resolution_m": resolution_m}
+        return write_map(out, grid, parts, model.target, model.conformal, tags)
+
+    summary = run_tiles(grid.tiles(), compute_tile, assemble, parts, workers, max_tiles)
+    summary.update(out=str(out), seconds=round(time.time() - start, 1), task=workers.rank, tasks=workers.world)
     return summary
 
 
@@ -128,15 +140,26 @@ def run_cli(args) -> int:
         batch_size=args.batch_size,
         tile_size=getattr(args, "tile_size", 256),
         max_tiles=getattr(args, "max_tiles", None),
+        tasks=getattr(args, "tasks", None),
+        task_id=getattr(args, "task_id", None),
     )
-    if summary["complete"]:
+    who = f"task {summary['task']} of {summary['tasks']}: " if summary["tasks"] > 1 else ""
+    if summary["assembled"]:
         print(
-            f"soilnet predict-map: wrote {summary['out']} and {summary['preview']} "
-            f"({summary['new']} new tiles, {summary['reused']} reused, {summary['failed']} cells failed)"
+            f"soilnet predict-map: {who}wrote {summary['out']} and {summary['preview']} "
+            f"({summary['new']} new tiles, {summary['reused']} reused, {summary['recomputed']} recomputed, "
+            f"{summary['failed']} cells failed)"
+        )
+        return 0
+    if summary["mine_done"]:
+        print(
+            f"soilnet predict-map: {who}{summary['new']} new tiles, {summary['reused']} reused; "
+            f"{summary['finished']} of {summary['tiles']} done in all. The task that finishes the last tile "
+            "assembles the map; else rerun the command without --tasks/--task-id."
         )
         return 0
     print(
-        f"soilnet predict-map: stopped after {summary['new']} new tiles; {summary['finished']} of {summary['tiles']} "
-        "done. Rerun the same command to finish."
+        f"soilnet predict-map: {who}stopped after {summary['new']} new tiles; {summary['finished']} of "
+        f"{summary['tiles']} done. Rerun the same command to finish."
     )
     return 3
