@@ -6,7 +6,8 @@ position in the row-major list is ``k`` modulo ``n``, so tasks never write the s
 
 - Each finished tile is written atomically (:mod:`soilnet.atomic`) to ``<parts>/r{row:04d}_c{col:04d}.npz``.
 - On a rerun a tile file that reads back whole is kept; a corrupt or truncated one is logged and recomputed.
-- ``<parts>/grid.json`` records the grid and model; tiles of another are refused, naming each key that differs.
+- ``<parts>/grid.json`` records the grid and model, and so does the map's tag ``soilnet_map``; tiles or a map of
+  another grid or model are refused, naming each key that differs.
 - The task that finds every tile done after writing its own assembles the map. MPI ranks wait for each other and
   rank 0 does; array tasks cannot wait, so every one that sees all tiles done tries to create
   ``<parts>/assemble.claim`` exclusively (:func:`soilnet.atomic.create_exclusive`, safe between hosts on a shared
@@ -28,6 +29,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import rasterio
+from rasterio.errors import RasterioIOError
 
 from shards.parallel import Workers
 from soilnet.atomic import atomic_file, create_exclusive
@@ -38,6 +41,7 @@ log = logging.getLogger("soilnet.map_tasks")
 
 FINGERPRINT = "grid.json"
 CLAIM = "assemble.claim"
+TAG = "soilnet_map"  # the COG tag that records the fingerprint of the grid and model it maps
 
 Tile = tuple[int, int]
 # (row, col) -> (bands (B, h, w) float32, cells inside the region, cells whose acquisition failed)
@@ -103,6 +107,28 @@ def claim_parts(parts: Path, fingerprint: dict) -> None:
         raise MapError(
             f"{parts} holds tiles of another grid or model ({'; '.join(found)}); it is never mixed in: delete it "
             "or choose another --out"
+        )
+
+
+def check_output(out: Path, fingerprint: dict) -> None:
+    """Refuse an existing map at ``out`` of another grid or model (naming each key that differs), or one that does
+    not record which (its tag :data:`TAG`); it is never overwritten."""
+    if not out.exists():
+        return
+    try:
+        with rasterio.open(out) as src:
+            recorded = src.tags().get(TAG)
+    except RasterioIOError:
+        recorded = None
+    if recorded is None:
+        raise MapError(
+            f"{out} exists and is not a map that records its grid and model: delete it or choose another --out"
+        )
+    found = differences(json.loads(recorded), json.loads(json.dumps(fingerprint)))
+    if found:
+        raise MapError(
+            f"{out} is a map of another grid or model ({'; '.join(found)}); it is never overwritten: delete it or "
+            "choose another --out"
         )
 
 

@@ -12,6 +12,7 @@ target's unit; nodata NaN.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -28,7 +29,7 @@ from soilnet.config.base import ConfigError, apply_override
 from soilnet.config.pack import PackConfig
 from soilnet.data.manifest import read_manifest
 from soilnet.evaluate.maps import Acquire, MapError, plan_grid, predict_tile, write_map
-from soilnet.jobs.map_tasks import claim_parts, run_tiles
+from soilnet.jobs.map_tasks import TAG, check_output, claim_parts, run_tiles
 from soilnet.regions import read_region
 from soilnet.train.regressor import MODEL_FILE, load_model
 
@@ -62,6 +63,7 @@ def predict_map(
         acquire = source_acquire(Path(checkpoint), model, list(overrides))
     parts = out.with_name(out.name + ".parts")
     fingerprint = {"grid": asdict(grid), "model_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()}
+    check_output(out, fingerprint)
     claim_parts(parts, fingerprint)
     q = float(model.conformal.get("half_width", math.nan))
     start = time.time()
@@ -72,6 +74,7 @@ def predict_map(
 
     def assemble() -> dict:
         tags = {"checkpoint": str(checkpoint), "region": str(region_path), "resolution_m": resolution_m}
+        tags[TAG] = json.dumps(fingerprint, sort_keys=True)
         return write_map(out, grid, parts, model.target, model.conformal, tags)
 
     summary = run_tiles(grid.tiles(), compute_tile, assemble, parts, workers, max_tiles)

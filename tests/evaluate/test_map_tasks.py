@@ -145,6 +145,21 @@ def test_tiles_of_another_grid_or_model_are_refused_naming_what_differs(finetune
     assert len(list(out.with_name("map.tif.parts").glob("r*_c*.npz"))) == 1  # never mixed in
 
 
+def test_a_map_of_another_grid_or_model_is_never_overwritten(finetuned_dir, region, kit, tmp_path):
+    out = tmp_path / "map.tif"
+    run(finetuned_dir, region, out, kit)
+    before = out.read_bytes()
+    (tmp_path / "map.tif.parts").rename(tmp_path / "elsewhere")
+    with pytest.raises(MapError, match=r"map of another grid or model \(grid\.tile_size: 4 there, 8 now\)"):
+        predict_map(finetuned_dir, region, RES, out, acquire=kit.field_acquire, tile_size=8)
+    out.write_bytes(b"not a map")
+    with pytest.raises(MapError, match="not a map that records its grid and model"):
+        run(finetuned_dir, region, out, kit)
+    out.write_bytes(before)
+    assert run(finetuned_dir, region, out, kit)["assembled"]  # its own map: recomputed and rewritten
+    assert out.read_bytes() == before
+
+
 def test_task_options_are_checked():
     assert workers_from(3, 2) == Workers(rank=2, world=3, is_array=True)
     for tasks, task_id in ((2, None), (None, 0), (2, 2), (0, 0), (2, -1)):
