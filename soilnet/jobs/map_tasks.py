@@ -138,7 +138,7 @@ def _write_tile(path: Path, bands: np.ndarray) -> None:
 
 
 def compute_tiles(todo: Sequence[Tile], compute_tile: ComputeTile, parts: Path, label: str) -> dict:
-    """Compute and write each tile of ``todo``; report tiles, cells/s and the ETA (:mod:`soilnet.progress`)."""
+    """Compute and write each tile of ``todo``; report tiles, their ETA and cells/s (:mod:`soilnet.progress`)."""
     cells = failed = 0
     with Progress(label, len(todo), "tile") as progress:
         for tile in todo:
@@ -147,6 +147,8 @@ def compute_tiles(todo: Sequence[Tile], compute_tile: ComputeTile, parts: Path, 
             cells += n_cells
             failed += n_failed
             log.info("%s: tile %s, %d cells", label, tile, n_cells)
+            rate = cells / max(progress.clock() - progress.start, 1e-9)
+            progress.postfix["cells"] = f"{cells} ({rate:.1f} cells/s)"
             progress.update(1)
     return {"new": len(todo), "cells": cells, "failed": failed}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,14 @@ def test_two_tasks_give_the_single_task_cog_and_the_last_one_assembles(finetuned
     again = run(finetuned_dir, region, out, kit)
     assert again["assembled"] and again["new"] == 0 and again["reused"] == again["tiles"]
     assert out.read_bytes() == single
+
+
+def test_progress_lines_give_tiles_cells_per_s_and_the_eta(finetuned_dir, region, kit, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SOILNET_PROGRESS_S", "0")
+    run(finetuned_dir, region, tmp_path / "map.tif", kit, tasks=2, task_id=1)
+    err = capsys.readouterr().err
+    line = r"^predict-map\[1/2\]: 1/4 tiles \(25%\), [\d.e+-]+ tiles/s, ETA \S+, cells \d+ \([\d.]+ cells/s\)$"
+    assert re.search(line, err, re.M), err
 
 
 def test_a_rerun_without_task_options_computes_the_missing_tiles_then_assembles(
