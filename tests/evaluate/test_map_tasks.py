@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,13 +100,16 @@ predict_map({ft!r}, {region!r}, {res!r}, {out!r}, acquire=acquire, tile_size={ti
 """
 
 
-def start(finetuned_dir, region, out: Path, delay: float) -> subprocess.Popen:
-    """predict-map in a process of its own (predictions in another process may differ in the last bits, so the
-    runs compared here all run in one)."""
+def start(finetuned_dir, region, out: Path, delay: float, mpi_ranks: int = 0) -> subprocess.Popen:
+    """predict-map in a process of its own, or on ``mpi_ranks`` MPI ranks (predictions in another process may
+    differ in the last bits from this one's, so the runs compared here all run in processes of their own, with
+    one thread each)."""
     paths = {"kit_dir": str(REPO / "tests/evaluate"), "ft": str(finetuned_dir), "region": str(region)}
     code = RUN.format(**paths, res=RES, out=str(out), tile=TILE, delay=delay)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    env["OMP_NUM_THREADS"] = "1"  # mpirun binds a rank to one core; one thread everywhere gives one summation order
+    mpi = ["mpirun", "-n", str(mpi_ranks), "--oversubscribe"] if mpi_ranks else []
+    return subprocess.Popen([*mpi, sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -129,6 +133,17 @@ def test_kill_9_mid_run_then_a_rerun_gives_the_same_cog(finetuned_dir, region, t
     rerun = start(finetuned_dir, region, out, 0.0)
     finish(rerun)
     assert out.read_bytes() == (tmp_path / "whole.tif").read_bytes()
+
+
+def test_two_mpi_ranks_give_the_single_process_cog(finetuned_dir, region, tmp_path):
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun is not installed (Debian's openmpi-bin; scripts/setup.sh installs it as root)")
+    finish(start(finetuned_dir, region, tmp_path / "whole.tif", 0.0))
+    proc = start(finetuned_dir, region, tmp_path / "mpi.tif", 0.0, mpi_ranks=2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+    assert "predict-map[0/2]: finished" in err.decode() and "predict-map[1/2]: finished" in err.decode()
+    assert (tmp_path / "mpi.tif").read_bytes() == (tmp_path / "whole.tif").read_bytes()
 
 
 def test_a_truncated_tile_is_recomputed_and_logged(finetuned_dir, region, kit, single, tmp_path, caplog):
