@@ -1,1 +1,1 @@
-"""submitit entry points: ``python -m launch.pretrain|finetune|pack``. Training code never imports this."""
+"""submitit entry points: ``python -m launch.pretrain|finetune|pack|predict_map``. Training code never imports this."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import submitit
 
 from soilnet.config.base import ConfigError, Section, load_config, resolved_yaml
-from soilnet.jobs.commands import COMMANDS, resolve
+from soilnet.jobs.commands import COMMANDS, LAUNCHED, resolve
 from soilnet.rendezvous import node_address
 
 
@@ -39,12 +40,8 @@ class JobSpec:
         return cls(name, resolve(cmd.config_class), cmd.run)
 
 
-def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"python -m launch.{spec.name}",
-        description=f"Submit `soilnet {spec.name}` through submitit (Slurm, local processes, or inline).",
-    )
-    p.add_argument("--config", required=True, help="YAML config file")
+def _launch_options(p: argparse.ArgumentParser, array_help: str) -> None:
+    """Where and how a job runs: the options every launcher shares."""
     p.add_argument(
         "--cluster",
         choices=["slurm", "local", "debug"],
@@ -60,9 +57,18 @@ def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
     p.add_argument("--time", type=int, default=60, help="time limit in minutes")
     usr2 = "seconds before the time limit at which Slurm sends USR2 to checkpoint"
     p.add_argument("--signal-delay", type=int, default=120, help=usr2)
-    p.add_argument("--array", type=int, default=0, help="submit as a job array of this many tasks (packing)")
-    p.add_argument("--logs", default=None, help="submitit log folder (default: <output_dir>/submitit)")
+    p.add_argument("--array", type=int, default=0, help=array_help)
+    p.add_argument("--logs", default=None, help="submitit log folder (default: beside the job's output)")
     p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it failed")
+
+
+def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m launch.{spec.name}",
+        description=f"Submit `soilnet {spec.name}` through submitit (Slurm, local processes, or inline).",
+    )
+    p.add_argument("--config", required=True, help="YAML config file")
+    _launch_options(p, "submit as a job array of this many tasks (packing)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit (submit nothing)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
@@ -128,6 +134,27 @@ def make_executor(args: argparse.Namespace, log_folder: Path, name: str) -> subm
     return executor
 
 
+def submit(executor: submitit.AutoExecutor, jobs: list, name: str, log_folder: Path, wait: bool) -> int:
+    """Submit ``jobs`` (more than one: as one array); with ``wait``, exit non-zero if any failed."""
+    if len(jobs) > 1:
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+    else:
+        submitted = [executor.submit(jobs[0])]
+    print(f"launch.{name}: submitted job {submitted[0].job_id} to {executor.cluster}; logs in {log_folder}")
+    if not wait:
+        return 0
+    failed = 0
+    for j in submitted:
+        try:
+            j.results()
+        except Exception as err:  # submitit re-raises the task's failure here with its traceback
+            failed += 1
+            print(f"launch.{name}: job {j.job_id} failed:\n{err}", file=sys.stderr)
+    print(f"launch.{name}: job {submitted[0].job_id} {'failed' if failed else 'finished'}; logs in {log_folder}")
+    return 1 if failed else 0
+
+
 def main(spec: JobSpec, argv: list[str] | None = None) -> int:
     args = build_parser(spec).parse_intermixed_args(argv)
     try:  # fail here, before anything is submitted
@@ -141,21 +168,47 @@ def main(spec: JobSpec, argv: list[str] | None = None) -> int:
     output_dir = Path(getattr(cfg, "output_dir", "outputs"))
     log_folder = Path(args.logs) if args.logs else output_dir / "submitit"
     executor = make_executor(args, log_folder / "%j", spec.name)
-    job = Job(spec, str(Path(args.config).resolve()), args.overrides)
-    if args.array:
-        with executor.batch():
-            jobs = [executor.submit(Job(spec, job.config_path, job.overrides)) for _ in range(args.array)]
-    else:
-        jobs = [executor.submit(job)]
-    print(f"launch.{spec.name}: submitted job {jobs[0].job_id} to {executor.cluster}; logs in {log_folder}")
-    if not args.wait:
+    config_path = str(Path(args.config).resolve())
+    jobs = [Job(spec, config_path, args.overrides) for _ in range(max(1, args.array))]
+    return submit(executor, jobs, spec.name, log_folder, args.wait)
+
+
+class CommandJob(submitit.helpers.Checkpointable):
+    """One task of a command that takes arguments rather than a config (``predict-map``): it runs
+    ``python -m soilnet.cli <command> <argv>`` in the job, whose own checks and messages then apply; requeued
+    unchanged on preemption (the command resumes from what it wrote)."""
+
+    def __init__(self, command: str, argv: list[str]):
+        self.command = command
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        proc = subprocess.run([sys.executable, "-m", "soilnet.cli", self.command, *self.argv], check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"soilnet {self.command} exited with {proc.returncode} (its messages are above)")
         return 0
-    failed = 0
-    for j in jobs:
-        try:
-            j.results()
-        except Exception as err:  # submitit re-raises the task's failure here with its traceback
-            failed += 1
-            print(f"launch.{spec.name}: job {j.job_id} failed:\n{err}", file=sys.stderr)
-    print(f"launch.{spec.name}: job {jobs[0].job_id} {'failed' if failed else 'finished'}; logs in {log_folder}")
-    return 1 if failed else 0
+
+
+def command_main(command: str, argv: list[str] | None = None) -> int:
+    """``python -m launch.<command> [launch options] <the command's arguments>``: with ``--array N``, N tasks
+    that each get ``--tasks N --task-id K`` (on Slurm one job array; locally N processes)."""
+    if command not in LAUNCHED or COMMANDS[command].config_class is not None:
+        raise ValueError(f"{command} is not a launchable command that takes arguments")
+    p = argparse.ArgumentParser(
+        prog=f"python -m launch.{command.replace('-', '_')}",
+        description=f"Submit `soilnet {command}` through submitit; other arguments go to `soilnet {command}`.",
+    )
+    _launch_options(p, "spread the work over this many tasks, one job array (each gets --tasks N --task-id K)")
+    p.add_argument("--out", required=True, help=f"soilnet {command}'s --out (the logs go beside it)")
+    args, rest = p.parse_known_args(argv)
+    out = Path(args.out)
+    log_folder = Path(args.logs) if args.logs else out.with_name(out.name + ".submitit")
+    executor = make_executor(args, log_folder / "%j", command)
+    argv_out = [*rest, "--out", str(out)]
+    if args.array:
+        jobs = [
+            CommandJob(command, [*argv_out, "--tasks", str(args.array), "--task-id", str(k)]) for k in range(args.array)
+        ]
+    else:
+        jobs = [CommandJob(command, argv_out)]
+    return submit(executor, jobs, command, log_folder, args.wait)

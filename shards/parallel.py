@@ -75,3 +75,14 @@ def workers_from_env() -> Workers:
         if comm.Get_size() > 1:
             return Workers(rank=comm.Get_rank(), world=comm.Get_size(), comm=comm)
     return Workers()
+
+
+def workers_from(tasks: int | None = None, task_id: int | None = None) -> Workers:
+    """Task ``task_id`` of ``tasks`` when given (``--tasks N --task-id K``: independent processes that, like array
+    tasks, cannot wait for each other), else :func:`workers_from_env`'s (an MPI rank, a Slurm array task, or one
+    process)."""
+    if tasks is None and task_id is None:
+        return workers_from_env()
+    if tasks is None or task_id is None or tasks < 1 or not 0 <= task_id < tasks:
+        raise ConfigError(f"--tasks {tasks} --task-id {task_id}: give both, with 0 <= task-id < tasks")
+    return Workers(rank=task_id, world=tasks, is_array=True)

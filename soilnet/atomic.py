@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -81,3 +83,27 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any, **dump_kwargs) -> None:
     write_text(path, json.dumps(obj, **dump_kwargs))
+
+
+def create_exclusive(path: str | Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` only if no file is there: True if this call created it, False if one already was.
+
+    For a file that several processes may try to create at once (on a shared filesystem too): each writes its own
+    temporary file (named by host, process and a random part), fsyncs it and hard-links it to ``path``, which
+    exactly one link can win; a reader never sees a partial file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        fsync_path(path.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -152,6 +152,13 @@ def _predict_map_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--origin", type=float, nargs=2, default=None, metavar=("X", "Y"), help="grid alignment origin")
     p.add_argument("--bf16", action="store_true", help="predict under bfloat16 autocast")
     p.add_argument("--per-point", action="store_true", help="build each cell on its own (the slow, old path)")
+    p.add_argument("--tasks", type=int, default=None, help="spread the tiles over N independent tasks (with --task-id)")
+    p.add_argument(
+        "--task-id",
+        type=int,
+        default=None,
+        help="this task's index, 0..N-1 (default: the MPI rank or Slurm array task, else one task does every tile)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the source config")
 
 

@@ -17,7 +17,6 @@ the same model inputs, :mod:`soilnet.evaluate.aoa`); nodata NaN.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -350,21 +349,11 @@ def write_preview(path: Path, bands: np.ndarray, unit: str, level: float | None)
     return _save(fig, path)
 
 
-def _fingerprint(grid: Grid, model_file: Path) -> dict:
+def fingerprint(grid: Grid, model_file: Path) -> dict:
+    """What a map's tiles depend on: the grid, the model file's SHA-256 and the band set (recorded in the parts
+    folder's ``grid.json`` and the COG's tag; :mod:`soilnet.jobs.map_tasks` refuses tiles or a map of another)."""
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
     return {"grid": asdict(grid), "model_sha256": digest, "bands": list(BANDS)}
-
-
-def claim_parts(parts: Path, grid: Grid, model_file: Path) -> None:
-    """Create ``parts/`` for this grid and model, or check that the tiles already there are theirs."""
-    parts.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(grid, model_file)
-    fp_path = parts / "grid.json"
-    if fp_path.exists():
-        if json.loads(fp_path.read_text()) != json.loads(json.dumps(fp)):
-            raise MapError(f"{parts} holds tiles of another grid, model or band set; delete it or choose another --out")
-    else:
-        write_text(fp_path, json.dumps(fp, indent=2))
 
 
 def write_map(out: Path, grid: Grid, parts: Path, target: dict, conformal: dict, tags: dict) -> dict:

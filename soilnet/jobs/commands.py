@@ -77,8 +77,8 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 
-# the jobs ``python -m launch.<name>`` submits through submitit
-LAUNCHED = ("pretrain", "finetune", "pack")
+# the jobs ``python -m launch.<name>`` submits through submitit (``-`` in a name is ``_`` in the module)
+LAUNCHED = ("pretrain", "finetune", "pack", "predict-map")
 
 
 def resolve(target: str) -> Any:

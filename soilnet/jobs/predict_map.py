@@ -27,14 +27,25 @@ import torch
 import yaml
 
 from shards.pack import make_sample, make_source
+from shards.parallel import workers_from
 from shards.sources.base import Rejected
 from soilnet import __version__
 from soilnet.config.base import ConfigError, apply_override
 from soilnet.config.pack import PackConfig
 from soilnet.data.manifest import read_manifest
 from soilnet.evaluate.aoa import Reference, inputs_aoa, load_reference
-from soilnet.evaluate.maps import Acquire, Applicability, MapError, claim_parts, plan_grid, predict_tiles, write_map
+from soilnet.evaluate.maps import (
+    Acquire,
+    Applicability,
+    MapError,
+    fingerprint,
+    plan_grid,
+    tile_bands,
+    write_map,
+    write_tile,
+)
 from soilnet.evaluate.tiles import TileAcquire
+from soilnet.jobs.map_tasks import TAG, check_output, claim_parts, run_tiles
 from soilnet.regions import read_region
 from soilnet.train.regressor import MODEL_FILE, load_model
 
@@ -53,15 +64,20 @@ def predict_map(
     origin: tuple[float, float] = (0.0, 0.0),
     bf16: bool = False,
     per_point: bool = False,
+    tasks: int | None = None,
+    task_id: int | None = None,
 ) -> dict:
     """Map a fine-tuned model (a fine-tuning ``output_dir``) over a region file; see the module docstring.
 
     ``acquire`` defaults to the data source the model's training shards were packed from (with ``overrides`` of
     that pack config): its tile path (:func:`source_tiles`) when it has one and ``per_point`` is False, else the
     per-point path (:func:`source_acquire`). ``crs``/``origin``: the grid's (:func:`plan_grid`); ``bf16``:
-    predict under bfloat16 autocast. Returns a summary; ``complete`` is False when ``max_tiles`` stopped it early.
+    predict under bfloat16 autocast. The tiles are spread over the workers (``tasks``/``task_id``, else an MPI
+    rank or a Slurm array task; :mod:`soilnet.jobs.map_tasks`); the one that finishes the last tile assembles the
+    map. Returns a summary; ``complete``: no tile is missing, ``assembled``: this worker wrote the map.
     """
     out = Path(out)
+    workers = workers_from(tasks, task_id)
     model_file = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
     model = load_model(model_file)
     area = load_reference(model_file.parent)  # aoa.npz beside model.safetensors; missing: refused before any tile
@@ -70,28 +86,44 @@ def predict_map(
     if acquire is None:
         acquire = source_tiles(Path(checkpoint), model, list(overrides), batch_size, per_point, region)
     parts = out.with_name(out.name + ".parts")
-    claim_parts(parts, grid, model_file)
-    q = float(model.conformal.get("half_width", math.nan))
+    fp = fingerprint(grid, model_file)
+    check_output(out, fp)
+    claim_parts(parts, fp)
+    q, space = float(model.conformal.get("half_width", math.nan)), model.conformal.get("space", "original")
     start = time.time()
-    space = model.conformal.get("space", "original")
     predict = bf16_predict(model) if bf16 else model.predict
     applicability = aoa_flags(area, model)
-    summary = predict_tiles(grid, projected, acquire, predict, q, parts, space, batch_size, max_tiles, applicability)
-    summary.update(
-        out=str(out), seconds=round(time.time() - start, 1), complete=summary["finished"] == summary["tiles"]
-    )
-    if not summary["complete"]:
-        return summary
-    tags = {
-        "model": str(model_file),
-        "model_sha256": json.loads((parts / "grid.json").read_text()).get("model_sha256"),
-        "config": json.dumps({"region": str(region_path), "resolution_m": resolution_m, "overrides": list(overrides)}),
-        "code_version": __version__,
-        "resolution_m": resolution_m,
-        "aoa_threshold": area.threshold,
-    }
-    summary.update(write_map(out, grid, parts, model.target, model.conformal, tags))
+
+    def compute_tile(row: int, col: int) -> tuple[int, int]:
+        args = (acquire, predict, q, space, batch_size, applicability)
+        bands, counts = tile_bands(grid, projected, row, col, *args)
+        write_tile(parts, grid, row, col, bands)
+        return counts["cells"], counts["failed"]
+
+    config = {"region": str(region_path), "resolution_m": resolution_m, "overrides": list(overrides)}
+    tags = map_tags(model_file, fp, config, area.threshold)
+
+    def assemble() -> dict:
+        return write_map(out, grid, parts, model.target, model.conformal, tags)
+
+    summary = run_tiles(grid.tiles(), compute_tile, assemble, parts, workers, max_tiles)
+    summary.update(out=str(out), seconds=round(time.time() - start, 1), task=workers.rank, tasks=workers.world)
     return summary
+
+
+def map_tags(model_file: Path, fp: dict, config: dict, aoa_threshold: float) -> dict:
+    """The COG's tags: the model file and its SHA-256, the command's ``config``, the code version, the area of
+    applicability's threshold, and the fingerprint ``fp`` of grid, model and bands (:data:`TAG`, read back by
+    :func:`~soilnet.jobs.map_tasks.check_output`)."""
+    return {
+        "model": str(model_file),
+        "model_sha256": fp["model_sha256"],
+        "config": json.dumps(config),
+        "code_version": __version__,
+        "resolution_m": config["resolution_m"],
+        "aoa_threshold": aoa_threshold,
+        TAG: json.dumps(fp, sort_keys=True),
+    }
 
 
 def _pack_config(checkpoint: Path, overrides: list[str]) -> PackConfig:
@@ -212,15 +244,26 @@ def run_cli(args) -> int:
         origin=tuple(getattr(args, "origin", None) or (0.0, 0.0)),
         bf16=getattr(args, "bf16", False),
         per_point=getattr(args, "per_point", False),
+        tasks=getattr(args, "tasks", None),
+        task_id=getattr(args, "task_id", None),
     )
-    if summary["complete"]:
+    who = f"task {summary['task']} of {summary['tasks']}: " if summary["tasks"] > 1 else ""
+    if summary["assembled"]:
         print(
-            f"soilnet predict-map: wrote {summary['out']} and {summary['preview']} "
-            f"({summary['new']} new tiles, {summary['reused']} reused, {summary['failed']} cells failed)"
+            f"soilnet predict-map: {who}wrote {summary['out']} and {summary['preview']} "
+            f"({summary['new']} new tiles, {summary['reused']} reused, {summary['recomputed']} recomputed, "
+            f"{summary['failed']} cells failed)"
+        )
+        return 0
+    if summary["mine_done"]:
+        print(
+            f"soilnet predict-map: {who}{summary['new']} new tiles, {summary['reused']} reused; "
+            f"{summary['finished']} of {summary['tiles']} done in all. The task that finishes the last tile "
+            "assembles the map; else rerun the command without --tasks/--task-id."
         )
         return 0
     print(
-        f"soilnet predict-map: stopped after {summary['new']} new tiles; {summary['finished']} of {summary['tiles']} "
-        "done. Rerun the same command to finish."
+        f"soilnet predict-map: {who}stopped after {summary['new']} new tiles; {summary['finished']} of "
+        f"{summary['tiles']} done. Rerun the same command to finish."
     )
     return 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,4 +38,15 @@ def shards(tmp_path_factory) -> Path:
         [f"output_dir={out}", "sampling.n=192", "shard.max_samples=64"],
     )
     pack(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def finetuned(shards, tmp_path_factory) -> Path:
+    """A model fine-tuned (briefly) on the suite's synthetic-world shards, whose pack config predict-map reuses."""
+    out = tmp_path_factory.mktemp("ft-map")
+    argv = ["finetune", "--config", str(REPO / "configs/finetune/demo.yaml"), f"data.shards={shards}"]
+    settings = ["train.epochs=2", "train.threads=1", "eval.split.folds=2", "eval.baseline.n_estimators=10"]
+    cmd = [sys.executable, "-m", "soilnet.cli", *argv, f"output_dir={out}", *settings, "eval.plots=false"]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)  # a process of its own, as the jobs' are
     return out
