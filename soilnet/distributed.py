@@ -198,6 +198,15 @@ def join_process_group(device: str = "auto") -> DistInfo | None:
     return _join("nccl" if pick_device(device).type == "cuda" else "gloo")
 
 
+def leave_process_group() -> None:
+    """Leave the group :func:`join_process_group` joined, before the process exits: left to interpreter shutdown,
+    gloo's threads are torn down unjoined and the process can abort ("terminate called without an active
+    exception") after an orderly stop."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _JOINED.clear()
+
+
 def rank_rows(n: int, world: int, rank: int) -> tuple[slice, list[int]]:
     """This rank's contiguous share of a global batch of ``n`` rows, and every rank's share size (they differ
     by at most one row; rank order is batch order)."""

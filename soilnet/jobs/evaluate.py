@@ -19,7 +19,7 @@ from soilnet.atomic import write_text
 from soilnet.config.base import save_resolved, to_plain
 from soilnet.config.finetune import EvaluateConfig, FinetuneConfig
 from soilnet.data.labelled import MISSING_IDS_FILE, LabelledData, files_to_write
-from soilnet.distributed import DistInfo, join_process_group
+from soilnet.distributed import DistInfo, join_process_group, leave_process_group
 from soilnet.evaluate.aoa import AOA_FILE, run_reference, save_reference
 from soilnet.evaluate.aoa import summary as aoa_summary
 from soilnet.evaluate.checkpoint import score_checkpoint
@@ -154,7 +154,10 @@ def run(cfg: EvaluateConfig) -> int | dict:
         save_resolved(cfg, out)
         metrics = score_saved_model(cfg, out)
     else:
-        result = cross_validation(cfg, out, info, final_model=cfg.final_model)
+        try:
+            result = cross_validation(cfg, out, info, final_model=cfg.final_model)
+        finally:
+            leave_process_group()
         if result is None:
             return {"stopped_early": True}
         metrics = result

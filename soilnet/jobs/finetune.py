@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from soilnet.config.finetune import FinetuneConfig
+from soilnet.distributed import leave_process_group
 from soilnet.jobs.evaluate import cross_validation, join_and_log
 
 
@@ -20,7 +21,10 @@ def run(cfg: FinetuneConfig) -> int | dict:
     start = time.time()
     out = Path(cfg.output_dir)
     info, writes = join_and_log(cfg)
-    metrics = cross_validation(cfg, out, info, final_model=cfg.final_model)
+    try:
+        metrics = cross_validation(cfg, out, info, final_model=cfg.final_model)
+    finally:
+        leave_process_group()
     if metrics is None:
         return {"stopped_early": True}
     if not writes:
