@@ -10,7 +10,8 @@ only rank 0 fits the baseline and writes files. The cross-validation checkpoints
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,14 +41,19 @@ from soilnet.train.resume import ResumeStore
 from soilnet.train.signals import StopFlag, StoppedEarly, ignore_stop_signals, stop_on_signals
 
 
-def join_and_log(cfg: FinetuneConfig) -> tuple[DistInfo | None, bool]:
-    """Join the process group when this process is one of several and set up logging; returns this process's
-    place (None when alone) and whether it writes the job's files (alone, or rank 0)."""
+@contextmanager
+def joined(cfg: FinetuneConfig) -> Iterator[tuple[DistInfo | None, bool]]:
+    """Join the process group when this process is one of several and set up logging; gives this process's
+    place (None when alone) and whether it writes the job's files (alone, or rank 0). Leaves the group on the
+    way out, however the job ends (:func:`soilnet.distributed.leave_process_group` says why)."""
     info = join_process_group(cfg.train.device)
     writes = info is None or info.is_main
     # the other ranks compute what rank 0 logs; they only warn
     logging.basicConfig(level=logging.INFO if writes else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    return info, writes
+    try:
+        yield info, writes
+    finally:
+        leave_process_group()
 
 
 def write_labelled_files(out: Path, data: LabelledData) -> None:
@@ -147,20 +153,17 @@ def run(cfg: EvaluateConfig) -> int | dict:
     processes, only rank 0 writes (and scores a checkpoint). Cross-validation stops on SIGUSR2/SIGTERM and
     resumes as ``soilnet finetune`` does (:func:`cross_validation`)."""
     out = Path(cfg.output_dir)
-    info, writes = join_and_log(cfg)
-    if cfg.checkpoint:
-        if not writes:
-            return 0  # scoring a saved model is one process's work
-        save_resolved(cfg, out)
-        metrics = score_saved_model(cfg, out)
-    else:
-        try:
+    with joined(cfg) as (info, writes):
+        if cfg.checkpoint:
+            if not writes:
+                return 0  # scoring a saved model is one process's work
+            save_resolved(cfg, out)
+            metrics = score_saved_model(cfg, out)
+        else:
             result = cross_validation(cfg, out, info, final_model=cfg.final_model)
-        finally:
-            leave_process_group()
-        if result is None:
-            return {"stopped_early": True}
-        metrics = result
+            if result is None:
+                return {"stopped_early": True}
+            metrics = result
     if not writes:
         return 0
     m = metrics["model"]

@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 from soilnet.config.finetune import FinetuneConfig
-from soilnet.distributed import leave_process_group
-from soilnet.jobs.evaluate import cross_validation, join_and_log
+from soilnet.jobs.evaluate import cross_validation, joined
 
 
 def run(cfg: FinetuneConfig) -> int | dict:
@@ -20,11 +19,8 @@ def run(cfg: FinetuneConfig) -> int | dict:
     with 75)."""
     start = time.time()
     out = Path(cfg.output_dir)
-    info, writes = join_and_log(cfg)
-    try:
+    with joined(cfg) as (info, writes):
         metrics = cross_validation(cfg, out, info, final_model=cfg.final_model)
-    finally:
-        leave_process_group()
     if metrics is None:
         return {"stopped_early": True}
     if not writes:

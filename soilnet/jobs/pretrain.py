@@ -18,7 +18,7 @@ import torch
 from soilnet.atomic import atomic_file, write_text
 from soilnet.config.base import save_resolved
 from soilnet.config.pretrain import PretrainConfig
-from soilnet.distributed import DistInfo, init_distributed
+from soilnet.distributed import DistInfo, init_distributed, leave_process_group
 from soilnet.progress import Progress
 from soilnet.train import checkpoint
 from soilnet.train.pretrain import Observers, PretrainState, prepare, train
@@ -140,6 +140,7 @@ def run(cfg: PretrainConfig) -> dict:
         except RuntimeError as err:  # gloo and nccl report a dead peer (a crashed rank, a lost node) this way
             report_lost_peer(cfg, err)
             raise
+    leave_process_group()  # not after a lost peer: tearing down a broken group can hang on nccl
     if result["stopped_early"]:
         ignore_stop_signals()  # srun may SIGTERM this rank while it exits (see ignore_stop_signals)
     return result
