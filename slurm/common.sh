@@ -24,7 +24,11 @@ requeue_if_stopped_early() {
     local rc=$1
     if [ "$rc" -eq 75 ]; then
         echo "soilnet: stopped early with a checkpoint saved; requeueing job ${SLURM_JOB_ID}"
-        scontrol requeue "$SLURM_JOB_ID"
+        if ! scontrol requeue "$SLURM_JOB_ID"; then
+            # e.g. the site forbids requeue: the checkpoint is saved, so say how to go on instead of failing silently
+            echo "soilnet: could not requeue job ${SLURM_JOB_ID}; resubmit the same sbatch command to resume" >&2
+            exit 75
+        fi
         exit 0
     fi
     exit "$rc"
