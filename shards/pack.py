@@ -362,7 +362,7 @@ def pack(cfg: PackConfig, workers: Workers | None = None) -> dict | None:
     mine = [k for k in range(n_shards) if k % workers.world == workers.rank]
     todo = [k for k in mine if not (out / PARTS / f"shard-{k:06d}.tar.json").exists()]
     skipped = len(mine) - len(todo)
-    for stale in out.glob("shard-*.tar.tmp"):  # a killed writer's leftovers; never listed anywhere
+    for stale in out.glob("shard-*.tar.*.tmp"):  # a killed writer's leftovers; never listed anywhere
         if int(stale.name[6:12]) in todo:
             stale.unlink()
     total = sum(len(shard_points(k, len(points), cfg.shard.max_samples)) for k in todo)

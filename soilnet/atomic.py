@@ -1,6 +1,8 @@
 """Files that appear whole or not at all (shards, part records, manifests, checkpoints, maps, point lists).
 
-A file is written to ``<name>.tmp`` beside its target, flushed and fsynced, renamed over the target, and the folder
+A file is written to a temporary ``<name>.<host>.<pid>.<random>.tmp`` beside its target (its own for every writer,
+so two processes writing the same file at once, such as two Slurm array tasks finishing a pack together, never
+write into one temporary file), flushed and fsynced, renamed over the target, and the folder
 is fsynced (the rename itself), so a reader, or a rerun after kill -9, finds the old file or the complete new one,
 never a part of one. On any error the temporary file is removed and the error is raised as it came; a caller that
 names the file and the free space (a full disk) does so around :func:`atomic_file`. A writer that needs a file
@@ -29,7 +31,8 @@ def fsync_path(path: str | Path) -> None:
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+    """This writer's own temporary name beside ``path`` (host, process and a random part)."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def _commit(tmp: Path, path: Path) -> None:
@@ -93,7 +96,7 @@ def create_exclusive(path: str | Path, data: bytes) -> bool:
     exactly one link can win; a reader never sees a partial file.
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
