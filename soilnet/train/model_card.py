@@ -19,8 +19,11 @@ import yaml
 
 import soilnet
 from soilnet.atomic import write_text
+from soilnet.config.base import to_plain
+from soilnet.config.model import ModelConfig
 from soilnet.data.labelled import LabelledData
 from soilnet.data.manifest import read_manifest
+from soilnet.train.regressor import apply_export_model
 
 CARD_FILE = "MODEL_CARD.md"
 HEADINGS = (
@@ -208,6 +211,14 @@ def _finetune_intervals(metrics: dict, unit: str) -> list[str]:
     ]
 
 
+def trained_model(model: dict, export_meta: dict | None, modalities: tuple[str, ...]) -> dict:
+    """The model config as trained: the config's, with the pretrained export's encoders where it replaced them
+    (:func:`soilnet.train.regressor.apply_export_model`)."""
+    if not export_meta:
+        return model
+    return to_plain(apply_export_model(ModelConfig.model_validate(model), export_meta, modalities))
+
+
 def finetune_card(metrics: dict, config: dict, data: LabelledData, export_meta: dict | None) -> str:
     """The card of a fine-tuning output_dir: ``metrics`` (its metrics.json, with ``final_model``), ``config``
     (the resolved config), ``data`` (the labelled points read) and the pretrained export's metadata or None."""
@@ -218,7 +229,7 @@ def finetune_card(metrics: dict, config: dict, data: LabelledData, export_meta: 
     pretraining = manifest_facts(json.loads(stats).get("source")) if stats else None
     bbox = points_bbox(data.lon, data.lat)
     mods = ", ".join(metrics.get("modalities") or [])
-    model = config.get("model") or {}
+    model = trained_model(config.get("model") or {}, export_meta, tuple(metrics.get("modalities") or ()))
     sections: Sections = {
         "Model": [
             f"- Fine-tuned SoilNet regressor of `{name}` ({unit}) from {mods}; weights `model.safetensors`",

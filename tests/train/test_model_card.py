@@ -104,3 +104,16 @@ def test_synthetic_world_limit(shards, finetuned_dir, labelled_shards, tmp_path)
     s = sections(card)
     assert SYNTHETIC_LIMIT in s["Limits"] and "Pretraining shards: `" in s["Data"]
     assert "Pretrained export: `enc.safetensors`" in s["Model"]
+
+
+def test_the_card_names_the_encoders_the_pretrained_export_put_in_place_of_the_configs(finetuned_dir):
+    """Fine-tuning from an export trains the export's encoders whatever the config's model says; the card names
+    those, for the modalities used."""
+    metrics = json.loads((finetuned_dir / "metrics.json").read_text())
+    config = yaml.safe_load((finetuned_dir / "config.yaml").read_text())
+    exported = {**config["model"], "image_encoder": {"name": "resnet50"}, "climate_encoder": {"name": "transformer"}}
+    data = load_labelled(FinetuneDataConfig(shards=str(config["data"]["shards"]), target="soc"), ("image", "climate"))
+    card = finetune_card({**metrics, "modalities": ["image"]}, config, data, {"model": exported})
+    model = sections(card)["Model"]
+    assert "image encoder `resnet50`" in model  # the export's, in place of the config's tiny_cnn
+    assert f"climate encoder `{config['model']['climate_encoder']['name']}`" in model  # not used: the config's
