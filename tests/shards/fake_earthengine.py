@@ -23,8 +23,8 @@ config implies, and any mismatch becomes a 400 answer and an entry in ``violatio
 counted as a violation: the client should have split it). Every answered call is recorded in ``calls`` with its
 ``kind`` (``value``, ``pixels`` for a patch, ``tile``, ``climate``, ``fault``) and, for the grid requests, its
 grid. ``latency_s`` delays every API answer; ``faults`` is a queue of HTTP statuses (429, 503...) answered
-instead of the next calls; ``max_in_flight`` records the peak of concurrent ``value:compute`` and
-``computePixels`` calls.
+instead of the next calls, ``fault_on_call`` a status answered instead of the n-th API call (0-based);
+``max_in_flight`` records the peak of concurrent ``value:compute`` and ``computePixels`` calls.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ class FakeEarthEngine:
         self.expect_crs: str | None = None  # when set, a tile request's grid must be in this CRS (pyproj-equal)
         self.reject_auth = False
         self.faults: list[int] = []
+        self.fault_on_call: dict[int, int] = {}  # API call number (0-based, in order received) -> HTTP status
+        self.received = 0
         self.violations: list[str] = []
         self.calls: list[dict] = []
         self.in_flight = self.max_in_flight = 0
@@ -211,7 +213,8 @@ class FakeEarthEngine:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            fault = self.faults.pop(0) if self.faults else None
+            fault = self.faults.pop(0) if self.faults else self.fault_on_call.get(self.received)
+            self.received += 1
             self.first_call_s = self.first_call_s or time.monotonic()
         try:
             time.sleep(self.latency_s)
