@@ -51,8 +51,9 @@ class TileSource(Source, Protocol):
     """A source that also serves the map's tile path (:mod:`soilnet.evaluate.tiles`): ``read_window`` gives the
     schema's channels ``(C, H, W)`` float32 on a north-up window in any CRS (``transform``: its affine in metres)
     and a valid mask ``(H, W)``; ``climate_many`` the ``(N, T, F)`` climate of ``N`` points with one read per
-    variable and an ok mask ``(N,)``. The local rasters and the synthetic world implement it; Earth Engine does
-    not yet (the map falls back to the per-point path there)."""
+    variable and an ok mask ``(N,)``. The local rasters, the synthetic world and Earth Engine implement it (Earth
+    Engine with one ``computePixels`` of a cloud-masked winter composite on the window's grid, and one climate
+    request for all the points: :mod:`shards.sources.earthengine`)."""
 
     def read_window(self, crs, transform, width: int, height: int) -> tuple[np.ndarray, np.ndarray]: ...
 
