@@ -67,6 +67,10 @@ SCENE_BANDS = (*SR_BANDS, *QA_BANDS)
 FILL = {"QA_PIXEL": 1}  # the value a pixel outside the scene gets: QA_PIXEL's fill bit; SR's fill is 0
 NEAREST = set(QA_BANDS)  # bit masks: never interpolated
 OPEN_FILES = 64  # per thread
+# A pixel's value must not depend on the window it is read in: GDAL's approximate transformer with this error bound
+# (pixels) transforms every pixel exactly (0 itself leaves rasterio without a transformer), and a kernel of fixed
+# size (XSCALE/YSCALE 1: interpolation at the pixel centre) replaces one scaled by the window's overall ratio.
+EXACT = {"tolerance": 1e-9, "XSCALE": 1, "YSCALE": 1}
 
 
 def slope_degrees(elevation: np.ndarray, pixel_size_m: float) -> np.ndarray:
@@ -114,6 +118,8 @@ class AssetReader:
                         height=size,
                         resampling=resampling,
                         nodata=nodata,
+                        dtype="float32",  # an interpolated DN is not rounded to an integer
+                        **EXACT,
                     ) as vrt:
                         return vrt.read(1, masked=masked)
                 except Exception:
@@ -140,6 +146,7 @@ class StacSource:
         self.schema, self.cfg = schema, cfg
         self.gdal = configure_gdal(gdal_options(cfg.max_retries, cfg.retry_delay_s, cfg.timeout_s), cfg.gdal)
         self.limit = HostLimit(cfg.max_per_host)
+        zarr.config.set({"async.concurrency": cfg.max_per_host})  # the chunk requests of one Zarr read at once
         sign = load_hook(cfg.sign)
         self.topography = any(c in schema.channels for c in TOPOGRAPHY)
         collections = [cfg.collection, *([cfg.dem_collection] if self.topography else [])]

@@ -91,11 +91,12 @@ class Catalogue:
             ) from None
         for collection in collections:
             try:
-                self.client.get_collection(collection)
+                found = self.client.get_collection(collection)  # pystac-client answers None for a 404
+                why = "" if found is not None else "not found"
             except Exception as err:
-                raise ConfigError(
-                    f"source.stac: the STAC API {redact(url)} has no collection {collection!r}: {_why(err)}"
-                ) from None
+                why = _why(err)
+            if why:
+                raise ConfigError(f"source.stac: the STAC API {redact(url)} has no collection {collection!r}: {why}")
         self.searches = 0
         self._groups: OrderedDict[tuple, list[Scene]] = OrderedDict()
         self._locks: dict[tuple, threading.Lock] = {}

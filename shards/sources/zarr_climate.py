@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import numpy as np
 import xarray as xr
@@ -27,6 +28,16 @@ def _axis(values: np.ndarray, what: str, store: str) -> tuple[float, float]:
     if len(values) < 2:
         raise ConfigError(f"{store}: the {what} axis has {len(values)} value(s); a grid needs two or more")
     return float(values[0]), float(values[1] - values[0])
+
+
+def signed_store(store: str, sign: Callable[[str], str]) -> tuple[str, dict | None]:
+    """The store's URL and fsspec options: a signed URL's query (a SAS token) goes into ``params``, which every
+    request for a key of the store carries (appended to the root URL it would precede the keys' paths)."""
+    if not store.startswith(("http://", "https://")):
+        return store, None
+    parts = urlsplit(sign(store))
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit(parts._replace(query="")), ({"params": params} if params else {})
 
 
 class ZarrClimate:
@@ -49,12 +60,10 @@ class ZarrClimate:
         self.retries, self.delay_s, self.cache_bytes = retries, delay_s, cache_mb << 20
         self.names = [names.get(v, v) for v in schema.climate_variables]
         self.scales = [CLIMATE_BY_NAME[v].scale if units == "raw" else 1.0 for v in schema.climate_variables]
-        remote = store.startswith(("http://", "https://"))
+        url, options = signed_store(store, sign)
         try:
             self.ds = with_retries(
-                lambda: xr.open_zarr(sign(store) if remote else store, chunks=None, consolidated=None),
-                retries,
-                delay_s,
+                lambda: xr.open_zarr(url, chunks=None, consolidated=None, storage_options=options), retries, delay_s
             )
         except Exception as err:
             reason = redact(str(err).splitlines()[0] if str(err) else "")[:300]
