@@ -93,6 +93,7 @@ def test_pack_records_lineage_and_the_other_sources_rejection_reasons(world, tmp
     assert world.stac.violations == []
 
 
+@pytest.mark.slow
 def test_a_503_is_retried_and_a_persistent_failure_is_recorded_in_the_ledger(world, tmp_path):
     b3 = world.scenes["B3"]
     world.server.fail(f"*/{b3.files['SR_B6'].name}", status=503, times=2)
@@ -112,6 +113,7 @@ def test_a_503_is_retried_and_a_persistent_failure_is_recorded_in_the_ledger(wor
     assert list(shard_samples(tmp_path / "failed")) == ["clear"]  # the run went on
 
 
+@pytest.mark.slow
 def test_signed_urls_are_used_but_their_tokens_never_reach_logs_ledger_or_manifest(world, tmp_path):
     for pattern in ("/scenes/*", "/dem/*", "/terraclimate.zarr/*"):
         world.server.require_query(pattern, "token", TOKEN)
@@ -125,6 +127,7 @@ def test_signed_urls_are_used_but_their_tokens_never_reach_logs_ledger_or_manife
     assert not [t for t in texts if TOKEN in t]
 
 
+@pytest.mark.slow
 def test_threads_are_held_to_the_per_host_limit(world, tmp_path):
     """8 threads, ``max_per_host: 1``: one read in flight to the file server at a time; a read of a window over
     several COG tiles is up to 4 range requests, which GDAL sends at once."""
@@ -140,6 +143,7 @@ def test_threads_are_held_to_the_per_host_limit(world, tmp_path):
     assert len(world.server.requests) > 20 and 1 <= world.server.max_in_flight <= 4
 
 
+@pytest.mark.slow
 def test_an_unreachable_catalogue_is_one_error_before_any_packing(world, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,6 +166,7 @@ def reference(world, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_packs_every_point_exactly_once(world, reference, tmp_path):
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "soilnet.cli", "pack", "--config", str(CONFIG)]
@@ -180,6 +185,7 @@ def test_kill_9_then_rerun_packs_every_point_exactly_once(world, reference, tmp_
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 def test_two_mpi_ranks_give_the_same_shards_as_one(world, reference, tmp_path):
     out = tmp_path / "two"
     mpirun_pack(2, CONFIG, *settings(world, out, KILL_POINTS, "shard.max_samples=2"), cwd=REPO, timeout=300)
@@ -187,6 +193,7 @@ def test_two_mpi_ranks_give_the_same_shards_as_one(world, reference, tmp_path):
     assert outcome(out) == outcome(reference)
 
 
+@pytest.mark.slow
 def test_a_truncated_cog_fails_its_points_with_the_file_named(world, tmp_path):
     """Last in this module: it cuts a served file on disk."""
     b3 = world.scenes["B3"]
