@@ -19,10 +19,13 @@ from shards.sources.base import Rejected
 from shards.sources.rasters import RasterSource
 from shards.sources.stac import EXACT, StacSource, slope_degrees
 from shards.sources.stac_catalog import AssetMissing
+from shards.sources.transport import redact, transient
+from soilnet.config import load_config
 from soilnet.config.base import ConfigError
-from soilnet.config.pack import StacConfig
+from soilnet.config.pack import PackConfig, StacConfig
 from soilnet.schema import SampleSchema, compute_indices
 
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 from cog_kit import local_rasters, write_cog  # noqa: E402
 from fake_stac import LANDSAT_COLLECTION, landsat_item  # noqa: E402
@@ -185,3 +188,19 @@ def test_an_asset_key_missing_from_an_item_is_an_error_naming_the_key_and_the_it
     with pytest.raises(AssetMissing) as err:
         source(world, collection="landsat-no-qa").patch(*world.points["bare"])
     assert f"item {scene.id} has no asset 'qa_radsat' (source.stac.assets.QA_RADSAT)" in str(err.value)
+
+
+def test_urls_lose_their_tokens_and_passwords_in_every_message():
+    text = "GET https://user:pw@acc.blob.core.windows.net/c/LC08_SR_B4.TIF?st=2026&sig=abc%3D failed: HTTP 503"
+    assert redact(text) == "GET https://acc.blob.core.windows.net/c/LC08_SR_B4.TIF?<redacted> failed: HTTP 503"
+    assert transient(OSError("HTTP response code: 503")) and not transient(OSError("not a TIFF file"))
+
+
+def test_europe_stac_samples_europe_as_the_earth_engine_config_does():
+    stac, ee = (
+        load_config(PackConfig, REPO / "configs/preprocess" / name, []) for name in ("europe_stac.yaml", "europe.yaml")
+    )
+    assert stac.sampling == ee.sampling and stac.shard == ee.shard and stac.schema_ == ee.schema_
+    assert stac.source.kind == "stac" and stac.source.stac.year == ee.source.earthengine.year
+    assert stac.source.stac.winter_months == ee.source.earthengine.winter_months
+    assert stac.source.stac.min_clear_fraction == ee.source.earthengine.min_clear_fraction
