@@ -204,10 +204,14 @@ class StacSource:
         return reads[(scene.id, band)]
 
     def describe(self, scene: Scene, grid, reads: dict, ndvi: bool) -> dict:
-        """Earth Engine's scene description: ``id``, ``date``, ``clear`` fraction, ``ndvi`` mean of clear pixels."""
+        """Earth Engine's scene description: ``id``, ``date``, ``clear`` fraction, ``ndvi`` mean of clear pixels.
+
+        A scene whose ``QA_PIXEL`` alone leaves it less than ``min_clear_fraction`` clear is not read further
+        (saturation can only lower that): its ``clear`` is then that upper bound, which changes no choice."""
         qa = self._band(scene, "QA_PIXEL", grid, reads).astype(np.int64)
-        radsat = self._band(scene, "QA_RADSAT", grid, reads).astype(np.int64)
-        clear = ((qa & QA_NOT_CLEAR) == 0) & (radsat == 0)
+        clear = (qa & QA_NOT_CLEAR) == 0
+        if clear.mean() >= self.cfg.min_clear_fraction:
+            clear &= self._band(scene, "QA_RADSAT", grid, reads) == 0
         out = {"id": scene.id, "date": scene.date, "clear": float(clear.mean()), "ndvi": None}
         if ndvi and clear.any():
             red, nir = (
