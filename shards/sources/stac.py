@@ -81,7 +81,9 @@ def slope_degrees(elevation: np.ndarray, pixel_size_m: float) -> np.ndarray:
 
 
 class AssetReader:
-    """Windowed, warped reads of COG assets by href; each thread keeps its own open files (``OPEN_FILES``)."""
+    """Windowed, warped reads of COG assets by href; each thread keeps its own open files (``OPEN_FILES``), each
+    opened from a freshly signed URL. A read that fails on a file opened earlier is tried once more on the file
+    signed and opened anew (a signed URL expires: the Planetary Computer's tokens last about an hour)."""
 
     def __init__(self, sign: Callable[[str], str], limit: HostLimit, retries: int, delay_s: float):
         self.sign, self.limit, self.retries, self.delay_s = sign, limit, retries, delay_s
@@ -126,8 +128,14 @@ class AssetReader:
                     self._drop(href)  # a failed handle (expired signature, broken connection) is opened anew
                     raise
 
+        opened_before = href in self._local.__dict__.get("files", {})
         try:
-            return with_retries(once, self.retries, self.delay_s)
+            try:
+                return with_retries(once, self.retries, self.delay_s)
+            except (rasterio.errors.RasterioError, OSError):
+                if not opened_before:
+                    raise
+                return once()  # a handle opened earlier (its signature may have expired), signed and opened anew
         except (rasterio.errors.RasterioError, OSError) as err:
             raise OSError(f"{redact(href)}: read failed ({redact(str(err))[:400]})") from None
 

@@ -4,6 +4,7 @@ local-raster source reading the same scene from disk."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ from rasterio.vrt import WarpedVRT
 from shards.pack import make_sample
 from shards.sources.base import Rejected
 from shards.sources.rasters import RasterSource
-from shards.sources.stac import EXACT, StacSource, slope_degrees
+from shards.sources.stac import EXACT, AssetReader, StacSource, slope_degrees
 from shards.sources.stac_catalog import AssetMissing
-from shards.sources.transport import redact, transient
+from shards.sources.transport import HostLimit, load_hook, redact, transient
 from soilnet.config import load_config
 from soilnet.config.base import ConfigError
 from soilnet.config.pack import PackConfig, StacConfig
@@ -27,7 +28,7 @@ from soilnet.schema import SampleSchema, compute_indices
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
-from cog_kit import local_rasters, write_cog  # noqa: E402
+from cog_kit import corner_point, local_rasters, write_cog  # noqa: E402
 from fake_stac import LANDSAT_COLLECTION, landsat_item  # noqa: E402
 from test_stac_world import CENTRE, CLOUD_ROWS, SATURATED_ROWS, SCHEMA, build, serving  # noqa: E402
 from zarr_kit import climate_geotiffs  # noqa: E402
@@ -204,3 +205,29 @@ def test_europe_stac_samples_europe_as_the_earth_engine_config_does():
     assert stac.source.kind == "stac" and stac.source.stac.year == ee.source.earthengine.year
     assert stac.source.stac.winter_months == ee.source.earthengine.winter_months
     assert stac.source.stac.min_clear_fraction == ee.source.earthengine.min_clear_fraction
+
+
+def env_sign(href: str) -> str:
+    """A signing hook whose token the test rotates (``SOILNET_TEST_TOKEN``), as expiring SAS tokens are."""
+    return f"{href}?token={os.environ['SOILNET_TEST_TOKEN']}"
+
+
+def test_a_file_whose_signature_expired_is_signed_and_opened_anew(world, monkeypatch):
+    scene = world.scenes["B2"]  # described, never chosen: these tiles of SR_B1 are read here first
+    pattern, href = f"*/{scene.files['SR_B1'].name}", world.server.href(scene.files["SR_B1"])
+    reader = AssetReader(load_hook("test_stac_source.env_sign"), HostLimit(4), 0, 0.0)
+    grid = source(world).grid
+    try:
+        monkeypatch.setenv("SOILNET_TEST_TOKEN", "t1")
+        world.server.require_query(pattern, "token", "t1")
+        reader.read(href, grid(*corner_point(scene.crs, scene.transform, 64, 64)), Resampling.bilinear, nodata=0)
+        world.server.clear_faults()
+        world.server.require_query(pattern, "token", "t2")  # the first token expired
+        monkeypatch.setenv("SOILNET_TEST_TOKEN", "t2")
+        world.server.reset_log()
+        got = reader.read(href, grid(*corner_point(scene.crs, scene.transform, 448, 448)), Resampling.bilinear, 0)
+    finally:
+        world.server.clear_faults()
+    statuses = [r.status for r in world.server.requests_to(pattern)]
+    assert 403 in statuses and statuses[-1] in (200, 206)
+    np.testing.assert_array_equal(got, scene.dn[0, 416:480, 416:480])
