@@ -33,7 +33,7 @@ import webdataset as wds
 from shards import stats
 from shards.parallel import Workers, workers_from_env
 from shards.sample import filters_from_args, sample_region
-from shards.sources import earthengine, rasters
+from shards.sources import earthengine, rasters, stac
 from shards.sources.base import Patch, Rejected, Source
 from shards.sources.synthetic import SyntheticWorld, sample_bbox
 from soilnet import __version__
@@ -104,11 +104,16 @@ def _earthengine(cfg: PackConfig, schema: SampleSchema) -> Source:
     return earthengine.from_config(schema, cfg.source.earthengine, cfg.output_dir)
 
 
+def _stac(cfg: PackConfig, schema: SampleSchema) -> Source:
+    return stac.from_config(schema, cfg.source.stac)
+
+
 # ``source.kind`` -> the source it builds
 SOURCES: dict[str, Callable[[PackConfig, SampleSchema], Source]] = {
     "synthetic": _synthetic,
     "rasters": _rasters,
     "earthengine": _earthengine,
+    "stac": _stac,
 }
 
 

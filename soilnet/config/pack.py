@@ -78,18 +78,75 @@ class EarthEngineConfig(Section):
     timeout_s: float = Field(default=120.0, gt=0)
 
 
+LANDSAT_ASSETS = {  # Landsat C2 L2 asset keys of Planetary Computer's and Earth Search's ``landsat-c2-l2``
+    "SR_B1": "coastal",
+    "SR_B2": "blue",
+    "SR_B3": "green",
+    "SR_B4": "red",
+    "SR_B5": "nir08",
+    "SR_B6": "swir16",
+    "SR_B7": "swir22",
+    "QA_PIXEL": "qa_pixel",
+    "QA_RADSAT": "qa_radsat",
+}
+TERRACLIMATE_NAMES = {"pr": "ppt", "ro": "q", "tmmn": "tmin", "tmmx": "tmax", "vs": "ws"}  # schema -> NetCDF/Zarr
+
+
+class StacConfig(Section):
+    """A STAC API and cloud-optimized files (``source.kind: stac``): Landsat C2 L2 COGs, a Copernicus GLO-30 COG
+    collection and a TerraClimate Zarr store; no quota, so throughput grows with processes and bandwidth.
+
+    ``url``/``collection``: the STAC API and its Landsat collection; ``assets`` maps ``SR_B1..SR_B7``,
+    ``QA_PIXEL`` and ``QA_RADSAT`` to the items' asset keys; ``platform`` keeps items whose ``platform`` property
+    is that one (null: all). ``sign``: a dotted path to a callable ``href -> signed href`` (e.g.
+    ``planetary_computer.sign``) applied to every asset and store URL before it is read; signed URLs are never
+    logged or recorded. The scene rule and ``year``, ``winter_months``, ``min_clear_fraction``, ``max_scenes`` are
+    the Earth Engine source's; ``max_cloud_cover`` (percent) is the catalogue query on ``eo:cloud_cover`` that
+    drops scenes before any pixel is read. One search serves every point of a ``group_deg`` x ``group_deg`` cell.
+    ``climate_store``: a TerraClimate Zarr store (local path or ``http(s)://`` URL) with variables named by
+    ``climate_names`` (schema -> store; unlisted names are the same) on ``time``/``lat``/``lon``; ``climate_units``
+    ``physical``: the values as CF-decoded (``scale_factor`` applied), ``raw``: stored integers times the schema's
+    scale. Transport: ``threads`` per process, at most ``max_per_host`` requests in flight per host and process,
+    ``max_retries`` on 429/5xx from ``retry_delay_s`` doubling; ``gdal``: extra GDAL config options (docs/shards.md).
+    """
+
+    url: str = "https://planetarycomputer.microsoft.com/api/stac/v1"
+    collection: str = "landsat-c2-l2"
+    platform: str | None = "landsat-8"
+    assets: dict[str, str] = dict(LANDSAT_ASSETS)
+    sign: str | None = None
+    year: int = Field(default=2015, ge=2013)
+    winter_months: list[Annotated[int, Field(ge=1, le=12)]] = [12, 1, 2]
+    min_clear_fraction: float = Field(default=0.8, ge=0.0, le=1.0)
+    max_scenes: int = Field(default=50, gt=0)
+    max_cloud_cover: float = Field(default=100.0, ge=0.0, le=100.0)
+    group_deg: float = Field(default=1.0, gt=0.0, le=10.0)
+    dem_collection: str = "cop-dem-glo-30"
+    dem_asset: str = "data"
+    climate_store: str | None = None
+    climate_names: dict[str, str] = dict(TERRACLIMATE_NAMES)
+    climate_units: Literal["physical", "raw"] = "physical"
+    threads: int = Field(default=16, gt=0)
+    max_per_host: int = Field(default=8, gt=0)
+    max_retries: int = Field(default=5, ge=0, lt=100)
+    retry_delay_s: float = Field(default=0.5, ge=0.0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    gdal: dict[str, str] = {}
+
+
 class SourceConfig(Section):
-    """Which acquisition backend fills a sample: ``synthetic``, ``rasters`` or ``earthengine``.
+    """Which acquisition backend fills a sample: ``synthetic``, ``rasters``, ``earthengine`` or ``stac``.
 
     ``seed`` and ``bbox`` (west, south, east, north in degrees) define the synthetic world; without a region or
     a point list, points are sampled uniformly by area inside ``bbox``.
     """
 
-    kind: Literal["synthetic", "rasters", "earthengine"] = "synthetic"
+    kind: Literal["synthetic", "rasters", "earthengine", "stac"] = "synthetic"
     seed: int = 0
     bbox: tuple[float, float, float, float] = (5.0, 45.0, 15.0, 55.0)
     rasters: RastersConfig | None = None
     earthengine: EarthEngineConfig = EarthEngineConfig()
+    stac: StacConfig | None = None
 
 
 class ShardConfig(Section):

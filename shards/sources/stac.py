@@ -1,0 +1,338 @@
+"""A STAC API and cloud-optimized files as a :class:`~shards.sources.base.Source` (``source.kind: stac``).
+
+The Earth Engine source's product, read without a quota: Landsat Collection 2 Level 2 scenes found through a STAC
+API (pystac-client) and read as COGs through GDAL's HTTP range requests, Copernicus GLO-30 elevation from a COG
+collection of the same API, and TerraClimate from a Zarr store (:mod:`shards.sources.zarr_climate`).
+
+- **Search**: once per ``group_deg`` cell of points (:mod:`shards.sources.stac_catalog`), for the ``year`` and
+  ``eo:cloud_cover <= max_cloud_cover``; a point keeps the items whose footprint contains it (and whose
+  ``platform`` is the configured one), the first ``max_scenes`` by date, as Earth Engine's ``filterBounds``
+  and ``limit`` do.
+- **Scene choice**: :func:`shards.sources.earthengine.choose_scene` over the scenes' clear fraction and NDVI on
+  the patch footprint, computed from windowed reads of ``QA_PIXEL``/``QA_RADSAT`` (and ``SR_B4``/``SR_B5``):
+  winter scenes first, the other months only when no winter scene is clear enough.
+- **Pixels**: each asset warped onto the point's grid (``patch_size`` x ``patch_size`` pixels of ``pixel_size_m``
+  in its UTM zone, the local-raster source's grid): reflectance bands bilinear like
+  :mod:`shards.sources.rasters`, the QA bit masks nearest (interpolating bits would invent flags), a pixel
+  outside the scene filled (SR 0, ``QA_PIXEL`` 1 = fill). Scale, offset, QA/RADSAT masking, the clear-fraction
+  rejection and the indices are :func:`shards.sources.earthengine.decode_pixels`, so they have one home.
+- **DEM and slope**: the GLO-30 tiles covering the footprint, warped (bilinear) onto the grid widened by one
+  pixel; slope in degrees from the 4-neighbour central differences (what ``ee.Terrain.slope`` computes), on the
+  30 m grid.
+- **Lineage**: ``meta.qa`` records the item ID, its collection, every asset href read (query strings removed:
+  never a signed token) and the DEM tiles; ``scene_date`` is the item's date.
+
+Rejections are the Earth Engine source's: ``no_scene``, ``cloud``, ``nodata``. A file that cannot be read after
+the retries fails the point (ledger ``error``) with a message naming the href, never a token.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import cast
+
+import numpy as np
+import pystac_client
+import rasterio
+import shapely
+import xarray as xr
+import zarr
+from pyproj import Transformer
+from rasterio.enums import Resampling
+from rasterio.transform import from_origin
+from rasterio.vrt import WarpedVRT
+
+from shards.sources.base import Patch, Rejected
+from shards.sources.earthengine import (
+    QA_BANDS,
+    QA_NOT_CLEAR,
+    SR_BANDS,
+    SR_OFFSET,
+    SR_SCALE,
+    TOPOGRAPHY,
+    choose_scene,
+    decode_pixels,
+)
+from shards.sources.rasters import utm_crs
+from shards.sources.stac_catalog import Catalogue, Scene
+from shards.sources.transport import HostLimit, configure_gdal, gdal_options, load_hook, redact, with_retries
+from shards.sources.zarr_climate import ZarrClimate
+from soilnet.config.base import ConfigError
+from soilnet.config.pack import StacConfig
+from soilnet.schema import SampleSchema, compute_indices
+
+SCENE_BANDS = (*SR_BANDS, *QA_BANDS)
+FILL = {"QA_PIXEL": 1}  # the value a pixel outside the scene gets: QA_PIXEL's fill bit; SR's fill is 0
+NEAREST = set(QA_BANDS)  # bit masks: never interpolated
+OPEN_FILES = 64  # per thread
+# A pixel's value must not depend on the window it is read in: GDAL's approximate transformer with this error bound
+# (pixels) transforms every pixel exactly (0 itself leaves rasterio without a transformer), and a kernel of fixed
+# size (XSCALE/YSCALE 1: interpolation at the pixel centre) replaces one scaled by the window's overall ratio.
+EXACT = {"tolerance": 1e-9, "XSCALE": 1, "YSCALE": 1}
+
+
+def slope_degrees(elevation: np.ndarray, pixel_size_m: float) -> np.ndarray:
+    """``(H, W)`` float32 slope in degrees of an elevation grid (metres, ``pixel_size_m`` apart): the 4-neighbour
+    central differences ``ee.Terrain.slope`` uses (one-sided on the grid's edge, which the caller crops)."""
+    dzdy, dzdx = np.gradient(np.asarray(elevation, dtype=np.float64), pixel_size_m)
+    return np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
+
+
+class AssetReader:
+    """Windowed, warped reads of COG assets by href; each thread keeps its own open files (``OPEN_FILES``), each
+    opened from a freshly signed URL. A read that fails on a file opened earlier is tried once more on the file
+    signed and opened anew (a signed URL expires: the Planetary Computer's tokens last about an hour)."""
+
+    def __init__(self, sign: Callable[[str], str], limit: HostLimit, retries: int, delay_s: float):
+        self.sign, self.limit, self.retries, self.delay_s = sign, limit, retries, delay_s
+        self._local = threading.local()
+
+    def _open(self, href: str):
+        files = self._local.__dict__.setdefault("files", OrderedDict())
+        if href in files:
+            files.move_to_end(href)
+            return files[href]
+        files[href] = rasterio.open(self.sign(href))
+        while len(files) > OPEN_FILES:
+            files.popitem(last=False)[1].close()
+        return files[href]
+
+    def _drop(self, href: str) -> None:
+        src = self._local.__dict__.get("files", {}).pop(href, None)
+        if src is not None:
+            src.close()
+
+    def read(self, href: str, grid: tuple, resampling: Resampling, nodata=None, masked=False):
+        """Band 1 of ``href`` warped onto ``grid`` (``(crs, transform, size)``: ``size x size`` pixels)."""
+        crs, transform, size = grid
+
+        def once():
+            with self.limit.slot(href):
+                try:
+                    src = self._open(href)
+                    with WarpedVRT(
+                        src,
+                        crs=crs,
+                        transform=transform,
+                        width=size,
+                        height=size,
+                        resampling=resampling,
+                        nodata=nodata,
+                        dtype="float32",  # an interpolated DN is not rounded to an integer
+                        **EXACT,
+                    ) as vrt:
+                        return vrt.read(1, masked=masked)
+                except Exception:
+                    self._drop(href)  # a failed handle (expired signature, broken connection) is opened anew
+                    raise
+
+        opened_before = href in self._local.__dict__.get("files", {})
+        try:
+            try:
+                return with_retries(once, self.retries, self.delay_s)
+            except (rasterio.errors.RasterioError, OSError):
+                if not opened_before:
+                    raise
+                return once()  # a handle opened earlier (its signature may have expired), signed and opened anew
+        except (rasterio.errors.RasterioError, OSError) as err:
+            raise OSError(f"{redact(href)}: read failed ({redact(str(err))[:400]})") from None
+
+
+class StacSource:
+    """Acquires the schema's channels and climate series from a STAC API, COGs and Zarr (module docstring)."""
+
+    name = "stac"
+
+    def __init__(self, schema: SampleSchema, cfg: StacConfig):
+        missing = [b for b in SCENE_BANDS if b not in cfg.assets]
+        if missing:
+            raise ConfigError(f"source.stac.assets: no asset key for {missing}")
+        if schema.climate_variables and not cfg.climate_store:
+            raise ConfigError("source.stac.climate_store: set the TerraClimate Zarr store (a path or a URL)")
+        self.schema, self.cfg = schema, cfg
+        self.gdal = configure_gdal(gdal_options(cfg.max_retries, cfg.retry_delay_s, cfg.timeout_s), cfg.gdal)
+        self.limit = HostLimit(cfg.max_per_host)
+        zarr.config.set({"async.concurrency": cfg.max_per_host})  # the chunk requests of one Zarr read at once
+        sign = load_hook(cfg.sign)
+        self.topography = any(c in schema.channels for c in TOPOGRAPHY)
+        collections = [cfg.collection, *([cfg.dem_collection] if self.topography else [])]
+        self.catalogue = Catalogue(cfg.url, collections, self.limit, cfg.max_retries, cfg.retry_delay_s, cfg.timeout_s)
+        self.reader = AssetReader(sign, self.limit, cfg.max_retries, cfg.retry_delay_s)
+        self.climate_store = None
+        if schema.climate_variables:
+            self.climate_store = ZarrClimate(
+                str(cfg.climate_store),
+                schema,
+                cfg.climate_names,
+                cfg.climate_units,
+                sign=sign,
+                limit=self.limit,
+                retries=cfg.max_retries,
+                delay_s=cfg.retry_delay_s,
+            )
+        self.concurrency = cfg.threads
+        self._to: dict[tuple[str, str], Transformer] = {}
+
+    # -- grids -----------------------------------------------------------------------------------------------
+
+    def _transformer(self, a: str, b: str) -> Transformer:
+        if (a, b) not in self._to:
+            self._to[(a, b)] = Transformer.from_crs(a, b, always_xy=True)
+        return self._to[(a, b)]
+
+    def grid(self, lon: float, lat: float, margin: int = 0):
+        """``(crs, transform, size)``: the point's patch grid (the local-raster source's), ``margin`` pixels wider."""
+        s = self.schema
+        crs = utm_crs(lon, lat)
+        x, y = self._transformer("EPSG:4326", crs).transform(lon, lat)
+        half = s.patch_size * s.pixel_size_m / 2.0 + margin * s.pixel_size_m
+        return crs, from_origin(x - half, y + half, s.pixel_size_m, s.pixel_size_m), s.patch_size + 2 * margin
+
+    # -- scenes ----------------------------------------------------------------------------------------------
+
+    def scenes(self, lon: float, lat: float) -> list[Scene]:
+        """The point's candidate scenes: in its cell's search, containing it, of the platform, first by date."""
+        cfg = self.cfg
+        group = self.catalogue.group(cfg.collection, lon, lat, cfg.group_deg, cfg.year, cfg.max_cloud_cover)
+        mine = [
+            s
+            for s in group
+            if shapely.intersects_xy(s.geometry, lon, lat) and (cfg.platform is None or s.platform == cfg.platform)
+        ]
+        return sorted(mine, key=lambda s: (s.date, s.id))[: cfg.max_scenes]
+
+    def _band(self, scene: Scene, band: str, grid, reads: dict) -> np.ndarray:
+        """One band of ``scene`` on ``grid`` (read once per patch)."""
+        if (scene.id, band) not in reads:
+            href = scene.href(self.cfg.assets[band], f"source.stac.assets.{band}")
+            resampling = Resampling.nearest if band in NEAREST else Resampling.bilinear
+            reads[(scene.id, band)] = self.reader.read(href, grid, resampling, nodata=FILL.get(band, 0))
+        return reads[(scene.id, band)]
+
+    def describe(self, scene: Scene, grid, reads: dict, ndvi: bool) -> dict:
+        """Earth Engine's scene description: ``id``, ``date``, ``clear`` fraction, ``ndvi`` mean of clear pixels.
+
+        A scene whose ``QA_PIXEL`` alone leaves it less than ``min_clear_fraction`` clear is not read further
+        (saturation can only lower that): its ``clear`` is then that upper bound, which changes no choice."""
+        qa = self._band(scene, "QA_PIXEL", grid, reads).astype(np.int64)
+        clear = (qa & QA_NOT_CLEAR) == 0
+        if clear.mean() >= self.cfg.min_clear_fraction:
+            clear &= self._band(scene, "QA_RADSAT", grid, reads) == 0
+        out = {"id": scene.id, "date": scene.date, "clear": float(clear.mean()), "ndvi": None}
+        if ndvi and clear.any():
+            red, nir = (
+                self._band(scene, b, grid, reads).astype(np.float32) * SR_SCALE + SR_OFFSET for b in ("SR_B4", "SR_B5")
+            )
+            index = compute_indices({"SR_B4": red, "SR_B5": nir}, ("NDVI",))["NDVI"]
+            out["ndvi"] = float(np.nanmean(index[clear]))
+        return out
+
+    def choose(self, scenes: list[Scene], grid, reads: dict) -> tuple[Scene, str, int]:
+        """Earth Engine's rule; winter scenes are described first and the rest only if no winter one is clear."""
+        cfg = self.cfg
+        winter = [s for s in scenes if int(s.date[5:7]) in cfg.winter_months]
+        described = [self.describe(s, grid, reads, ndvi=False) for s in winter]
+        if not any(d["clear"] >= cfg.min_clear_fraction for d in described):
+            for s in scenes:
+                if s not in winter:
+                    d = self.describe(s, grid, reads, ndvi=False)
+                    if d["clear"] >= cfg.min_clear_fraction:
+                        d = self.describe(s, grid, reads, ndvi=True)
+                    described.append(d)
+        chosen, rule = choose_scene(described, cfg.winter_months, cfg.min_clear_fraction)
+        return next(s for s in scenes if s.id == chosen["id"]), rule, len(described)
+
+    # -- topography ------------------------------------------------------------------------------------------
+
+    def topography_at(self, lon: float, lat: float) -> tuple[dict[str, np.ndarray], list[str]]:
+        """``{"elevation", "slope"}`` ``(H, W)`` float32 (m, degrees) on the patch grid, and the tiles' hrefs."""
+        s, cfg = self.schema, self.cfg
+        shape = (s.patch_size, s.patch_size)
+        if not self.topography:
+            return {name: np.zeros(shape, dtype=np.float32) for name in TOPOGRAPHY}, []
+        crs, transform, size = grid = self.grid(lon, lat, margin=1)
+        left, top = transform.c, transform.f
+        box = self._transformer(crs, "EPSG:4326").transform_bounds(
+            left, top - size * s.pixel_size_m, left + size * s.pixel_size_m, top
+        )
+        tiles = [
+            t
+            for t in self.catalogue.group(cfg.dem_collection, lon, lat, cfg.group_deg, 0, 100.0)
+            if shapely.intersects(t.geometry, shapely.box(*box))
+        ]
+        if not tiles:
+            raise Rejected("nodata", f"no {cfg.dem_collection} tile covers the point")
+        dem = np.full((size, size), np.nan, dtype=np.float64)
+        hrefs = []
+        for tile in sorted(tiles, key=lambda t: t.id):  # where tiles meet, the first (by ID) that has the pixel
+            href = tile.href(cfg.dem_asset, "source.stac.dem_asset")
+            part = self.reader.read(href, grid, Resampling.bilinear, nodata=np.nan).astype(np.float64)
+            dem = np.where(np.isnan(dem), part, dem)
+            hrefs.append(redact(href))
+        if np.isnan(dem).any():
+            raise Rejected("nodata", f"the DEM has no data at {int(np.isnan(dem).sum())} pixels of the footprint")
+        slope = slope_degrees(dem, s.pixel_size_m)
+        return {"elevation": dem[1:-1, 1:-1].astype(np.float32), "slope": slope[1:-1, 1:-1]}, hrefs
+
+    # -- Source interface ------------------------------------------------------------------------------------
+
+    def patch(self, lon: float, lat: float) -> Patch:
+        """image: ``(C, H, W)`` float32 in the schema's channel order; not-clear pixels are NaN."""
+        cfg = self.cfg
+        grid = self.grid(lon, lat)
+        scenes = self.scenes(lon, lat)
+        reads: dict = {}
+        scene, rule, considered = self.choose(scenes, grid, reads)
+        pixels = {band: self._band(scene, band, grid, reads) for band in SCENE_BANDS}
+        topography, dem = self.topography_at(lon, lat)
+        by_name = cast(np.ndarray, {**pixels, **topography})  # decode_pixels indexes its argument by band name only
+        image, fraction = decode_pixels(by_name, self.schema, scene.id, cfg.min_clear_fraction)
+        qa = {
+            "scene": scene.id,
+            "rule": rule,
+            "clear_fraction": round(fraction, 4),
+            "scenes_considered": considered,
+            "crs": grid[0],
+            "collection": cfg.collection,
+            "assets": {band: redact(scene.hrefs[cfg.assets[band]]) for band in SCENE_BANDS},
+            "dem": dem,
+        }
+        return Patch(image=image, scene_date=scene.date, qa=qa)
+
+    def climate(self, lon: float, lat: float) -> np.ndarray:
+        """``(T, F)`` float32 TerraClimate at the point's cell; a missing value is ``Rejected("nodata")``."""
+        s = self.schema
+        if self.climate_store is None:
+            return np.empty(s.climate_shape, dtype=np.float32)
+        values = self.climate_store.point(lon, lat)
+        bad = np.argwhere(np.isnan(values))
+        if len(bad):
+            t, f = bad[0]
+            raise Rejected("nodata", f"TerraClimate has no {s.climate_variables[f]} for {s.months[t]} at the point")
+        return values
+
+    def targets(self, lon: float, lat: float, patch: Patch, climate: np.ndarray) -> dict[str, float]:
+        return {}
+
+    def versions(self) -> dict[str, str]:
+        cfg = self.cfg
+        return {
+            "pystac-client": pystac_client.__version__,
+            "rasterio": rasterio.__version__,
+            "gdal": rasterio.__gdal_version__,
+            "xarray": xr.__version__,
+            "zarr": zarr.__version__,
+            "stac_api": redact(cfg.url),
+            "landsat": cfg.collection,
+            "dem": cfg.dem_collection,
+            "climate": redact(cfg.climate_store or ""),
+        }
+
+
+def from_config(schema: SampleSchema, cfg: StacConfig | None) -> StacSource:
+    """From ``source.stac``; the catalogue and the climate store are checked here, before any point."""
+    if cfg is None:
+        raise ValueError("source.kind is 'stac' but the source.stac section is missing")
+    return StacSource(schema, cfg)

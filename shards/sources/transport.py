@@ -1,0 +1,119 @@
+"""HTTP transport shared by the STAC source's readers: GDAL's settings, a per-host limit, retries, redaction.
+
+Reads of cloud-optimized files go through GDAL's ``/vsicurl/`` (HTTP range requests); the settings below suit many
+small windowed reads of few large files from many threads (docs/shards.md, "STAC"):
+
+- ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR``: no directory listing before opening a file (object stores list
+  slowly, and a signed URL cannot be listed at all);
+- ``CPL_VSIL_CURL_ALLOWED_EXTENSIONS``: only ``.tif``/``.tiff`` names are probed, never sidecar files;
+- ``GDAL_HTTP_MULTIPLEX=YES`` and ``GDAL_HTTP_VERSION=2``: one HTTP/2 connection per host carries the parallel
+  range requests where the server speaks HTTP/2 (HTTP/1.1 otherwise);
+- ``GDAL_HTTP_MERGE_CONSECUTIVE_RANGES=YES``: adjacent tiles of one window in one request;
+- ``GDAL_INGESTED_BYTES_AT_OPEN=32768``: a COG's header and tile index in the first request;
+- ``VSI_CACHE=TRUE`` (per open file) and ``CPL_VSIL_CURL_CACHE_SIZE`` (process-wide): headers, overviews and
+  tiles already fetched are served from memory to the next points of the same scene;
+- ``GDAL_HTTP_MAX_RETRY``/``GDAL_HTTP_RETRY_DELAY``/``GDAL_HTTP_RETRY_CODES``: GDAL itself retries 429 and 5xx,
+  its delay doubling on each attempt; ``GDAL_HTTP_TIMEOUT``.
+
+A value already in the environment wins over these defaults; ``source.stac.gdal`` wins over both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from soilnet.config.base import ConfigError
+
+T = TypeVar("T")
+RETRY_CODES = (429, 500, 502, 503, 504)
+_TRANSIENT = re.compile(r"\b(429|500|502|503|504)\b|[Tt]imed? ?out|[Cc]onnection (reset|refused|aborted)")
+_QUERY = re.compile(r"(\w+://[^\s?'\"]*)\?[^\s'\")]*")
+_USERINFO = re.compile(r"(\w+://)[^/\s@'\"]+@")
+
+
+def gdal_options(max_retries: int, retry_delay_s: float, timeout_s: float) -> dict[str, str]:
+    """The GDAL config options for many windowed HTTP reads (module docstring)."""
+    return {
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+        "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.TIF,.tiff,.TIFF",
+        "GDAL_HTTP_MULTIPLEX": "YES",
+        "GDAL_HTTP_VERSION": "2",
+        "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+        "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
+        "VSI_CACHE": "TRUE",
+        "VSI_CACHE_SIZE": str(16 << 20),
+        "CPL_VSIL_CURL_CACHE_SIZE": str(256 << 20),
+        "GDAL_HTTP_MAX_RETRY": str(max_retries),
+        "GDAL_HTTP_RETRY_DELAY": f"{retry_delay_s:g}",
+        "GDAL_HTTP_RETRY_CODES": ",".join(map(str, RETRY_CODES)),
+        "GDAL_HTTP_TIMEOUT": str(max(1, round(timeout_s))),
+    }
+
+
+def configure_gdal(defaults: dict[str, str], overrides: dict[str, str]) -> dict[str, str]:
+    """Put ``defaults`` into the environment where unset and ``overrides`` always; returns what is in effect."""
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ.update(overrides)
+    return {key: os.environ[key] for key in {**defaults, **overrides}}
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL's query string and user:password removed (signed-URL tokens, API keys)."""
+    return _QUERY.sub(r"\1?<redacted>", _USERINFO.sub(r"\1", text))
+
+
+def load_hook(dotted: str | None) -> Callable[[str], str]:
+    """The URL-signing callable at ``module.attr`` (e.g. ``planetary_computer.sign``), or the identity."""
+    if not dotted:
+        return lambda href: href
+    module, _, attr = dotted.rpartition(".")
+    try:
+        hook = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"source.stac.sign: cannot import {dotted!r} ({type(err).__name__}: {err})") from None
+    if not callable(hook):
+        raise ConfigError(f"source.stac.sign: {dotted!r} is not callable")
+    return hook
+
+
+class HostLimit:
+    """At most ``per_host`` requests in flight to one host from this process (all its threads)."""
+
+    def __init__(self, per_host: int):
+        self.per_host = per_host
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self, url: str) -> Iterator[None]:
+        host = urlsplit(url).netloc or "local"
+        with self._lock:
+            slot = self._slots.setdefault(host, threading.BoundedSemaphore(self.per_host))
+        with slot:
+            yield
+
+
+def transient(err: BaseException) -> bool:
+    """An error worth retrying: HTTP 429/5xx, a timeout or a dropped connection."""
+    return isinstance(err, TimeoutError | ConnectionError) or bool(_TRANSIENT.search(str(err)))
+
+
+def with_retries(fn: Callable[[], T], attempts: int, delay_s: float) -> T:
+    """``fn()``, retried ``attempts`` times on :func:`transient` errors, waiting ``delay_s`` doubling each time."""
+    for k in range(attempts + 1):
+        try:
+            return fn()
+        except Exception as err:
+            if k == attempts or not transient(err):
+                raise
+            time.sleep(delay_s * 2**k)
+    raise AssertionError("unreachable")
