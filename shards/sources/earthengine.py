@@ -61,20 +61,25 @@ from pyproj import CRS, Transformer
 
 from shards.budget import InFlightBudget
 from shards.sources.base import Patch, Rejected
+from shards.sources.landsat import (
+    QA_BANDS,
+    QA_NOT_CLEAR,
+    SR_BANDS,
+    SR_OFFSET,
+    SR_SCALE,
+    TOPOGRAPHY,
+    channels_from_dn,
+    choose_scene,
+    decode_pixels,
+)
 from shards.sources.rasters import utm_crs
 from soilnet.config.base import ConfigError
 from soilnet.config.pack import EarthEngineConfig
-from soilnet.schema import CLIMATE_BY_NAME, LANDSAT_BANDS, SampleSchema, compute_indices
+from soilnet.schema import CLIMATE_BY_NAME, SampleSchema
 
 LANDSAT = "LANDSAT/LC08/C02/T1_L2"
 DEM = "COPERNICUS/DEM/GLO30"
 TERRACLIMATE = "IDAHO_EPSCOR/TERRACLIMATE"
-SR_BANDS = tuple(LANDSAT_BANDS)
-SR_SCALE, SR_OFFSET = 2.75e-5, -0.2
-QA_BANDS = ("QA_PIXEL", "QA_RADSAT")
-TOPOGRAPHY = ("elevation", "slope")  # the band names the DEM and its slope get in the pixel requests
-# QA_PIXEL bits: 0 fill, 1 dilated cloud, 3 cloud, 4 cloud shadow, 5 snow (Landsat 8 C2 L2 product guide).
-QA_NOT_CLEAR = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5)
 TERRACLIMATE_DEG = 1 / 24  # TerraClimate's grid: 2.5 arc-minutes in EPSG:4326, edges on whole degrees
 TERRACLIMATE_SCALE_M = round(math.radians(TERRACLIMATE_DEG) * 6378137.0, 1)  # 4638.3 m: its pixel at the equator
 # computePixels' limits (Earth Engine REST reference, projects.image.computePixels): uncompressed bytes (width x
@@ -114,27 +119,6 @@ def initialize(cfg: EarthEngineConfig) -> None:
         raise ConfigError(message) from None
     ee.data.setMaxRetries(cfg.max_retries)
     ee.data.setDeadline(cfg.timeout_s * 1000)
-
-
-def choose_scene(scenes: list[dict], winter_months: list[int], min_clear: float) -> tuple[dict, str]:
-    """The clearest winter scene, else the lowest-NDVI scene, among those at least ``min_clear`` clear.
-
-    ``scenes``: dicts with ``id``, ``date`` (``YYYY-MM-DD``), ``clear`` (0..1) and ``ndvi`` (may be None).
-    Returns the scene and the rule that chose it (``winter`` or ``lowest_ndvi``).
-    """
-    if not scenes:
-        raise Rejected("no_scene", "no Landsat 8 scene covers the point in the acquisition year")
-    clear = [s for s in scenes if (s.get("clear") or 0.0) >= min_clear]
-    if not clear:
-        best = max(s.get("clear") or 0.0 for s in scenes)
-        raise Rejected("cloud", f"none of {len(scenes)} scenes is {min_clear:.0%} clear (best {best:.0%})")
-    winter = [s for s in clear if int(s["date"][5:7]) in winter_months]
-    if winter:
-        return min(winter, key=lambda s: (-s["clear"], s["date"])), "winter"
-    bare = [s for s in clear if s.get("ndvi") is not None]
-    if not bare:
-        raise Rejected("cloud", "no clear scene has an NDVI over the footprint")
-    return min(bare, key=lambda s: (s["ndvi"], s["date"])), "lowest_ndvi"
 
 
 class EarthEngineSource:
@@ -464,40 +448,12 @@ def request_blocks(height: int, width: int, bytes_per_pixel: int) -> list[tuple[
     ]
 
 
-def _channels(dn: np.ndarray, clear: np.ndarray, pixels: np.ndarray, schema: SampleSchema) -> np.ndarray:
-    """``(C, H, W)`` float32 in the schema's channels from ``SR_B*`` DN ``(7, H, W)``: reflectance (NaN where
-    not ``clear``), the indices (:func:`soilnet.schema.compute_indices`) and the topography bands of ``pixels``."""
-    reflectance = dn * SR_SCALE + SR_OFFSET
-    reflectance[:, ~clear] = np.nan
-    layers = {b: reflectance[k] for k, b in enumerate(SR_BANDS)}
-    layers.update(compute_indices(layers, schema.channels))
-    layers.update({name: pixels[name].astype(np.float32) for name in TOPOGRAPHY})
-    return np.stack([layers[c] for c in schema.channels]).astype(np.float32)
-
-
-def decode_pixels(
-    pixels: np.ndarray, schema: SampleSchema, scene_id: str, min_clear: float
-) -> tuple[np.ndarray, float]:
-    """``(C, H, W)`` float32 in the schema's channels from a ``computePixels`` structured array, and the clear
-    fraction; raises :class:`Rejected` (``nodata`` or ``cloud``)."""
-    dn = np.stack([pixels[b] for b in SR_BANDS]).astype(np.float32)
-    qa, radsat = pixels["QA_PIXEL"].astype(np.int64), pixels["QA_RADSAT"].astype(np.int64)
-    covered = (dn > 0).all(axis=0)  # SR fill is 0, and computePixels returns 0 where the scene is masked
-    if not covered.any():
-        raise Rejected("nodata", f"scene {scene_id} has no data over the footprint")
-    clear = covered & ((qa & QA_NOT_CLEAR) == 0) & (radsat == 0)
-    fraction = float(clear.mean())
-    if fraction < min_clear:
-        raise Rejected("cloud", f"{fraction:.0%} of the patch is clear in scene {scene_id}")
-    return _channels(dn, clear, pixels, schema), fraction
-
-
 def decode_composite(pixels: np.ndarray, schema: SampleSchema) -> tuple[np.ndarray, np.ndarray]:
     """``(C, H, W)`` float32 in the schema's channels and valid ``(H, W)`` from the tile request's structured
     array (:data:`COMPOSITE`); reflectance and indices are NaN where not valid."""
     valid = pixels[VALID] > 0
     dn = np.stack([pixels[b] for b in SR_BANDS]).astype(np.float32)
-    return _channels(dn, valid, pixels, schema), valid
+    return channels_from_dn(dn, valid, pixels, schema), valid
 
 
 def climate_band_names(schema: SampleSchema) -> list[str]:

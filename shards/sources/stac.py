@@ -8,14 +8,14 @@ collection of the same API, and TerraClimate from a Zarr store (:mod:`shards.sou
   ``eo:cloud_cover <= max_cloud_cover``; a point keeps the items whose footprint contains it (and whose
   ``platform`` is the configured one), the first ``max_scenes`` by date, as Earth Engine's ``filterBounds``
   and ``limit`` do.
-- **Scene choice**: :func:`shards.sources.earthengine.choose_scene` over the scenes' clear fraction and NDVI on
+- **Scene choice**: :func:`shards.sources.landsat.choose_scene` over the scenes' clear fraction and NDVI on
   the patch footprint, computed from windowed reads of ``QA_PIXEL``/``QA_RADSAT`` (and ``SR_B4``/``SR_B5``):
   winter scenes first, the other months only when no winter scene is clear enough.
 - **Pixels**: each asset warped onto the point's grid (``patch_size`` x ``patch_size`` pixels of ``pixel_size_m``
   in its UTM zone, the local-raster source's grid): reflectance bands bilinear like
   :mod:`shards.sources.rasters`, the QA bit masks nearest (interpolating bits would invent flags), a pixel
   outside the scene filled (SR 0, ``QA_PIXEL`` 1 = fill). Scale, offset, QA/RADSAT masking, the clear-fraction
-  rejection and the indices are :func:`shards.sources.earthengine.decode_pixels`, so they have one home.
+  rejection and the indices are :func:`shards.sources.landsat.decode_pixels`, so they have one home.
 - **DEM and slope**: the GLO-30 tiles covering the footprint, warped (bilinear) onto the grid widened by one
   pixel; slope in degrees from the 4-neighbour central differences (what ``ee.Terrain.slope`` computes), on the
   30 m grid.
@@ -45,7 +45,7 @@ from rasterio.transform import from_origin
 from rasterio.vrt import WarpedVRT
 
 from shards.sources.base import Patch, Rejected
-from shards.sources.earthengine import (
+from shards.sources.landsat import (
     QA_BANDS,
     QA_NOT_CLEAR,
     SR_BANDS,

@@ -15,7 +15,8 @@ import shapely.geometry
 
 from shards.pack import pack
 from shards.sources.base import Rejected
-from shards.sources.earthengine import choose_scene, decode_climate
+from shards.sources.earthengine import decode_climate
+from shards.sources.landsat import choose_scene
 from soilnet.config import load_config
 from soilnet.config.pack import PackConfig
 from soilnet.schema import CLIMATE_BY_NAME, SampleSchema, compute_indices
