@@ -1,0 +1,255 @@
+"""STAC acquisition against the local-raster source and Earth Engine, on the same points, in one run.
+
+Writes a test world into a temporary folder (tests/shards/cog_kit.py, zarr_kit.py): two Landsat 8 C2 L2 scenes of
+one path/row over the same ground (a clear winter scene, a greener summer one; one COG per band, UTM 32N, 30 m),
+GLO-30 DEM tiles and a TerraClimate Zarr store; then ``--n`` random points inside the scene at ``--km2-per-point``
+(1 km² each by default: 10 M samples over Europe's 10 M km²). Three runs of ``soilnet pack`` over those points,
+each on ``--workers`` MPI ranks (1: a plain process):
+
+- ``stac``: the STAC source (``source.kind: stac``) against the fake STAC API (tests/shards/fake_stac.py), the
+  scenes, DEM and Zarr store served by nginx with range requests, every request (catalogue, COG, Zarr) answered
+  after ``--delay-s`` (50 ms, the latency of object storage) by the delaying proxy (tests/shards/http_server.py);
+- ``local``: the local-raster source reading the same scene and DEM from disk (cog_kit.local_rasters: the
+  reflectance, indices, elevation and slope on the scene's grid) and the same climate as GeoTIFFs;
+- ``earthengine``: the Earth Engine source against its fake service (tests/shards/fake_earthengine.py, in its own
+  process) at ``--ee-latency-s`` (300 ms) per request and its quota of ``--ee-max-in-flight`` (40) requests in
+  flight, as benchmarks/ee_acquire.py runs it.
+
+Each rate is the packing loop's, from every rank's own report (``pack[r/w]: ... N samples/s``): points over the
+slowest rank's loop time, start-up (imports, catalogue check, authentication) excluded in all three alike.
+
+Last stdout line: one JSON object; ``samples_per_s`` (the STAC rate), ``vs_local`` (target >= 0.7: the network is
+not what limits it) and ``vs_earthengine`` (target >= 2).
+
+    .venv/bin/python benchmarks/stac_acquire.py --n 800 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "shards"))
+
+from cog_kit import corner_point, dem_covering, landsat_scene, local_rasters, scene_grid  # noqa: E402
+from fake_stac import DEM_COLLECTION, LANDSAT_COLLECTION, FakeStac, dem_item, landsat_item  # noqa: E402
+from http_server import require_nginx, serve_directory  # noqa: E402
+from zarr_kit import climate_geotiffs, terraclimate_zarr  # noqa: E402
+
+from soilnet.schema import PATCH_SIZE, PIXEL_SIZE_M, SampleSchema  # noqa: E402
+
+LON, LAT = 8.5, 47.2  # Switzerland, UTM zone 32N
+YEAR = 2015
+RANK_LINE = re.compile(r"pack\[(\d+)/(\d+)\]: .*?(\d+) packed, (\d+) rejected \((\d+) samples/s\)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=800, help="points to pack (the same in all three runs)")
+    parser.add_argument("--km2-per-point", type=float, default=1.0, help="ground area per point (density)")
+    parser.add_argument(
+        "--workers", type=int, default=2 if shutil.which("mpirun") else 1, help="MPI ranks in every run"
+    )
+    parser.add_argument("--delay-s", type=float, default=0.05, help="the HTTP server's delay per request")
+    parser.add_argument("--threads", type=int, default=32, help="STAC: threads per process")
+    parser.add_argument("--max-per-host", type=int, default=32, help="STAC: requests in flight per host and process")
+    parser.add_argument("--ee-latency-s", type=float, default=0.3, help="Earth Engine: latency of every API call")
+    parser.add_argument("--ee-max-in-flight", type=int, default=40, help="Earth Engine: the concurrent-request quota")
+    parser.add_argument("--skip-ee", action="store_true", help="leave the Earth Engine run out")
+    return parser.parse_args()
+
+
+@dataclass
+class World:
+    """The files of the test world and the points, as ``(lon, lat)`` pairs."""
+
+    www: Path
+    winter: object
+    summer: object
+    dem: list
+    store: object
+    images: list
+    climate: list
+    points: list[tuple[float, float]]
+
+
+def build_world(d: Path, args: argparse.Namespace, schema: SampleSchema) -> World:
+    """Scenes large enough for ``n`` points at the density asked, plus a margin for the patch and the DEM."""
+    side_px = math.ceil(math.sqrt(args.n * args.km2_per_point) * 1000 / PIXEL_SIZE_M) + 2 * PATCH_SIZE
+    size = (side_px, side_px)
+    crs, transform = scene_grid(LON, LAT, side_px, side_px)
+    www = d / "www"
+    winter = landsat_scene(www, crs, transform, size, date=f"{YEAR}-01-10", ndvi=0.3)
+    summer = landsat_scene(www, crs, transform, size, date=f"{YEAR}-07-02", ndvi=0.7, seed=1)
+    dem = dem_covering(www, winter.bounds_lonlat(), size_deg=0.1)
+    west, south, east, north = winter.bounds_lonlat()
+    store = terraclimate_zarr(www / "terraclimate.zarr", schema, (west - 0.1, south - 0.1, east + 0.1, north + 0.1))
+    images = local_rasters(winter, dem, d / "local", schema)
+    climate = climate_geotiffs(store, d / "local")
+    rng = np.random.default_rng(0)
+    low, high = PATCH_SIZE, side_px - PATCH_SIZE
+    rows, cols = rng.uniform(low, high, args.n), rng.uniform(low, high, args.n)
+    points = [corner_point(crs, transform, r, c) for r, c in zip(rows, cols, strict=True)]
+    return World(www, winter, summer, dem, store, images, climate, points)
+
+
+def write_points(path: Path, points: list[tuple[float, float]]) -> Path:
+    rows = ["id,lon,lat", *(f"b{i:07d},{x:.7f},{y:.7f}" for i, (x, y) in enumerate(points))]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def write_config(d: Path, name: str, points: Path, source: dict, args: argparse.Namespace) -> Path:
+    """A pack config for one run: the points, ``source``, shards of about a quarter of a worker's points."""
+    cfg = {
+        "output_dir": str(d / name / "shards"),
+        "sampling": {"points": str(points), "region": None},
+        "source": source,
+        "shard": {"max_samples": max(1, args.n // (4 * args.workers)), "on_nonfinite": "mask"},
+    }
+    path = d / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_pack(config: Path, workers: int, overrides: tuple[str, ...] = ()) -> dict:
+    """``soilnet pack`` on ``workers`` ranks: the loop's rate over all ranks, the wall time, packed and rejected."""
+    argv = [sys.executable, "-m", "soilnet.cli", "pack", "--config", str(config), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if workers > 1:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        argv = ["mpirun", "-n", str(workers), "--oversubscribe", *argv]
+    wall = time.perf_counter()
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - wall
+    if done.returncode != 0:
+        sys.exit(f"pack failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-4000:]}")
+    ranks = [tuple(int(v) for v in m.groups()) for m in RANK_LINE.finditer(done.stderr)]
+    if len(ranks) != workers:
+        sys.exit(f"expected {workers} rank reports in pack's stderr, found {len(ranks)}:\n{done.stderr[-4000:]}")
+    points = sum(p + r for _, _, p, r, _ in ranks)
+    loop_s = max((p + r) / max(rate, 1) for _, _, p, r, rate in ranks)
+    packed, rejected = sum(r[2] for r in ranks), sum(r[3] for r in ranks)
+    return {"samples_per_s": points / loop_s, "wall_s": wall, "packed": packed, "rejected": rejected}
+
+
+def stac_run(d: Path, world: World, points: Path, args: argparse.Namespace) -> dict:
+    """Pack from the STAC source with every HTTP request delayed by ``--delay-s``."""
+    with serve_directory(world.www, delay_s=args.delay_s) as server, FakeStac(latency_s=args.delay_s) as stac:
+        stac.add(LANDSAT_COLLECTION, [landsat_item(s, server.href) for s in (world.winter, world.summer)])
+        stac.add(DEM_COLLECTION, [dem_item(t, server.href) for t in world.dem])
+        source = {
+            "kind": "stac",
+            "stac": {
+                "url": stac.url,
+                "year": YEAR,
+                "climate_store": server.href("terraclimate.zarr"),
+                "threads": args.threads,
+                "max_per_host": args.max_per_host,
+            },
+        }
+        result = run_pack(write_config(d, "stac", points, source, args), args.workers)
+        requests = server.requests
+        result.update(
+            http_requests=len(requests),
+            http_mb=round(sum(r.nbytes for r in requests) / 1e6, 1),
+            http_max_in_flight=server.max_in_flight,
+            stac_searches=len(stac.first_searches()),
+            stac_violations=len(stac.violations),
+        )
+    return result
+
+
+def local_run(d: Path, world: World, points: Path, args: argparse.Namespace) -> dict:
+    """Pack from the local-raster source: the same scene, DEM and climate, from disk."""
+    source = {
+        "kind": "rasters",
+        "rasters": {
+            "images": [{"path": str(p), "bands": bands} for p, bands in world.images],
+            "climate": [{"path": str(p), "variable": v, "first_month": m, "scale": s} for p, v, m, s in world.climate],
+            "scene_date": world.winter.date,
+        },
+    }
+    return run_pack(write_config(d, "local", points, source, args), args.workers)
+
+
+def ee_run(d: Path, points: Path, args: argparse.Namespace) -> dict:
+    """Pack from the Earth Engine source against its fake at ``--ee-latency-s``, under its quota."""
+    key = d / "ee-key.json"
+    fake = subprocess.Popen(
+        [sys.executable, str(REPO / "tests/shards/fake_earthengine.py"), "--key", str(key)]
+        + ["--latency-s", str(args.ee_latency_s)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert fake.stdout is not None
+        url = fake.stdout.readline().strip()
+        threads = -(-args.ee_max_in_flight // args.workers)
+        ee = {"url": url, "service_account_key": str(key), "project": "bench", "year": YEAR}
+        ee.update(max_in_flight=args.ee_max_in_flight, threads=threads, budget_dir=str(d / "ee-budget"))
+        config = write_config(d, "earthengine", points, {"kind": "earthengine", "earthengine": ee}, args)
+        result = run_pack(config, args.workers)
+        result["threads"] = threads
+    finally:
+        fake.kill()
+        fake.wait()
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    require_nginx()
+    schema = SampleSchema()
+    with tempfile.TemporaryDirectory(prefix="stac-acquire-") as tmp:
+        d = Path(tmp)
+        built = time.perf_counter()
+        world = build_world(d, args, schema)
+        points = write_points(d / "points.csv", world.points)
+        built = time.perf_counter() - built
+        stac = stac_run(d, world, points, args)
+        local = local_run(d, world, points, args)
+        ee = None if args.skip_ee else ee_run(d, points, args)
+    result = {
+        "samples": args.n,
+        "workers": args.workers,
+        "threads_per_worker": args.threads,
+        "max_per_host": args.max_per_host,
+        "delay_s": args.delay_s,
+        "km2_per_point": args.km2_per_point,
+        "world_build_s": round(built, 1),
+        "stac": {k: round(v, 2) if isinstance(v, float) else v for k, v in stac.items()},
+        "local": {k: round(v, 2) if isinstance(v, float) else v for k, v in local.items()},
+        "earthengine": ee and {k: round(v, 2) if isinstance(v, float) else v for k, v in ee.items()},
+        "ee_latency_s": args.ee_latency_s,
+        "ee_max_in_flight": args.ee_max_in_flight,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "samples_per_s": round(stac["samples_per_s"], 2),
+        "vs_local": round(stac["samples_per_s"] / local["samples_per_s"], 3),
+        "vs_earthengine": ee and round(stac["samples_per_s"] / ee["samples_per_s"], 3),
+    }
+    rates = f"STAC {stac['samples_per_s']:.1f}, local {local['samples_per_s']:.1f}"
+    rates += f", Earth Engine {ee['samples_per_s']:.1f}" if ee else ""
+    print(f"packed {args.n} points on {args.workers} process(es): {rates} samples/s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
