@@ -6,7 +6,8 @@ GLO-30 DEM tiles and a TerraClimate Zarr store; then ``--n`` random points insid
 (1 km² each by default: 10 M samples over Europe's 10 M km²). Three runs of ``soilnet pack`` over those points,
 each on ``--workers`` MPI ranks (1: a plain process):
 
-- ``stac``: the STAC source (``source.kind: stac``) against the fake STAC API (tests/shards/fake_stac.py), the
+- ``stac``: the STAC source (``source.kind: stac``; ``--threads`` and ``--max-per-host`` per rank, by default
+  those of configs/preprocess/europe_stac.yaml) against the fake STAC API (tests/shards/fake_stac.py), the
   scenes, DEM and Zarr store served by nginx with range requests, every request (catalogue, COG, Zarr) answered
   after ``--delay-s`` (50 ms, the latency of object storage) by the delaying proxy (tests/shards/http_server.py);
 - ``local``: the local-raster source reading the same scene and DEM from disk (cog_kit.local_rasters: the
@@ -15,13 +16,14 @@ each on ``--workers`` MPI ranks (1: a plain process):
   process) at ``--ee-latency-s`` (300 ms) per request and its quota of ``--ee-max-in-flight`` (40) requests in
   flight, as benchmarks/ee_acquire.py runs it.
 
-Each rate is the packing loop's, from every rank's own report (``pack[r/w]: ... N samples/s``): points over the
-slowest rank's loop time, start-up (imports, catalogue check, authentication) excluded in all three alike.
+Each rate is the packing loop's, from every rank's own report (``pack[r/w]: ... N samples/s``, whole samples/s, so
+about 1 sample/s of rounding per rank): points over the slowest rank's loop time, start-up (imports, catalogue
+check, authentication) excluded in all three alike.
 
 Last stdout line: one JSON object; ``samples_per_s`` (the STAC rate), ``vs_local`` (target >= 0.7: the network is
 not what limits it) and ``vs_earthengine`` (target >= 2).
 
-    .venv/bin/python benchmarks/stac_acquire.py --n 800 --workers 2
+    .venv/bin/python benchmarks/stac_acquire.py --n 1000 --workers 2
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -66,8 +69,10 @@ def parse_args() -> argparse.Namespace:
         "--workers", type=int, default=2 if shutil.which("mpirun") else 1, help="MPI ranks in every run"
     )
     parser.add_argument("--delay-s", type=float, default=0.05, help="the HTTP server's delay per request")
-    parser.add_argument("--threads", type=int, default=32, help="STAC: threads per process")
-    parser.add_argument("--max-per-host", type=int, default=32, help="STAC: requests in flight per host and process")
+    parser.add_argument("--threads", type=int, default=16, help="STAC: threads per process (europe_stac.yaml's)")
+    parser.add_argument(
+        "--max-per-host", type=int, default=8, help="STAC: requests in flight per host and process (europe_stac.yaml's)"
+    )
     parser.add_argument("--ee-latency-s", type=float, default=0.3, help="Earth Engine: latency of every API call")
     parser.add_argument("--ee-max-in-flight", type=int, default=40, help="Earth Engine: the concurrent-request quota")
     parser.add_argument("--skip-ee", action="store_true", help="leave the Earth Engine run out")
@@ -128,15 +133,17 @@ def write_config(d: Path, name: str, points: Path, source: dict, args: argparse.
 
 
 def run_pack(config: Path, workers: int, overrides: tuple[str, ...] = ()) -> dict:
-    """``soilnet pack`` on ``workers`` ranks: the loop's rate over all ranks, the wall time, packed and rejected."""
+    """``soilnet pack`` on ``workers`` ranks: the loop's rate over all ranks, the wall time, the CPU time of every
+    rank per point (start-up included: an upper bound of the loop's), packed and rejected."""
     argv = [sys.executable, "-m", "soilnet.cli", "pack", "--config", str(config), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if workers > 1:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         argv = ["mpirun", "-n", str(workers), "--oversubscribe", *argv]
-    wall = time.perf_counter()
+    wall, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - wall
+    wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # every rank, start-up included
     if done.returncode != 0:
         sys.exit(f"pack failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-4000:]}")
     ranks = [tuple(int(v) for v in m.groups()) for m in RANK_LINE.finditer(done.stderr)]
@@ -145,7 +152,13 @@ def run_pack(config: Path, workers: int, overrides: tuple[str, ...] = ()) -> dic
     points = sum(p + r for _, _, p, r, _ in ranks)
     loop_s = max((p + r) / max(rate, 1) for _, _, p, r, rate in ranks)
     packed, rejected = sum(r[2] for r in ranks), sum(r[3] for r in ranks)
-    return {"samples_per_s": points / loop_s, "wall_s": wall, "packed": packed, "rejected": rejected}
+    return {
+        "samples_per_s": points / loop_s,
+        "wall_s": wall,
+        "cpu_ms_per_sample": 1000 * cpu_s / max(points, 1),
+        "packed": packed,
+        "rejected": rejected,
+    }
 
 
 def stac_run(d: Path, world: World, points: Path, args: argparse.Namespace) -> dict:
@@ -163,16 +176,27 @@ def stac_run(d: Path, world: World, points: Path, args: argparse.Namespace) -> d
                 "max_per_host": args.max_per_host,
             },
         }
+        server_cpu = time.process_time()  # this process: the proxy and the fake catalogue, the "remote" side
         result = run_pack(write_config(d, "stac", points, source, args), args.workers)
-        requests = server.requests
-        result.update(
-            http_requests=len(requests),
-            http_mb=round(sum(r.nbytes for r in requests) / 1e6, 1),
-            http_max_in_flight=server.max_in_flight,
-            stac_searches=len(stac.first_searches()),
-            stac_violations=len(stac.violations),
-        )
+        result["server_cpu_s"] = time.process_time() - server_cpu
+        result.update(http_stats(server.requests, args.n))
+        result.update(stac_searches=len(stac.first_searches()), stac_violations=len(stac.violations))
+        result["http_max_in_flight"] = server.max_in_flight
     return result
+
+
+def http_stats(requests: list, n: int) -> dict:
+    """What the packers asked of the file server: requests (per sample), HEAD probes, bytes, and how many asked
+    again for a range already fetched (by another thread or rank, or after a cache eviction)."""
+    distinct = {(r.path, r.range) for r in requests if r.method == "GET"}
+    gets = sum(r.method == "GET" for r in requests)
+    return {
+        "http_requests": len(requests),
+        "http_requests_per_sample": round(len(requests) / max(n, 1), 2),
+        "http_head": sum(r.method == "HEAD" for r in requests),
+        "http_repeated_gets": gets - len(distinct),
+        "http_mb": round(sum(r.nbytes for r in requests) / 1e6, 1),
+    }
 
 
 def local_run(d: Path, world: World, points: Path, args: argparse.Namespace) -> dict:
@@ -224,6 +248,7 @@ def main() -> None:
         world = build_world(d, args, schema)
         points = write_points(d / "points.csv", world.points)
         built = time.perf_counter() - built
+        served_mb = sum(p.stat().st_size for p in world.www.rglob("*") if p.is_file()) / 1e6
         stac = stac_run(d, world, points, args)
         local = local_run(d, world, points, args)
         ee = None if args.skip_ee else ee_run(d, points, args)
@@ -235,6 +260,7 @@ def main() -> None:
         "delay_s": args.delay_s,
         "km2_per_point": args.km2_per_point,
         "world_build_s": round(built, 1),
+        "served_mb": round(served_mb, 1),
         "stac": {k: round(v, 2) if isinstance(v, float) else v for k, v in stac.items()},
         "local": {k: round(v, 2) if isinstance(v, float) else v for k, v in local.items()},
         "earthengine": ee and {k: round(v, 2) if isinstance(v, float) else v for k, v in ee.items()},
