@@ -119,13 +119,13 @@ def write_points(path: Path, points: list[tuple[float, float]]) -> Path:
     return path
 
 
-def write_config(d: Path, name: str, points: Path, source: dict, args: argparse.Namespace) -> Path:
-    """A pack config for one run: the points, ``source``, shards of about a quarter of a worker's points."""
+def write_config(d: Path, name: str, points: Path, source: dict, max_samples: int) -> Path:
+    """A pack config for one run: the points, ``source``, ``max_samples`` per shard."""
     cfg = {
         "output_dir": str(d / name / "shards"),
         "sampling": {"points": str(points), "region": None},
         "source": source,
-        "shard": {"max_samples": max(1, args.n // (4 * args.workers)), "on_nonfinite": "mask"},
+        "shard": {"max_samples": max_samples, "on_nonfinite": "mask"},
     }
     path = d / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -152,16 +152,29 @@ def run_pack(config: Path, workers: int, overrides: tuple[str, ...] = ()) -> dic
     points = sum(p + r for _, _, p, r, _ in ranks)
     loop_s = max((p + r) / max(rate, 1) for _, _, p, r, rate in ranks)
     packed, rejected = sum(r[2] for r in ranks), sum(r[3] for r in ranks)
-    return {
-        "samples_per_s": points / loop_s,
-        "wall_s": wall,
-        "cpu_ms_per_sample": 1000 * cpu_s / max(points, 1),
-        "packed": packed,
-        "rejected": rejected,
-    }
+    return {"samples_per_s": points / loop_s, "wall_s": wall, "cpu_s": cpu_s, "packed": packed, "rejected": rejected}
 
 
-def stac_run(d: Path, world: World, points: Path, args: argparse.Namespace) -> dict:
+def pack_twice(d: Path, name: str, points: tuple[Path, Path], source: dict, args: argparse.Namespace, log=None):
+    """Pack all points (shards of a quarter of a rank's points), then one point per rank: the CPU time between
+    the two is the packing loop's, start-up excluded; ``cores / loop CPU per sample`` is the rate these cores
+    would give the source with nothing else running (the machine's other load excluded). ``log()``, if given,
+    is called between the runs (the request log of the first)."""
+    every, one_per_rank = points
+    full = run_pack(write_config(d, name, every, source, max(1, args.n // (4 * args.workers))), args.workers)
+    extra = log() if log else {}
+    start = run_pack(write_config(d, f"{name}-startup", one_per_rank, source, 1), args.workers)
+    loop_ms = 1000 * (full["cpu_s"] - start["cpu_s"]) / (args.n - args.workers)
+    full.update(
+        startup_cpu_s=start["cpu_s"],
+        cpu_ms_per_sample_loop=loop_ms,
+        cpu_bound_samples_per_s=(os.cpu_count() or 1) * 1000 / max(loop_ms, 1e-3),
+        **extra,
+    )
+    return full
+
+
+def stac_run(d: Path, world: World, points: tuple[Path, Path], args: argparse.Namespace) -> dict:
     """Pack from the STAC source with every HTTP request delayed by ``--delay-s``."""
     with serve_directory(world.www, delay_s=args.delay_s) as server, FakeStac(latency_s=args.delay_s) as stac:
         stac.add(LANDSAT_COLLECTION, [landsat_item(s, server.href) for s in (world.winter, world.summer)])
@@ -177,12 +190,14 @@ def stac_run(d: Path, world: World, points: Path, args: argparse.Namespace) -> d
             },
         }
         server_cpu = time.process_time()  # this process: the proxy and the fake catalogue, the "remote" side
-        result = run_pack(write_config(d, "stac", points, source, args), args.workers)
-        result["server_cpu_s"] = time.process_time() - server_cpu
-        result.update(http_stats(server.requests, args.n))
-        result.update(stac_searches=len(stac.first_searches()), stac_violations=len(stac.violations))
-        result["http_max_in_flight"] = server.max_in_flight
-    return result
+
+        def log() -> dict:
+            stats = http_stats(server.requests, args.n)
+            stats.update(server_cpu_s=time.process_time() - server_cpu, http_max_in_flight=server.max_in_flight)
+            stats.update(stac_searches=len(stac.first_searches()), stac_violations=len(stac.violations))
+            return stats
+
+        return pack_twice(d, "stac", points, source, args, log)
 
 
 def http_stats(requests: list, n: int) -> dict:
@@ -199,7 +214,7 @@ def http_stats(requests: list, n: int) -> dict:
     }
 
 
-def local_run(d: Path, world: World, points: Path, args: argparse.Namespace) -> dict:
+def local_run(d: Path, world: World, points: tuple[Path, Path], args: argparse.Namespace) -> dict:
     """Pack from the local-raster source: the same scene, DEM and climate, from disk."""
     source = {
         "kind": "rasters",
@@ -209,10 +224,10 @@ def local_run(d: Path, world: World, points: Path, args: argparse.Namespace) -> 
             "scene_date": world.winter.date,
         },
     }
-    return run_pack(write_config(d, "local", points, source, args), args.workers)
+    return pack_twice(d, "local", points, source, args)
 
 
-def ee_run(d: Path, points: Path, args: argparse.Namespace) -> dict:
+def ee_run(d: Path, points: tuple[Path, Path], args: argparse.Namespace) -> dict:
     """Pack from the Earth Engine source against its fake at ``--ee-latency-s``, under its quota."""
     key = d / "ee-key.json"
     fake = subprocess.Popen(
@@ -229,8 +244,7 @@ def ee_run(d: Path, points: Path, args: argparse.Namespace) -> dict:
         threads = -(-args.ee_max_in_flight // args.workers)
         ee = {"url": url, "service_account_key": str(key), "project": "bench", "year": YEAR}
         ee.update(max_in_flight=args.ee_max_in_flight, threads=threads, budget_dir=str(d / "ee-budget"))
-        config = write_config(d, "earthengine", points, {"kind": "earthengine", "earthengine": ee}, args)
-        result = run_pack(config, args.workers)
+        result = pack_twice(d, "earthengine", points, {"kind": "earthengine", "earthengine": ee}, args)
         result["threads"] = threads
     finally:
         fake.kill()
@@ -238,39 +252,57 @@ def ee_run(d: Path, points: Path, args: argparse.Namespace) -> dict:
     return result
 
 
+def rounded(run: dict | None) -> dict | None:
+    return run and {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}
+
+
+def summary(args: argparse.Namespace, stac: dict, local: dict, ee: dict | None, world: dict) -> dict:
+    """The JSON line: the three runs, the measured ratios, and the ratio the CPU times give on idle cores (each
+    source at ``cores / loop CPU per sample``, Earth Engine at most at its quota's ceiling)."""
+    ceiling = args.ee_max_in_flight / args.ee_latency_s / 2  # 2 requests per sample
+    idle = None
+    if ee:
+        idle = stac["cpu_bound_samples_per_s"] / min(ee["cpu_bound_samples_per_s"], ceiling)
+    return {
+        "samples": args.n,
+        "workers": args.workers,
+        "cores": os.cpu_count(),
+        "threads_per_worker": args.threads,
+        "max_per_host": args.max_per_host,
+        "delay_s": args.delay_s,
+        "km2_per_point": args.km2_per_point,
+        **world,
+        "stac": rounded(stac),
+        "local": rounded(local),
+        "earthengine": rounded(ee),
+        "ee_latency_s": args.ee_latency_s,
+        "ee_max_in_flight": args.ee_max_in_flight,
+        "ee_quota_ceiling_samples_per_s": round(ceiling, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "samples_per_s": round(stac["samples_per_s"], 2),
+        "vs_local": round(stac["samples_per_s"] / local["samples_per_s"], 3),
+        "vs_earthengine": ee and round(stac["samples_per_s"] / ee["samples_per_s"], 3),
+        "vs_earthengine_idle_cores": idle and round(idle, 3),
+    }
+
+
 def main() -> None:
     args = parse_args()
     require_nginx()
     schema = SampleSchema()
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="stac-acquire-") as tmp:
         d = Path(tmp)
         built = time.perf_counter()
         world = build_world(d, args, schema)
-        points = write_points(d / "points.csv", world.points)
+        points = write_points(d / "points.csv", world.points), write_points(d / "one.csv", world.points[: args.workers])
         built = time.perf_counter() - built
         served_mb = sum(p.stat().st_size for p in world.www.rglob("*") if p.is_file()) / 1e6
         stac = stac_run(d, world, points, args)
         local = local_run(d, world, points, args)
         ee = None if args.skip_ee else ee_run(d, points, args)
-    result = {
-        "samples": args.n,
-        "workers": args.workers,
-        "threads_per_worker": args.threads,
-        "max_per_host": args.max_per_host,
-        "delay_s": args.delay_s,
-        "km2_per_point": args.km2_per_point,
-        "world_build_s": round(built, 1),
-        "served_mb": round(served_mb, 1),
-        "stac": {k: round(v, 2) if isinstance(v, float) else v for k, v in stac.items()},
-        "local": {k: round(v, 2) if isinstance(v, float) else v for k, v in local.items()},
-        "earthengine": ee and {k: round(v, 2) if isinstance(v, float) else v for k, v in ee.items()},
-        "ee_latency_s": args.ee_latency_s,
-        "ee_max_in_flight": args.ee_max_in_flight,
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "samples_per_s": round(stac["samples_per_s"], 2),
-        "vs_local": round(stac["samples_per_s"] / local["samples_per_s"], 3),
-        "vs_earthengine": ee and round(stac["samples_per_s"] / ee["samples_per_s"], 3),
-    }
+    about = {"world_build_s": round(built, 1), "served_mb": round(served_mb, 1), "load_average_at_start": load}
+    result = summary(args, stac, local, ee, about)
     rates = f"STAC {stac['samples_per_s']:.1f}, local {local['samples_per_s']:.1f}"
     rates += f", Earth Engine {ee['samples_per_s']:.1f}" if ee else ""
     print(f"packed {args.n} points on {args.workers} process(es): {rates} samples/s")
