@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.28.0}  # the release paired with torch 2.13
 TORCH_BUILD=${TORCH_BUILD:-default}
-SYSTEM_PACKAGES=(slurm-wlm munge openmpi-bin libopenmpi-dev iproute2)
+SYSTEM_PACKAGES=(slurm-wlm munge openmpi-bin libopenmpi-dev iproute2 nginx)
 
 case "$TORCH_BUILD" in
     default) torch_args=("torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}") ;;
