@@ -96,6 +96,9 @@ json_str() {
 json_or_null() { # a file holding one JSON value, else null
     if [[ -s $1 ]]; then cat "$1"; else printf 'null'; fi
 }
+str_or_null() { # $1 as a JSON string, or null when empty
+    if [[ -n $1 ]]; then json_str "$1"; else printf 'null'; fi
+}
 
 write_summary() {
     local s first=1 tmp="$OUT_DIR/summary.json.tmp"
@@ -103,7 +106,7 @@ write_summary() {
         printf '{\n  "script": "benchmarks/gpu_check.sh",\n  "started_utc": %s,\n' "$(json_str "$STARTED")"
         printf '  "updated_utc": %s,\n' "$(json_str "$(date -u +%Y-%m-%dT%H:%M:%SZ)")"
         printf '  "elapsed_s": %d,\n  "budget_s": %d,\n' "$(($(date +%s) - T0))" "$OVERALL"
-        printf '  "host": %s,\n  "python": %s,\n' "$(json_str "$(hostname 2>/dev/null)")" "$(json_str "${PY:-none}")"
+        printf '  "host": %s,\n  "python": %s,\n' "$(json_str "$(hostname 2>/dev/null)")" "$(str_or_null "$PY")"
         printf '  "python_choice": %s,\n  "cuda": %s,\n' "$(json_str "$PY_WHY")" "$(json_str "$CUDA_WHY")"
         printf '  "gpus": %d,\n  "steps": {\n' "$NGPU"
         for s in "${STEPS[@]}"; do
@@ -111,7 +114,7 @@ write_summary() {
             first=0
             printf '    "%s": {"status": %s, "seconds": %s, "budget_s": %s, "log": %s, "result": %s}' "$s" \
                 "$(json_str "${STATUS[$s]}")" "${SECONDS_TAKEN[$s]:-null}" "${GIVEN[$s]:-null}" \
-                "$(json_str "$s.log")" "$(json_or_null "$OUT_DIR/$s.json")"
+                "$(str_or_null "$([[ -f $OUT_DIR/$s.log ]] && echo "$s.log")")" "$(json_or_null "$OUT_DIR/$s.json")"
         done
         printf '\n  },\n  "figures": %s,\n' "$(json_or_null "$OUT_DIR/figures.json")"
         printf '  "note": %s\n}\n' "$(json_str "Figures are copied from each benchmark's own JSON line on this \
@@ -216,21 +219,25 @@ choose_python() {
     return 1
 }
 
-# prepare_wheels: a venv under $OUT that sees the system's packages, with our package and what is missing
-# installed offline from --wheels
+# prepare_wheels: a venv under $OUT that sees the system's packages (torch) and the wheels of --wheels, installed
+# offline; the checkout itself stays on PYTHONPATH (no build of the package needed). All at once, else one by one,
+# so that one wheel for another Python does not keep out the others.
 prepare_wheels() {
-    local venv="$OUT_DIR/venv"
+    local venv="$OUT_DIR/venv" w rc=0
     {
-        echo "== offline install from $WHEELS into $venv"
-        "$PY" -m venv --system-site-packages "$venv" &&
-            "$venv/bin/python" -m pip install --no-index --find-links "$WHEELS" -e "$REPO"
+        echo "== offline install of $WHEELS/*.whl into $venv"
+        "$PY" -m venv --system-site-packages "$venv" || rc=$?
+        if ((rc == 0)) && ! "$venv/bin/python" -m pip install -q --no-index --find-links "$WHEELS" "$WHEELS"/*.whl; then
+            for w in "$WHEELS"/*.whl; do
+                "$venv/bin/python" -m pip install -q --no-index --no-deps "$w" || echo "(not installed: ${w##*/})"
+            done
+        fi
     } >>"$OUT_DIR/env.log" 2>&1
-    local rc=$?
-    if ((rc == 0)); then
+    if ((rc == 0)) && timeout 120 "$venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
         PY="$venv/bin/python"
-        PY_WHY="$PY_WHY; then $venv with the wheels of $WHEELS"
+        PY_WHY="$PY_WHY; then $venv with the wheels of $WHEELS (env.log lists any not installed)"
     else
-        PY_WHY="$PY_WHY; the offline install from $WHEELS failed (exit $rc, env.log), so without it"
+        PY_WHY="$PY_WHY; the venv with the wheels of $WHEELS failed (env.log), so without it"
     fi
 }
 

@@ -79,7 +79,7 @@ def test_without_cuda_every_gpu_step_is_skipped_with_the_reason_and_no_figure_is
     for name in CUDA_STEPS:
         step = s["steps"][name]
         assert step["status"].startswith("skipped: no CUDA (torch "), step
-        assert step["result"] is None and step["seconds"] is None
+        assert step["result"] is None and step["seconds"] is None and step["log"] is None
         assert not (out / f"{name}.json").exists()
     fig = s["figures"]
     assert fig["samples_per_s_per_gpu"] is None and fig["mfu"] is None and fig["headroom"] is None
@@ -106,10 +106,25 @@ def test_only_and_a_python_without_torch_say_what_did_not_run(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary(out)
     assert s["python_choice"] == "no python that imports torch: /nonexistent/python: not found"
+    assert s["python"] is None
     assert s["steps"]["pytest"]["status"] == "skipped: no python that imports torch"
     assert s["steps"]["train_step"]["status"] == "skipped: not in --only"
     assert s["steps"]["env"]["status"] == "passed"  # it reports what it found, even without a python
     assert s["figures"] is None
+
+
+def test_wheels_are_installed_offline_into_a_venv_or_the_run_says_it_went_without(tmp_path):
+    """A wheel folder whose only wheel is not one: the attempt is logged, and the run goes on with what it has."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    out = tmp_path / "out"
+    proc = check("--out", str(out), "--wheels", str(wheels), "--only", "pytest", "--budget", "90", "--step", "env=5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary(out)
+    assert f"== offline install of {wheels}/*.whl into {out}/venv" in (out / "env.log").read_text()
+    assert f"the wheels of {wheels}" in s["python_choice"]
+    assert s["python"] is not None
 
 
 def test_sigterm_ends_the_step_and_leaves_the_summary(tmp_path):
