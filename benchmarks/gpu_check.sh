@@ -27,7 +27,7 @@
 # Options:
 #   --out DIR              where everything goes (default: $OUT, else ./gpu_check_out)
 #   --budget SECONDS       overall limit, 1..3600 (default 450: within 8 minutes with the start-up and the summary)
-#   --step NAME=SECONDS    one step's budget (defaults: env=60 train_step=90 loader=75 predict_map=60 pytest=240)
+#   --step NAME=SECONDS    one step's budget (defaults: env=75 train_step=90 loader=75 predict_map=60 pytest=240)
 #   --only NAME[,NAME...]  run only these steps (env always runs: the others need what it finds)
 #   --python PATH          the interpreter to use
 #   --wheels DIR           install missing packages from these wheels (pip --no-index) into $OUT/venv
@@ -36,7 +36,7 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STEPS=(env train_step loader predict_map pytest)
-declare -A BUDGET=([env]=60 [train_step]=90 [loader]=75 [predict_map]=60 [pytest]=240)
+declare -A BUDGET=([env]=75 [train_step]=90 [loader]=75 [predict_map]=60 [pytest]=240)
 declare -A STATUS=() SECONDS_TAKEN=() GIVEN=()
 OVERALL=450
 MARGIN=8 # seconds kept for the summary after the last step
@@ -267,18 +267,18 @@ env_report() {
     echo "== cuda: $CUDA_WHY"
     timeout 60 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "cudnn", torch.backends.cudnn.version(), "bf16", torch.cuda.is_available() and torch.cuda.is_bf16_supported())'
-    echo "== soilnet doctor"
-    timeout 90 "$PY" -m soilnet.cli doctor 2>&1 || echo "(soilnet doctor: exit $?)"
     echo "== imports each step needs (empty: all import)"
+    local s
     if ((NGPU == 0)); then
         echo "(not checked: without CUDA no step runs)"
-        return 0
+    else
+        for s in train_step loader predict_map pytest; do
+            echo "-- $s"
+            needs "$s" | tee "$WORK/needs_$s"
+        done
     fi
-    local s
-    for s in train_step loader predict_map pytest; do
-        echo "-- $s"
-        needs "$s" | tee "$WORK/needs_$s"
-    done
+    echo "== soilnet doctor"
+    timeout 45 "$PY" -m soilnet.cli doctor 2>&1 || echo "(soilnet doctor: exit $?)"
 }
 
 # needs STEP: its missing imports, one per line (none: empty)
@@ -316,8 +316,15 @@ can_run() {
     return 1
 }
 
-# has_option SCRIPT OPTION: whether SCRIPT's --help lists OPTION
-has_option() { timeout 120 "$PY" "$1" --help 2>/dev/null | grep -q -- "$2"; }
+# help_of SCRIPT: SCRIPT's --help, asked once; has_option SCRIPT OPTION: whether it lists OPTION
+declare -A HELP=()
+help_of() {
+    [[ -n ${HELP[$1]+set} ]] || HELP[$1]=$(timeout 120 "$PY" "$1" --help 2>/dev/null)
+}
+has_option() {
+    help_of "$1"
+    grep -q -- "$2" <<<"${HELP[$1]}"
+}
 
 # last_json STEP: the step log's last line that is a JSON object, into STEP.json (nothing when there is none)
 last_json() {
@@ -374,6 +381,11 @@ counts["not_passed"] = {
 }
 print(json.dumps(counts))
 PY
+    local counts
+    counts=$(timeout 60 "$PY" -c 'import json, sys; c = json.load(open(sys.argv[1]))
+print(", ".join(f"{c[k]} {k}" for k in ("passed", "failures", "errors", "skipped")))' "$OUT_DIR/pytest.json" 2>/dev/null)
+    [[ -n $counts ]] && STATUS[pytest]="${STATUS[pytest]} ($counts)"
+    return 0
 }
 
 # figures.json: the headline figures, copied from the benchmarks' JSON, and the loader's headroom over the model
