@@ -16,7 +16,8 @@
 # benchmark's last line, its JSON object), pytest.xml, and summary.json, rewritten after every step: each step's
 # status ("passed", "failed: exit N", "timed out after S s", "skipped: <reason>"), its seconds and budget, and the
 # figures copied from the benchmarks' own JSON (null, with the reason, where none was measured). No step's failure
-# stops the others.
+# stops the others. Exit status: 0 when no step failed or timed out (skips do not count), 1 when one did, 2 for
+# bad arguments, 124 when the overall limit or a SIGTERM cut the run.
 #
 # The GPU machine may carry another Python and torch and none of our dependencies, with no internet. The script
 # uses --python (or $SOILNET_PYTHON), else the checkout's .venv, else python3 or python from PATH: the first that
@@ -450,7 +451,12 @@ main() {
     write_summary
     rm -rf "$WORK"
     echo "gpu_check.sh: $OUT_DIR/summary.json"
-    for s in "${STEPS[@]}"; do printf '  %-12s %s\n' "$s" "${STATUS[$s]}"; done
+    local bad=0
+    for s in "${STEPS[@]}"; do
+        printf '  %-12s %s\n' "$s" "${STATUS[$s]}"
+        [[ ${STATUS[$s]} == failed* || ${STATUS[$s]} == timed\ out* ]] && bad=1
+    done
+    return $bad
 }
 
 # the whole run under one limit, whatever hangs: this script again, under timeout
