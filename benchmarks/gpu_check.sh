@@ -173,16 +173,23 @@ on_term() {
 wanted() { [[ -z $ONLY || $1 == env || $ONLY == *",$1,"* ]]; }
 
 # ------------------------------------------------------------------------------------------------- python
-# missing_modules NAME...: the modules among NAME that do not import with $PY, one line "name: error" each
+# missing_modules NAME...: the modules among NAME that do not import with $PY, one line "name: error" each (what
+# the modules themselves print, e.g. warnings, is left out; a python that dies or hangs is one line too)
 missing_modules() {
-    timeout 120 "$PY" - "$@" <<'PY' 2>&1
+    local out rc
+    out=$(timeout 120 "$PY" - "$@" <<'PY' 2>/dev/null
 import importlib, sys
 for name in sys.argv[1:]:
     try:
         importlib.import_module(name)
     except BaseException as err:  # noqa: BLE001  (any failure to import is what this reports)
-        print(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        print(f"MISSING {name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
+print("CHECKED", flush=True)
 PY
+    )
+    rc=$?
+    grep '^MISSING ' <<<"$out" | sed 's/^MISSING //'
+    grep -q '^CHECKED$' <<<"$out" || echo "python: the import check did not finish (exit $rc)"
 }
 
 # script_imports FILE: the modules FILE imports at its top level (the ones it needs before doing anything)
@@ -309,7 +316,11 @@ can_run() {
     elif [[ $name == predict_map && ! -f $REPO/benchmarks/predict_map.py ]]; then
         STATUS[$name]="skipped: benchmarks/predict_map.py is absent (the maps benchmark has not landed)"
     elif ! missing=$(cached_needs "$name") || [[ -n $missing ]]; then
-        STATUS[$name]="skipped: missing python modules: $(echo "$missing" | cut -d: -f1 | paste -sd, - | sed 's/,/, /g')"
+        if [[ $missing == *"the import check did not finish"* ]]; then
+            STATUS[$name]="skipped: the check of its imports did not finish ($name.log)"
+        else
+            STATUS[$name]="skipped: missing python modules: $(echo "$missing" | cut -d: -f1 | paste -sd, - | sed 's/,/, /g')"
+        fi
         echo "$missing" >>"$OUT_DIR/$name.log"
     else
         return 0
