@@ -67,13 +67,14 @@ def test_bad_arguments_are_refused_before_anything_runs(args, message, tmp_path)
 
 @no_cuda_here
 def test_without_cuda_every_gpu_step_is_skipped_with_the_reason_and_no_figure_is_made(tmp_path):
-    """The default output folder is $OUT; the environment report runs; every CUDA step says why it did not."""
+    """The default output folder is $OUT and the interpreter $SOILNET_PYTHON; the environment report runs; every
+    CUDA step says why it did not."""
     out = tmp_path / "out"
-    proc = check("--budget", "60", OUT=str(out))
+    proc = check("--budget", "60", OUT=str(out), SOILNET_PYTHON=sys.executable)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary(out)
-    assert s["gpus"] == 0 and s["budget_s"] == 60 and s["python"].endswith("python")
-    assert "imports torch" in s["python_choice"] and "0 GPU(s)" in s["cuda"]
+    assert s["gpus"] == 0 and s["budget_s"] == 60 and s["python"] == sys.executable
+    assert s["python_choice"] == f"{sys.executable} imports torch" and "0 GPU(s)" in s["cuda"]
     assert list(s["steps"]) == STEPS
     assert s["steps"]["env"]["status"] == "passed", (out / "env.log").read_text()
     for name in CUDA_STEPS:
