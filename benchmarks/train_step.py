@@ -1,7 +1,9 @@
 """Pretraining step costs: DeepSpeed's overhead over a plain torch loop, 2-process vs 1-process throughput, and
-the share of a step spent in the gather-with-grad of the embeddings.
+the share of a step spent in the gather-with-grad of the embeddings; or, with ``--device cuda``, the model's
+samples/s per GPU and its MFU.
 
-    .venv/bin/python benchmarks/train_step.py [--config configs/pretrain/demo.yaml] [--steps 30] [--device cpu]
+    .venv/bin/python benchmarks/train_step.py [--config configs/pretrain/demo.yaml] [--steps 30]
+    .venv/bin/python benchmarks/train_step.py --device cuda [--config configs/pretrain/vit_b8_gpu.yaml] [--micro 128]
 
 Needs shards (``data.shards`` of the config; ``make demo`` packs outputs/demo/shards). The last line printed is one
 JSON object: ``deepspeed_overhead`` (DeepSpeed step time / plain-torch step time, one process; 1.10 = 10 % slower),
@@ -11,6 +13,15 @@ the embeddings' all-gather forward + all-reduce backward / step time, 2 processe
 Every process runs one intra-op thread: the loader's reader thread needs the other core, and two OpenMP threads
 beside it on 2 cores made the GRU's many small kernels 10x slower (spin-waiting), which would measure the
 oversubscription rather than the training loop.
+
+``--device cuda`` (or ``--model-step`` on the CPU) times the model step alone: one process, the config's model and
+loss in a DeepSpeed engine as pretraining builds it (bf16 and ZeRO stage 1 for the reference ViT-B/8 + climate
+Transformer), one micro-batch of ``--micro`` synthetic samples already on the device per step (forward, backward,
+optimizer step; no loader, which ``benchmarks/loader.py`` measures, and no all-gather over GPUs). Its JSON line:
+``samples_per_s_per_device``, ``flops_per_step`` (counted by ``torch.utils.flop_counter.FlopCounterMode`` on one
+step's forward and backward: matrix products, convolutions and attention, not element-wise ops nor the optimizer),
+``achieved_tflops`` and ``mfu`` = achieved / the GPU's dense bf16 peak (:data:`BF16_PEAK_TFLOPS`, by device name;
+null with ``mfu_reason`` for a device not in the table, an fp32 run or the CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -27,15 +39,37 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from soilnet.config.base import load_config
 from soilnet.config.pretrain import PretrainConfig
 from soilnet.data import build_loader, open_shards
+from soilnet.distributed import init_distributed, leave_process_group
 from soilnet.losses import ContrastiveLoss
 from soilnet.models import build_contrastive_model
-from soilnet.train.pretrain import loader_spec
+from soilnet.schema import SampleSchema
+from soilnet.train.pretrain import build_engine, loader_spec, plan_resume, precision
 
 REPO = Path(__file__).resolve().parents[1]
+CPU_CONFIG = REPO / "configs/pretrain/demo.yaml"
+GPU_CONFIG = REPO / "configs/pretrain/vit_b8_gpu.yaml"
+
+# Dense (no sparsity) bf16 tensor-core peak per GPU in TFLOP/s, from the vendor's data sheets, by a fragment of
+# torch.cuda.get_device_name(); the first fragment found wins, so the specific names come first.
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),  # SXM
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM
+    ("A100", 312.0),  # SXM and PCIe
+    ("L40S", 362.0),
+)
+FLOP_COUNT = (
+    "torch.utils.flop_counter.FlopCounterMode over one step's forward and backward of the micro-batch (matrix "
+    "products, convolutions, attention; not element-wise ops nor the optimizer step)"
+)
 
 
 def _port() -> str:
@@ -129,9 +163,119 @@ def plain_in_subprocess(config: str, steps: int, extra: list[str]) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+def bf16_peak(name: str) -> tuple[float | None, str]:
+    """The dense bf16 peak (TFLOP/s) of the GPU named ``name`` and where it comes from; None when not known."""
+    for fragment, peak in BF16_PEAK_TFLOPS:
+        if fragment in name:
+            return peak, f"{peak:g} TFLOP/s dense bf16 ('{fragment}' in the device name; vendor data sheet)"
+    known = ", ".join(f for f, _ in BF16_PEAK_TFLOPS)
+    return None, f"no known dense bf16 peak for '{name}' (known: {known})"
+
+
+def model_step_config(a: argparse.Namespace) -> PretrainConfig:
+    """The config with one micro-batch of ``a.micro`` per step on one process (no accumulation)."""
+    micro = a.micro or 128
+    extra = [f"train.global_batch_size={micro}", f"train.micro_batch_size={micro}", f"train.precision={a.precision}"]
+    backend = "nccl" if a.device == "cuda" else "gloo"
+    return load_config(PretrainConfig, a.config, [*extra, f"distributed.backend={backend}", *a.overrides])
+
+
+def synthetic_batch(schema: SampleSchema, micro: int, device: torch.device, dtype: torch.dtype):
+    """image (micro, C, H, W) and climate (micro, T, F) of standard-normal values, on ``device`` in ``dtype``."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(micro, *schema.image_shape, generator=g)
+    climate = torch.randn(micro, *schema.climate_shape, generator=g)
+    return image.to(device, dtype), climate.to(device, dtype)
+
+
+def engine_step(engine, image: torch.Tensor, climate: torch.Tensor, count: bool = False) -> int | None:
+    """One training step (forward, backward, optimizer); with ``count``, the FLOPs of its forward and backward."""
+    counter = FlopCounterMode(display=False) if count else None
+    if counter is not None:
+        with counter:
+            engine.backward(engine(image, climate)[0])
+    else:
+        engine.backward(engine(image, climate)[0])
+    engine.step()
+    return counter.get_total_flops() if counter is not None else None
+
+
+def timed_steps(engine, image, climate, device: torch.device, steps: int) -> float:
+    """Seconds per step over ``steps`` steps, the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine_step(engine, image, climate)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def mfu(flops: int, step_s: float, name: str, prec: str, device: torch.device) -> dict:
+    """Achieved TFLOP/s and MFU against the device's bf16 peak (null with the reason when there is none)."""
+    achieved = flops / step_s / 1e12
+    peak, source = bf16_peak(name) if device.type == "cuda" else (None, "MFU is against a GPU's peak; this is the CPU")
+    reason = source if peak is None else None
+    if peak is not None and prec != "bf16":
+        peak, reason = None, f"the peaks are bf16 and this run is {prec}"
+    return {
+        "achieved_tflops": achieved,
+        "peak_tflops_bf16": peak,
+        "peak_source": source,
+        "mfu": achieved / peak if peak else None,
+        "mfu_reason": reason,
+    }
+
+
+def model_step(a: argparse.Namespace) -> dict:
+    """The model step alone on one device (module docstring): samples/s, FLOPs and MFU."""
+    cfg = model_step_config(a)
+    info = init_distributed(cfg.distributed.backend)
+    schema = cfg.data.schema_.build()
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = plan_resume(cfg, info, Path(tmp))  # a fresh start: no checkpoint
+    prec = precision(cfg, info)
+    engine, _ = build_engine(cfg, info, schema, plan, prec, cfg.train.lr)
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    image, climate = synthetic_batch(schema, plan.micro, info.device, dtype)
+    flops = engine_step(engine, image, climate, count=True)  # the first warm-up step, counted
+    for _ in range(a.warmup):
+        engine_step(engine, image, climate)
+    step_s = timed_steps(engine, image, climate, info.device, a.steps)
+    name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else platform.processor() or "cpu"
+    result = {
+        "device": str(info.device),
+        "device_name": name,
+        "precision": prec,
+        "zero_stage": plan.stage,
+        "config": str(a.config),
+        "micro_batch": plan.micro,
+        "steps": a.steps,
+        "warmup_steps": a.warmup + 1,
+        "parameters": sum(p.numel() for p in engine.module.parameters()),
+        "step_s": step_s,
+        "samples_per_s_per_device": plan.micro / step_s,
+        "flops_per_step": flops,
+        "flops_per_sample": flops / plan.micro if flops is not None else None,
+        "flop_count": FLOP_COUNT,
+        **mfu(flops or 0, step_s, name, prec, info.device),
+        "max_memory_gib": torch.cuda.max_memory_allocated(info.device) / 2**30 if info.device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    leave_process_group()
+    return result
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(REPO / "configs/pretrain/demo.yaml"))
+    p.add_argument("--config", default=None, help=f"default: {CPU_CONFIG.name}; {GPU_CONFIG.name} with --device cuda")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the model step on one GPU")
+    p.add_argument("--model-step", action="store_true", help="the model step alone (always with --device cuda)")
+    p.add_argument("--micro", type=int, default=None, help="model step: samples per step (default 128)")
+    p.add_argument("--warmup", type=int, default=3, help="model step: untimed steps after the counted one")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="model step: default bf16 on cuda")
     p.add_argument("--steps", type=int, default=40)
     # the same for every run; at the demo's 32 the fixed per-step costs hide the model
     p.add_argument("--global-batch", type=int, default=256, help="samples per step in every run")
@@ -139,8 +283,21 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    a.model_step = a.model_step or a.device == "cuda"
+    a.config = a.config or str(GPU_CONFIG if a.device == "cuda" else CPU_CONFIG)
+    a.precision = a.precision or ("bf16" if a.device == "cuda" else "fp32")
+    return a
+
+
+def main() -> None:
+    a = parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no GPU")
+    os.environ.setdefault("DS_ACCELERATOR", a.device)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    if a.model_step:
+        print(json.dumps(model_step(a)))
+        return
     extra = ["deepspeed.zero_optimization.stage=0", f"train.global_batch_size={a.global_batch}", *a.overrides]
     if a.plain:
         print(plain_torch_sps(a.config, a.steps, extra))
