@@ -41,6 +41,10 @@ def deepspeed_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        # DeepSpeed >= 0.18 casts parameters only and keeps buffers fp32; batch norm then meets bf16 weights with
+        # fp32 running statistics and refuses them. Cast buffers too, as module.bfloat16() did.
+        derived["data_types"] = {"buffer_dtype": "bf16"}
     if optimizer is not None:
         derived["optimizer"] = optimizer
     out = deep_merge(derived, overrides or {})
