@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "tests" / "shards"))
 
 from cog_kit import corner_point, dem_covering, landsat_scene, local_rasters, scene_grid  # noqa: E402
 from fake_stac import DEM_COLLECTION, LANDSAT_COLLECTION, FakeStac, dem_item, landsat_item  # noqa: E402
-from http_server import require_nginx, serve_directory  # noqa: E402
+from http_server import nginx_binary, serve_directory  # noqa: E402
 from zarr_kit import climate_geotiffs, terraclimate_zarr  # noqa: E402
 
 from soilnet.schema import PATCH_SIZE, PIXEL_SIZE_M, SampleSchema  # noqa: E402
@@ -288,7 +288,8 @@ def summary(args: argparse.Namespace, stac: dict, local: dict, ee: dict | None, 
 
 def main() -> None:
     args = parse_args()
-    require_nginx()
+    if nginx_binary() is None:
+        sys.exit("stac_acquire: nginx is not installed (Debian package nginx; scripts/setup.sh installs it as root)")
     schema = SampleSchema()
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="stac-acquire-") as tmp:
