@@ -34,7 +34,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup: not root (or no apt-get); skipping Debian packages ${missing[*]}: the Slurm and MPI tests will skip"
+        echo "setup: not root (or no apt-get); skipping Debian packages ${missing[*]}: the Slurm, MPI and HTTP (nginx) tests will skip"
     fi
 fi
 
