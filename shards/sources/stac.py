@@ -154,7 +154,9 @@ class StacSource:
         self.schema, self.cfg = schema, cfg
         self.gdal = configure_gdal(gdal_options(cfg.max_retries, cfg.retry_delay_s, cfg.timeout_s), cfg.gdal)
         self.limit = HostLimit(cfg.max_per_host)
-        zarr.config.set({"async.concurrency": cfg.max_per_host})  # the chunk requests of one Zarr read at once
+        # one chunk request at a time per Zarr read, which holds one slot of the per-host limit; reads are per
+        # chunk of points and cached, so this costs little
+        zarr.config.set({"async.concurrency": 1})
         sign = load_hook(cfg.sign)
         self.topography = any(c in schema.channels for c in TOPOGRAPHY)
         collections = [cfg.collection, *([cfg.dem_collection] if self.topography else [])]

@@ -9,6 +9,8 @@ small windowed reads of few large files from many threads (docs/shards.md, "STAC
 - ``GDAL_HTTP_MULTIPLEX=YES`` and ``GDAL_HTTP_VERSION=2``: one HTTP/2 connection per host carries the parallel
   range requests where the server speaks HTTP/2 (HTTP/1.1 otherwise);
 - ``GDAL_HTTP_MERGE_CONSECUTIVE_RANGES=YES``: adjacent tiles of one window in one request;
+- ``GDAL_HTTP_MULTIRANGE=SERIAL``: the other ranges of one read one after another, so that a read holding one slot
+  of the per-host limit (:class:`HostLimit`) is one request in flight; the threads give the parallelism;
 - ``GDAL_INGESTED_BYTES_AT_OPEN=32768``: a COG's header and tile index in the first request;
 - ``VSI_CACHE=TRUE`` (per open file) and ``CPL_VSIL_CURL_CACHE_SIZE`` (process-wide): headers, overviews and
   tiles already fetched are served from memory to the next points of the same scene;
@@ -47,6 +49,7 @@ def gdal_options(max_retries: int, retry_delay_s: float, timeout_s: float) -> di
         "GDAL_HTTP_MULTIPLEX": "YES",
         "GDAL_HTTP_VERSION": "2",
         "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+        "GDAL_HTTP_MULTIRANGE": "SERIAL",
         "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
         "VSI_CACHE": "TRUE",
         "VSI_CACHE_SIZE": str(16 << 20),
