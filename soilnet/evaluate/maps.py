@@ -6,8 +6,9 @@ fall on an alignment origin; cells whose centre falls outside the region are nod
 (``--tile-size`` cells square, :func:`tile_bands`): the tile path (:mod:`soilnet.evaluate.tiles`) cuts every
 cell's patch from one windowed read, the per-point path calls an ``acquire`` function per batch of cells; a
 ``predict`` function maps the inputs to SOC in batches. Each finished tile is written atomically to
-``<out>.parts/`` as a GeoTIFF; a rerun (after a kill, or after ``--max-tiles``) skips finished tiles. The COG is
-assembled when every tile is done, streamed from a VRT of the tiles through GDAL's COG driver (docs/maps.md).
+``<out>.parts/`` as a GeoTIFF (:func:`tile_writer`); :mod:`soilnet.jobs.map_tasks` runs the tiles (spread over
+tasks; a rerun, after a kill or after ``--max-tiles``, skips finished tiles). The COG is assembled when every tile
+is done, streamed from a VRT of the tiles through GDAL's COG driver (docs/maps.md).
 
 Bands (:data:`BANDS`): 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the
 model, in the target's unit; 4 the area of applicability (1 inside, 0 outside: an ``applicability`` function of
@@ -38,7 +39,6 @@ from soilnet.atomic import atomic_path, write_text
 from soilnet.evaluate.conformal import intervals
 from soilnet.evaluate.plots import _save, plt
 from soilnet.evaluate.tiles import Batch, TileAcquire
-from soilnet.progress import Progress
 
 log = logging.getLogger("soilnet.maps")
 
@@ -52,7 +52,17 @@ Applicability = Callable[[np.ndarray | None, np.ndarray | None], np.ndarray]
 BANDS = ("prediction", "lower", "upper", "aoa")
 AOA_DESCRIPTION = "aoa (1 inside, 0 outside)"
 COG_BLOCK = 512
-GDAL_CACHE_MB = 64  # GDAL's block cache while assembling: bounds the memory whatever the map's size
+# GDAL's block cache (MiB) while assembling, and while computing tiles (a tile's window is read once; GDAL's
+# default, 5 % of the node's memory, would keep every raster block a map reads, gigabytes on a GPU node; too small
+# a cache decodes a row of blocks again for each band and strip): bounds the memory whatever the map's size
+GDAL_CACHE_MB = 64
+TILE_GDAL_CACHE_MB = 256
+
+
+def gdal_cache(mib: int) -> rasterio.Env:
+    """A rasterio environment with GDAL's block cache at ``mib`` MiB (rasterio takes GDAL_CACHEMAX in bytes: a
+    bare 64 would be 64 bytes, no cache at all)."""
+    return rasterio.Env(GDAL_CACHEMAX=mib * 2**20)
 
 
 class MapError(ValueError):
@@ -218,43 +228,34 @@ def tile_bands(
     return out, {"cells": len(lon), "failed": failed}
 
 
-def predict_tiles(
+# (row, col) -> (cells inside the region, cells whose acquisition failed), the tile written to ``parts/``: the
+# ``compute_tile`` of the one tile loop, :func:`soilnet.jobs.map_tasks.run_tiles`
+ComputeTile = Callable[[int, int], tuple[int, int]]
+
+
+def tile_writer(
     grid: Grid,
     projected,
+    parts: Path,
     acquire,
     predict: Callable[[np.ndarray | None, np.ndarray | None], np.ndarray],
     half_width: float,
-    parts: Path,
     space: str = "original",
     batch_size: int = 256,
-    max_tiles: int | None = None,
     applicability: Applicability | None = None,
-) -> dict:
-    """Predict every unfinished tile into ``parts/`` (``r{row}_c{col}.tif``, :func:`tile_bands`, band 4 from
-    ``applicability``); return counts. Reports the tiles done of those to do (:mod:`soilnet.progress`)."""
-    parts.mkdir(parents=True, exist_ok=True)
-    skipped = new = failed = cells = 0
-    todo = sum(1 for r, c in grid.tiles() if not tile_path(parts, r, c).exists())
-    progress = Progress("predict-map", todo if max_tiles is None else min(todo, max_tiles), "tile")
-    for row, col in grid.tiles():
-        if tile_path(parts, row, col).exists():
-            skipped += 1
-            continue
-        if max_tiles is not None and new >= max_tiles:
-            break
-        bands, counts = tile_bands(
-            grid, projected, row, col, acquire, predict, half_width, space, batch_size, applicability
-        )
-        write_tile(parts, grid, row, col, bands)
-        new += 1
-        cells += counts["cells"]
-        failed += counts["failed"]
-        log.info("tile (%d, %d): %d cells", row, col, counts["cells"])
-        progress.update(1)
-    progress.close()
-    total = len(grid.tiles())
-    finished = sum(1 for r, c in grid.tiles() if tile_path(parts, r, c).exists())
-    return {"tiles": total, "finished": finished, "new": new, "reused": skipped, "cells": cells, "failed": failed}
+) -> ComputeTile:
+    """What computes one tile: its bands (:func:`tile_bands`) written atomically to ``parts/`` (:func:`write_tile`),
+    returning its cells and failed cells, under a GDAL block cache of :data:`TILE_GDAL_CACHE_MB`. The loop over
+    tiles, their resumption and spreading over tasks is :func:`soilnet.jobs.map_tasks.run_tiles`'s."""
+
+    def compute_tile(row: int, col: int) -> tuple[int, int]:
+        args = (acquire, predict, half_width, space, batch_size, applicability)
+        with gdal_cache(TILE_GDAL_CACHE_MB):
+            bands, counts = tile_bands(grid, projected, row, col, *args)
+            write_tile(parts, grid, row, col, bands)
+        return counts["cells"], counts["failed"]
+
+    return compute_tile
 
 
 def tiles_vrt(path: Path, grid: Grid, parts: Path, names: tuple[str, ...], units: tuple[str, ...], tags: dict) -> Path:
@@ -290,7 +291,7 @@ def write_cog(path: Path, source: Path, grid: Grid) -> Path:
     """``source`` (the tiles' VRT) through GDAL's COG driver: 512-pixel blocks, DEFLATE, overviews down to one
     block (at least one level), written atomically. GDAL streams it: memory does not grow with the map."""
     levels = max(1, math.ceil(math.log2(max(grid.width, grid.height, 1) / COG_BLOCK)))
-    with atomic_path(path) as tmp, rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+    with atomic_path(path) as tmp, gdal_cache(GDAL_CACHE_MB):
         rasterio.shutil.copy(
             str(source),
             tmp,
@@ -374,7 +375,7 @@ def write_map(out: Path, grid: Grid, parts: Path, target: dict, conformal: dict,
     names = (f"{target.get('name')} ({unit})", f"lower {pct} %", f"upper {pct} %", AOA_DESCRIPTION)
     vrt = tiles_vrt(parts / "tiles.vrt", grid, parts, names, (unit, unit, unit, ""), tags)
     write_cog(out, vrt, grid)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(out) as src:
+    with gdal_cache(GDAL_CACHE_MB), rasterio.open(out) as src:
         cells = sum(int(np.isfinite(src.read(1, window=w)).sum()) for _, w in src.block_windows(1))
         preview = write_preview(out.with_suffix(".png"), read_preview(out), unit, level)
     return {"preview": str(preview), "cells_predicted": cells}

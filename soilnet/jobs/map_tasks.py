@@ -20,7 +20,8 @@ position in the row-major list is ``k`` modulo ``n``, so tasks never write the s
   options (one process) ignores the claim.
 - One process (no task options) computes every missing tile, then assembles.
 
-The driver knows nothing of how a tile is computed or how the map is assembled: both are callables.
+The driver knows nothing of how a tile is computed or how the map is assembled: both are callables
+(:func:`soilnet.evaluate.maps.tile_writer` computes and writes a tile). It is the one loop over a map's tiles.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from rasterio.errors import RasterioError, RasterioIOError
 from shards.parallel import Workers
 from soilnet.atomic import create_exclusive
 from soilnet.evaluate import maps
-from soilnet.evaluate.maps import MapError
+from soilnet.evaluate.maps import ComputeTile, MapError
 from soilnet.progress import Progress
 
 log = logging.getLogger("soilnet.map_tasks")
@@ -47,8 +48,6 @@ CLAIM = "assemble.claim"
 TAG = "soilnet_map"  # the COG tag that records the fingerprint of the grid and model it maps
 
 Tile = tuple[int, int]
-# (row, col) -> (cells inside the region, cells whose acquisition failed); writes the tile to tile_path(parts, tile)
-ComputeTile = Callable[[int, int], tuple[int, int]]
 # () -> what assembling the map reports (merged into the summary)
 Assemble = Callable[[], dict]
 

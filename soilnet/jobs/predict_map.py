@@ -40,13 +40,13 @@ from soilnet.evaluate.maps import (
     MapError,
     fingerprint,
     plan_grid,
-    tile_bands,
+    tile_writer,
     write_map,
-    write_tile,
 )
 from soilnet.evaluate.tiles import TileAcquire
 from soilnet.jobs.map_tasks import TAG, check_output, claim_parts, run_tiles
 from soilnet.regions import read_region
+from soilnet.schema import SampleSchema
 from soilnet.train.regressor import MODEL_FILE, load_model
 
 
@@ -94,12 +94,7 @@ def predict_map(
     predict = bf16_predict(model) if bf16 else model.predict
     applicability = aoa_flags(area, model)
 
-    def compute_tile(row: int, col: int) -> tuple[int, int]:
-        args = (acquire, predict, q, space, batch_size, applicability)
-        bands, counts = tile_bands(grid, projected, row, col, *args)
-        write_tile(parts, grid, row, col, bands)
-        return counts["cells"], counts["failed"]
-
+    compute_tile = tile_writer(grid, projected, parts, acquire, predict, q, space, batch_size, applicability)
     config = {"region": str(region_path), "resolution_m": resolution_m, "overrides": list(overrides)}
     tags = map_tags(model_file, fp, config, area.threshold)
 
@@ -107,7 +102,7 @@ def predict_map(
         return write_map(out, grid, parts, model.target, model.conformal, tags)
 
     summary = run_tiles(grid.tiles(), compute_tile, assemble, parts, workers, max_tiles)
-    summary.update(out=str(out), seconds=round(time.time() - start, 1), task=workers.rank, tasks=workers.world)
+    summary.update(out=str(out), seconds=round(time.time() - start, 3), task=workers.rank, tasks=workers.world)
     return summary
 
 
@@ -182,31 +177,58 @@ def check_overlap(region, source) -> None:
         )
 
 
+def check_schema(model, source_schema: SampleSchema, where: str) -> None:
+    """A :class:`MapError` naming both sides when the data source cannot give the model its inputs: the model's
+    channels (when it takes the image), climate variables and months (when it takes the climate) must be among the
+    source's, and the patches' size and pixel size the same. ``source_schema``: the pack config's (``where`` says
+    which). A model of a subset (a fine-tuning ``data.schema``) is served that subset."""
+    m, s = model.schema, source_schema
+    problems = []
+    if "image" in model.modalities:
+        if set(m.channels) - set(s.channels):
+            problems.append(f"channels: the model's {list(m.channels)}, the source's {list(s.channels)}")
+        if (m.patch_size, m.pixel_size_m) != (s.patch_size, s.pixel_size_m):
+            problems.append(
+                f"patches: the model's {m.patch_size} x {m.pixel_size_m:g} m pixels, the source's "
+                f"{s.patch_size} x {s.pixel_size_m:g} m"
+            )
+    if "climate" in model.modalities:
+        if set(m.climate_variables) - set(s.climate_variables):
+            problems.append(
+                f"climate variables: the model's {list(m.climate_variables)}, the source's {list(s.climate_variables)}"
+            )
+        if set(m.months) - set(s.months):
+            problems.append(
+                f"climate months: the model's {m.months[0]}..{m.months[-1]}, the source's {s.months[0]}..{s.months[-1]}"
+            )
+    if problems:
+        raise MapError(f"the model's schema does not fit its data source ({where}): " + "; ".join(problems))
+
+
 def source_tiles(
     checkpoint: Path, model, overrides: list[str], batch_size: int = 256, per_point: bool = False, region=None
 ):
     """The tile path (:class:`~soilnet.evaluate.tiles.TileAcquire`) of the model's data source when the source
-    serves windows (local rasters, the synthetic world), else its per-point path (:func:`source_acquire`: Earth
-    Engine, whose tile request is not implemented). A ``region`` (lon/lat) outside the rasters is refused here,
-    before any tile runs (:func:`check_overlap`)."""
-    source = make_source(_pack_config(checkpoint, overrides), model.schema)
+    serves windows (local rasters, the synthetic world), else its per-point path (:func:`source_acquire`). Refused
+    here, before any tile runs: a model the source cannot serve (:func:`check_schema`), and a ``region`` (lon/lat)
+    outside the rasters (:func:`check_overlap`)."""
+    pack_cfg = _pack_config(checkpoint, overrides)
+    where = "the pack config of its training shards" + (f", with overrides {overrides}" if overrides else "")
+    check_schema(model, pack_cfg.schema_.build(), where)
+    source = make_source(pack_cfg, model.schema)
     check_overlap(region, source)
     if per_point or not hasattr(source, "read_window"):
-        return source_acquire(checkpoint, model, overrides)
+        return source_acquire(pack_cfg, source, model)
     s = model.schema
     use_image, use_climate = "image" in model.modalities, "climate" in model.modalities
     return TileAcquire(source, s.patch_size, s.pixel_size_m, use_image, use_climate, batch_size)
 
 
-def source_acquire(checkpoint: Path, model, overrides: list[str]) -> Acquire:
-    """Acquisition through the shards sources interface, configured like the model's training shards.
-
-    The pack config comes from the manifest of the fine-tuning run's ``data.shards`` (``key=value`` overrides
-    apply to it, e.g. ``source.kind=rasters``); each cell is built by the packer's own ``make_sample``, so a map
-    cell holds exactly what a shard sample would. A point the source rejects becomes a nodata cell.
+def source_acquire(pack_cfg: PackConfig, source, model) -> Acquire:
+    """The per-point path: each cell built by the packer's own ``make_sample`` from ``source`` (made from
+    ``pack_cfg``, the model's training shards' pack config with the overrides), so a map cell holds exactly what
+    a shard sample would. A point the source rejects becomes a nodata cell.
     """
-    pack_cfg = _pack_config(checkpoint, overrides)
-    source = make_source(pack_cfg, model.schema)
     on_nonfinite = getattr(pack_cfg.shard, "on_nonfinite", "mask")
     use_image, use_climate = "image" in model.modalities, "climate" in model.modalities
 

@@ -16,9 +16,12 @@ from shards.pack import make_sample
 from shards.sources.synthetic import SyntheticWorld
 from soilnet.evaluate.maps import (
     COG_BLOCK,
+    GDAL_CACHE_MB,
+    TILE_GDAL_CACHE_MB,
     Grid,
     MapError,
     _limits,
+    gdal_cache,
     plan_grid,
     tile_bands,
     tile_cells,
@@ -109,6 +112,14 @@ def test_the_tile_path_flags_cells_from_the_inputs_it_predicts_on():
         assert np.array_equal(bands[3][inside], (bands[0][inside] > threshold).astype(np.float32))
         flagged += int((bands[3][inside] == 0).sum())
     assert flagged > 0
+
+
+def test_gdal_block_cache_is_set_in_mebibytes():
+    """rasterio takes GDAL_CACHEMAX in bytes: the map's caches are MiB, not a few bytes (no cache at all)."""
+    with gdal_cache(TILE_GDAL_CACHE_MB):
+        assert rasterio.env.getenv()["GDAL_CACHEMAX"] == TILE_GDAL_CACHE_MB * 2**20
+    with gdal_cache(GDAL_CACHE_MB):
+        assert rasterio.env.getenv()["GDAL_CACHEMAX"] == GDAL_CACHE_MB * 2**20
 
 
 def test_valid_counts_flag_every_patch_touching_a_bad_pixel():
