@@ -55,11 +55,14 @@ class TileAcquire:
     image_dtype: Any = np.float16  # the shards' storage type, which the model was trained on
 
     def strip_rows(self, n_cols: int, n_channels: int, resolution: float) -> int:
-        """Cell rows per window read so that a window holds at most ``max_values`` values."""
+        """Cell rows per window read so that a window holds at most ``max_values`` values, and at most the
+        source's ``max_window_pixels`` pixels where it has a limit (Earth Engine's request size): ``k`` cell rows
+        take ``ceil((k - 1) * step) + patch_size + 1`` pixel rows of the window's width."""
         step = resolution / self.pixel_size_m
         width = math.ceil((n_cols - 1) * step) + self.patch_size + 1
-        per_row = max(1.0, step) * width * n_channels
-        return max(1, int((self.max_values / per_row - self.patch_size) // max(1.0, step)) + 1)
+        pixel_rows = self.max_values / (width * n_channels)
+        pixel_rows = min(pixel_rows, getattr(self.source, "max_window_pixels", math.inf) / width)
+        return max(1, int((math.floor(pixel_rows) - self.patch_size - 1) // step) + 1)
 
     def batches(self, crs, xs: np.ndarray, ys: np.ndarray, inside: np.ndarray, lon, lat) -> Iterator[Batch]:
         """Batches over a tile's inside cells, row-major. ``xs``/``ys``: the cell centres' map coordinates of the

@@ -2,10 +2,12 @@
 
 The grid, the tiles, their resumption and the COG are :mod:`soilnet.evaluate.maps`'s. This job joins them to the
 saved model (:mod:`soilnet.train.regressor`) and to the data source, configured like the model's training shards.
-Sources that serve windows (local rasters, the synthetic world) take the tile path
-(:mod:`soilnet.evaluate.tiles`): one read per tile in the map's CRS, every cell's patch a view of it. Earth Engine
-takes the per-point path: each cell built by the packer's own sample builder (its ``computePixels`` tile request
-is not implemented yet). docs/maps.md measures how far the two paths' predictions differ.
+Sources that serve windows (local rasters, the synthetic world, Earth Engine) take the tile path
+(:mod:`soilnet.evaluate.tiles`): one read per tile in the map's CRS, every cell's patch a view of it; on Earth
+Engine that read is one ``computePixels`` of a cloud-masked winter composite on the tile's grid plus one
+TerraClimate request (:mod:`shards.sources.earthengine`). ``per_point`` (``--per-point``) builds each cell through
+the packer's own sample builder instead (2 requests per cell on Earth Engine; the STAC source has only this path).
+docs/maps.md measures how far the two paths' predictions differ.
 
 Bands: 1 prediction, 2 lower and 3 upper bound of the split-conformal interval saved with the model, in the
 target's unit; 4 the area of applicability (1 inside, 0 outside; :mod:`soilnet.evaluate.aoa`, from the

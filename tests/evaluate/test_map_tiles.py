@@ -216,3 +216,29 @@ def test_bf16_prediction_stays_close_to_float32(finetuned_dir, tmp_path, kit):
     ok = np.isfinite(maps[0])
     assert ok.sum() > 50 and np.array_equal(ok, np.isfinite(maps[1]))
     assert np.allclose(maps[1][ok], maps[0][ok], rtol=0.05)
+
+
+class LimitedSource:
+    """A source that caps the pixels of one window read (as Earth Engine's request size does)."""
+
+    max_window_pixels = 300_000
+
+
+@pytest.mark.parametrize("resolution", [10.0, 30.0, 250.0, 1000.0])
+@pytest.mark.parametrize("source", [object(), LimitedSource()], ids=["no-limit", "pixel-limit"])
+def test_a_strip_is_the_most_cell_rows_whose_window_fits_the_budget(resolution, source):
+    """``k`` cell rows need ``ceil((k - 1) * step) + patch + 1`` pixel rows of the window's width: the strip takes
+    the largest ``k`` within ``max_values`` values and the source's pixel limit, and one more would not fit. At
+    least one row: a window over the source's limit is the source's to cut (Earth Engine's request blocks)."""
+    n_cols, channels, patch, pixel = 256, 14, 64, 30.0
+    acquire = TileAcquire(source, patch, pixel, max_values=8 * 2**20)
+    step = resolution / pixel
+    width = int(np.ceil((n_cols - 1) * step)) + patch + 1
+
+    def fits(k: int) -> bool:
+        height = int(np.ceil((k - 1) * step)) + patch + 1
+        limit = getattr(source, "max_window_pixels", np.inf)
+        return height * width * channels <= acquire.max_values and height * width <= limit
+
+    k = acquire.strip_rows(n_cols, channels, resolution)
+    assert (fits(k) or k == 1) and not fits(k + 1)

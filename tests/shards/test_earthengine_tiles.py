@@ -297,6 +297,16 @@ def ee_checkpoint(finetuned: Path, fake, tmp_path: Path) -> Path:
         f"source.earthengine.budget_dir={tmp_path / 'budget'}",
     ]
     manifest["config"] = load_config(PackConfig, EUROPE, overrides).model_dump(mode="json")
+    s = manifest["schema"]  # packed with the model's schema, as its shards were (predict-map checks they agree)
+    manifest["config"].pop("schema_", None)
+    manifest["config"]["schema"] = {
+        "channels": s["channels"],
+        "climate_variables": s["climate_variables"],
+        "first_month": s["months"][0],
+        "last_month": s["months"][-1],
+        "patch_size": s["patch_size"],
+        "pixel_size_m": s["pixel_size_m"],
+    }
     (shards / "manifest.json").write_text(json.dumps(manifest))
     config["data"]["shards"] = str(shards)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
