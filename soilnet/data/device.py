@@ -62,11 +62,11 @@ class DeviceBatches:
         self.batches, self.spec, self.device = batches, spec, torch.device(device)
 
     def __iter__(self) -> Iterator[dict]:
+        """The device batches; the loader's iterator (and its workers) starts here, not at the first batch."""
+        batches = iter(self.batches)
         if self.device.type != "cuda":
-            for batch in self.batches:
-                yield augment_batch(to_device(batch, self.device), self.spec)
-            return
-        yield from self._prefetched()
+            return (augment_batch(to_device(batch, self.device), self.spec) for batch in batches)
+        return self._prefetched(batches)
 
     def _stage(self, host: dict, stream: torch.cuda.Stream) -> tuple[dict, torch.cuda.Event]:
         """Issue the copy and augmentation of ``host`` on ``stream``; returns the device batch and its event."""
@@ -76,9 +76,8 @@ class DeviceBatches:
             done.record(stream)
         return batch, done
 
-    def _prefetched(self) -> Iterator[dict]:
+    def _prefetched(self, it: Iterator[dict]) -> Iterator[dict]:
         stream = torch.cuda.Stream(self.device)
-        it = iter(self.batches)
         host = next(it, None)
         staged = None if host is None else self._stage(host, stream)
         while staged is not None:

@@ -221,12 +221,12 @@ class Loader:
         self.adopter: SharedAdopter | None = None  # the current iteration's (tests count its buffers)
 
     def __iter__(self) -> Iterator[dict]:
+        """The batches; the workers start here, not at the first batch (a caller may block signals around it)."""
+        batches = iter(self.loader)
         if not self.loader.num_workers:
-            yield from self.loader
-            return
-        self.adopter = adopter = SharedAdopter(pin=self.batches.decoder.pool.pin)
-        for batch in self.loader:
-            yield adopter.adopt(batch)
+            return batches
+        self.adopter = SharedAdopter(pin=self.batches.decoder.pool.pin)
+        return map(self.adopter.adopt, batches)
 
 
 def build_loader(shards: ShardSet, spec: LoaderSpec, start_step: int = 0) -> Loader:

@@ -4,6 +4,8 @@ memory per batch, and on CUDA pinned batches prefetched on a side stream."""
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 
@@ -87,3 +89,13 @@ def test_pinned_batches_prefetched_to_cuda_equal_the_cpu_ones(shards):
             for name in ("image", "image2", "climate", "climate_key"):
                 assert b[name].device.type == "cuda"
                 assert torch.equal(a[name], b[name].cpu()), (workers, name)  # index operations move values exactly
+
+
+def test_workers_start_when_iteration_starts_not_at_the_first_batch(shards):
+    """Pretraining blocks stop signals around ``iter()`` only: workers started later would die on a SIGTERM."""
+    sp = spec(1)
+    before = set(multiprocessing.active_children())
+    it = iter(DeviceBatches(build_loader(open_shards(shards, SchemaConfig()), sp, 0), sp, "cpu"))
+    assert set(multiprocessing.active_children()) - before  # the worker runs before any batch is asked for
+    assert next(it)["step"] == 0
+    del it
