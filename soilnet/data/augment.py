@@ -23,8 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from soilnet.data.pool import TensorPool
-
 
 @dataclass(frozen=True)
 class AugmentSpec:
@@ -234,45 +232,45 @@ def _gathered(x: torch.Tensor, d: Draws, v: int, pad: int) -> torch.Tensor:
     return x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
 
 
-_WORK = TensorPool()  # the CPU form's work arrays and outputs: a fresh 20 MB array is page faults on every touch
-
-
 def _sliced(x: torch.Tensor, d: Draws, v: int, pad: int) -> torch.Tensor:
     """:func:`augment_images`'s geometry for square patches and ``pad`` < H, as row copies, for CPUs.
 
-    Samples go kind by kind (transposed or not, columns reversed or not), so that a kind's work arrays stay in
-    cache: its samples are copied turned to where their views read rows (transposed after an odd number of turns,
-    columns reversed when the window reads them backwards) and reflect-padded along W; every output row is then a
-    run of W adjacent values of those copies (one ``index_select`` over a sliding-window view, which also
-    reflects, reverses and crops the rows), and the kind's views are copied to their rows of the output. Work
-    arrays and the output come from a pool: no fresh memory per batch."""
+    Each sample is first copied turned to where its view reads rows: transposed after an odd number of turns,
+    columns reversed when the window reads them backwards (rows of the same kind together, so each kind is one
+    copy). Those copies are reflect-padded along W at once, and every output row is then a run of W adjacent
+    values of them: one ``index_select`` over a sliding-window view, which also reverses and reflects the rows."""
     b, c, h, w = x.shape
-    wp = w + 2 * pad
     odd, rev_r, rev_c, r0, c0 = _window(d, v, h, w, pad)
     # in the turned copy (x, or its transpose after an odd number of turns) the window's rows and columns
     first_row, row_rev = torch.where(odd, c0, r0), torch.where(odd, rev_c, rev_r)
     first_col, col_rev = torch.where(odd, r0, c0), torch.where(odd, rev_r, rev_c)
-    a = first_row[:, None] + torch.arange(h, device=x.device)  # (B, H) padded rows read
-    rows = reflect_index(h, pad, x.device)[torch.where(row_rev[:, None], h + 2 * pad - 1 - a, a)] * wp
     kind = 2 * odd.long() + col_rev.long()
-    work = [_WORK.tensor(shape, x.dtype) for shape in ((b, c, h, w), (b, c, h, w), (b, c, h, wp), (b, c, h, w))]
-    turned, flipped, padded, views = work
-    runs = padded.view(-1).as_strided((padded.numel() - w + 1, w), (1, 1))  # run k: values k .. k + W - 1
-    out = _WORK.tensor((b, c, h, w), x.dtype)
-    for k in range(4):
-        idx = (kind == k).nonzero().view(-1)
-        n = len(idx)
-        if not n:
+    order = torch.argsort(kind, stable=True)
+    padded = x.new_empty((b, c, h, w + 2 * pad))
+    start = 0
+    for k in range(4):  # each kind's samples turned, then reflect-padded along W into their rows of ``padded``
+        idx = order[kind[order] == k]
+        if not len(idx):
             continue
-        part = torch.index_select(x.transpose(-1, -2) if k >= 2 else x, 0, idx, out=turned[:n])
+        turned = (x.transpose(-1, -2) if k >= 2 else x).index_select(0, idx)
         if k % 2:
-            part = torch.ops.aten.flip.out(part, [-1], out=flipped[:n])
-        torch.ops.aten.reflection_pad2d.out(part, [pad, pad, 0, 0], out=padded[:n])  # (as 2-d: 1-d is slow)
-        plane = torch.arange(n * c, device=x.device).view(n, c) * (h * wp) + first_col[idx, None]
-        starts = plane[:, :, None] + rows[idx, None, :]  # (n, C, H): where each output row's run starts
-        torch.index_select(runs, 0, starts.view(-1), out=views[:n].view(-1, w))
-        out.index_copy_(0, idx, views[:n])
-    return out
+            turned = turned.flip(-1)
+        dst = padded[start : start + len(idx)]
+        if pad:
+            torch.ops.aten.reflection_pad2d.out(turned, [pad, pad, 0, 0], out=dst)  # (as 2-d: 1-d is slow)
+        else:
+            dst.copy_(turned)
+        start += len(idx)
+    wp = w + 2 * pad
+    position = torch.empty_like(order)
+    position[order] = torch.arange(b, device=x.device)
+    a = first_row[:, None] + torch.arange(h, device=x.device)  # (B, H) padded rows read
+    rows = reflect_index(h, pad, x.device)[torch.where(row_rev[:, None], h + 2 * pad - 1 - a, a)]
+    plane = (position[:, None] * c + torch.arange(c, device=x.device)) * h  # (B, C)
+    starts = (plane[:, :, None] + rows[:, None, :]) * wp + first_col.view(b, 1, 1)
+    flat = padded.reshape(-1)
+    runs = flat.as_strided((flat.numel() - w + 1, w), (1, 1))  # run k: values k .. k + W - 1 of the padded copies
+    return runs.index_select(0, starts.view(-1)).view(b, c, h, w)
 
 
 def augment_images(
