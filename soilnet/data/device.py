@@ -4,12 +4,14 @@ The loader hands over batches that are normalised but not augmented (:mod:`soiln
 the device is a GPU. :class:`DeviceBatches` copies each one to the device with ``non_blocking`` copies, then
 applies the batch's augmentation there as index operations (:func:`augment_batch`). On a GPU the copy and the
 augmentation of batch N+1 are issued on a side CUDA stream before batch N is handed to the step, so they overlap
-step N; the step's stream waits for them only when it takes batch N+1. On a CPU it is a pass-through that
-augments each batch as it is taken.
+step N; the step's stream waits for them only when it takes batch N+1. On a CPU the augmentation of batch
+N+1 runs in a thread while the caller works on batch N (torch's operations release the GIL).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -56,7 +58,8 @@ def augment_batch(batch: dict, spec: LoaderSpec) -> dict:
 class DeviceBatches:
     """``batches`` (host dicts from the loader) on ``device``, augmented there (:func:`augment_batch`). On CUDA
     the copy and augmentation of the next batch run on a side stream while the caller works on the current one
-    (the host tensors should be pinned: ``LoaderSpec.pin_memory``); elsewhere, one batch at a time."""
+    (the host tensors should be pinned: ``LoaderSpec.pin_memory``); on a CPU the augmentation of the next batch
+    runs in a thread (:func:`_in_thread`)."""
 
     def __init__(self, batches: Iterable[dict], spec: LoaderSpec, device: torch.device | str):
         self.batches, self.spec, self.device = batches, spec, torch.device(device)
@@ -64,9 +67,11 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[dict]:
         """The device batches; the loader's iterator (and its workers) starts here, not at the first batch."""
         batches = iter(self.batches)
-        if self.device.type != "cuda":
-            return (augment_batch(to_device(batch, self.device), self.spec) for batch in batches)
-        return self._prefetched(batches)
+        if self.device.type == "cuda":
+            return self._prefetched(batches)
+        if not self.spec.augment.enabled:
+            return (to_device(batch, self.device) for batch in batches)
+        return _in_thread(augment_batch(to_device(batch, self.device), self.spec) for batch in batches)
 
     def _stage(self, host: dict, stream: torch.cuda.Stream) -> tuple[dict, torch.cuda.Event]:
         """Issue the copy and augmentation of ``host`` on ``stream``; returns the device batch and its event."""
@@ -90,3 +95,41 @@ class DeviceBatches:
             host = next(it, None)  # batch N+1 is copied and augmented while the caller runs step N
             staged = None if host is None else self._stage(host, stream)
             yield batch
+
+
+def _in_thread(items: Iterator[dict]) -> Iterator[dict]:
+    """``items``, each made in a thread one ahead of the caller. The thread is not a daemon (one killed inside
+    torch's C++ code aborts the process); it stops when this generator closes, or when the main thread has ended."""
+    handed: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set() and threading.main_thread().is_alive():
+            try:
+                handed.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def make() -> None:
+        try:
+            for item in items:
+                if not hand_over(item):
+                    return
+            hand_over(StopIteration())
+        except BaseException as err:  # handed to the caller, which raises it in its own thread
+            hand_over(err)
+
+    threading.Thread(target=make, name="soilnet-augment").start()
+    try:
+        while True:
+            item = handed.get()
+            if isinstance(item, StopIteration):
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            del item
+    finally:
+        stop.set()

@@ -202,13 +202,25 @@ def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -
         threading.Thread(target=build, args=(j,), name=f"soilnet-batch-builder-{j}").start()
     try:
         for m in itertools.count():
-            item = queues[m % threads].get()
+            item = _take(queues[m % threads])
+            if item is None:  # the main thread has ended (this runs in another thread, e.g. an augmenting one)
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
             del item  # the batch's memory returns to the pool as soon as the consumer drops it
     finally:
         stop.set()
+
+
+def _take(q: queue.Queue):
+    """The next item of ``q``, or None once the main thread has ended (the builders then stop handing over)."""
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if not threading.main_thread().is_alive():
+                return None
 
 
 class Loader:

@@ -5,6 +5,8 @@ memory per batch, and on CUDA pinned batches prefetched on a side stream."""
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,3 +101,28 @@ def test_workers_start_when_iteration_starts_not_at_the_first_batch(shards):
     assert set(multiprocessing.active_children()) - before  # the worker runs before any batch is asked for
     assert next(it)["step"] == 0
     del it
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_process_left_holding_device_batches_mid_epoch_exits_cleanly(shards, repo_root, workers):
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[2])\n"
+        "from soilnet.config.schema import SchemaConfig\n"
+        "from soilnet.data import build_loader, open_shards\n"
+        "from soilnet.data.loader import LoaderSpec\n"
+        "from soilnet.data.augment import AugmentSpec\n"
+        "from soilnet.data.device import DeviceBatches\n"
+        "w = int(sys.argv[3])\n"
+        "spec = LoaderSpec(seed=3, global_batch=16, rank=0, world=1, augment=AugmentSpec(), num_workers=w)\n"
+        "it = iter(DeviceBatches(build_loader(open_shards(sys.argv[1], SchemaConfig()), spec), spec, 'cpu'))\n"
+        "batches = [next(it) for _ in range(3)]\n"  # the augmenting and builder threads are busy at exit
+    )
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(shards), str(repo_root), str(workers)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr
