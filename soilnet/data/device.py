@@ -69,8 +69,8 @@ class DeviceBatches:
         batches = iter(self.batches)
         if self.device.type == "cuda":
             return self._prefetched(batches)
-        if not self.spec.augment.enabled:
-            return (to_device(batch, self.device) for batch in batches)
+        if not self.spec.augment.enabled:  # nothing to overlap
+            return (augment_batch(to_device(batch, self.device), self.spec) for batch in batches)
         return _in_thread(augment_batch(to_device(batch, self.device), self.spec) for batch in batches)
 
     def _stage(self, host: dict, stream: torch.cuda.Stream) -> tuple[dict, torch.cuda.Event]:

@@ -126,3 +126,9 @@ def test_a_process_left_holding_device_batches_mid_epoch_exits_cleanly(shards, r
         )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "terminate called" not in done.stderr
+
+
+def test_without_augmentation_the_second_view_is_the_first(shards):
+    sp = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=AugmentSpec(enabled=False), two_views=True)
+    b = device_batches(shards, sp, 0, 1)[0]
+    assert b["image2"] is b["image"]
