@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from soilnet.data.pool import TensorPool
+
 
 @dataclass(frozen=True)
 class AugmentSpec:
@@ -232,45 +234,52 @@ def _gathered(x: torch.Tensor, d: Draws, v: int, pad: int) -> torch.Tensor:
     return x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
 
 
+_WORK = TensorPool()  # the CPU form's work arrays and outputs, reused: fresh ones are page faults on every batch
+
+
 def _sliced(x: torch.Tensor, d: Draws, v: int, pad: int) -> torch.Tensor:
     """:func:`augment_images`'s geometry for square patches and ``pad`` < H, as row copies, for CPUs.
 
     Each sample is first copied turned to where its view reads rows: transposed after an odd number of turns,
-    columns reversed when the window reads them backwards (rows of the same kind together, so each kind is one
-    copy). Those copies are reflect-padded along W at once, and every output row is then a run of W adjacent
-    values of them: one ``index_select`` over a sliding-window view, which also reverses and reflects the rows."""
+    columns reversed when the window reads them backwards (samples of the same kind together, so each kind is one
+    copy), and reflect-padded along W. Every output row is then a run of W adjacent values of those copies: one
+    ``index_select`` over a sliding-window view, which also reflects, reverses and crops the rows. The work
+    arrays and the output come from a pool (a 20 MB array allocated afresh costs its page faults every batch)."""
     b, c, h, w = x.shape
+    wp = w + 2 * pad
     odd, rev_r, rev_c, r0, c0 = _window(d, v, h, w, pad)
     # in the turned copy (x, or its transpose after an odd number of turns) the window's rows and columns
     first_row, row_rev = torch.where(odd, c0, r0), torch.where(odd, rev_c, rev_r)
     first_col, col_rev = torch.where(odd, r0, c0), torch.where(odd, rev_r, rev_c)
     kind = 2 * odd.long() + col_rev.long()
     order = torch.argsort(kind, stable=True)
-    padded = x.new_empty((b, c, h, w + 2 * pad))
+    turned, flipped = _WORK.tensor((b, c, h, w), x.dtype), _WORK.tensor((b, c, h, w), x.dtype)
+    padded = _WORK.tensor((b, c, h, wp), x.dtype)
     start = 0
     for k in range(4):  # each kind's samples turned, then reflect-padded along W into their rows of ``padded``
         idx = order[kind[order] == k]
-        if not len(idx):
+        n = len(idx)
+        if not n:
             continue
-        turned = (x.transpose(-1, -2) if k >= 2 else x).index_select(0, idx)
+        part = torch.index_select(x.transpose(-1, -2) if k >= 2 else x, 0, idx, out=turned[start : start + n])
         if k % 2:
-            turned = turned.flip(-1)
-        dst = padded[start : start + len(idx)]
-        if pad:
-            torch.ops.aten.reflection_pad2d.out(turned, [pad, pad, 0, 0], out=dst)  # (as 2-d: 1-d is slow)
+            part = torch.ops.aten.flip.out(part, [-1], out=flipped[start : start + n])
+        if pad:  # (as 2-d: torch's 1-d reflection is slow)
+            torch.ops.aten.reflection_pad2d.out(part, [pad, pad, 0, 0], out=padded[start : start + n])
         else:
-            dst.copy_(turned)
-        start += len(idx)
-    wp = w + 2 * pad
+            padded[start : start + n].copy_(part)
+        start += n
     position = torch.empty_like(order)
     position[order] = torch.arange(b, device=x.device)
     a = first_row[:, None] + torch.arange(h, device=x.device)  # (B, H) padded rows read
     rows = reflect_index(h, pad, x.device)[torch.where(row_rev[:, None], h + 2 * pad - 1 - a, a)]
-    plane = (position[:, None] * c + torch.arange(c, device=x.device)) * h  # (B, C)
-    starts = (plane[:, :, None] + rows[:, None, :]) * wp + first_col.view(b, 1, 1)
-    flat = padded.reshape(-1)
+    plane = (position[:, None] * c + torch.arange(c, device=x.device)) * (h * wp) + first_col[:, None]  # (B, C)
+    starts = plane[:, :, None] + (rows * wp)[:, None, :]  # (B, C, H): where each output row's run starts
+    flat = padded.view(-1)
     runs = flat.as_strided((flat.numel() - w + 1, w), (1, 1))  # run k: values k .. k + W - 1 of the padded copies
-    return runs.index_select(0, starts.view(-1)).view(b, c, h, w)
+    out = _WORK.tensor((b, c, h, w), x.dtype)
+    torch.index_select(runs, 0, starts.view(-1), out=out.view(-1, w))
+    return out
 
 
 def augment_images(
