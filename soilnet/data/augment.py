@@ -1,7 +1,16 @@
-"""Per-sample normalisation and augmentation, seeded by (seed, epoch, global sample id).
+"""Normalisation and augmentation: the draws, a per-sample reference, and the batched form that training applies.
 
-Seeding each sample by its identity (not by the worker's RNG stream) makes the augmented batch independent of
-the number of ranks and workers, which exact resume on a changed world size needs.
+**Draws.** Every random number of a sample's augmentation is a counter-based function of ``(seed, epoch, global
+sample id)`` and of what it is for (which view, which field, which channel or climate cell): a 32-bit hash
+(:func:`mix32`) of those numbers, computed for a whole batch at once by integer tensor operations on the device
+where the ids are (:func:`draw`). Seeding by the sample's identity (not by a worker's RNG stream) makes the
+augmented batch independent of the number of ranks, workers and threads, which exact resume on a changed world
+size needs; being exact integer arithmetic (no product exceeds 2**49), the bits are the same on every device.
+
+**Application.** :func:`augment_image` is the definition, one sample at a time in numpy: reflect ``pad`` pixels,
+flip along W, flip along H, quarter turns, crop back to the patch size, add the spectral jitter.
+:func:`augment_images` applies the same views to a whole batch with index operations on the batch's device (after
+the host-to-device copy): one gather on a GPU, row copies and a few subset flips and transposes on a CPU.
 
 Fine-tuning draws its views differently (three flip bits per sample of a global batch from one generator, see
 :func:`draw_flips`) but applies them as the same :class:`View`: the dihedral part of one, without padding or crop.
@@ -13,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from soilnet.data.pool import TensorPool
 
 
 @dataclass(frozen=True)
@@ -41,27 +52,54 @@ def normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray, axis: int) -> np
     return out
 
 
-def augment_image(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np.ndarray:
-    """image: (C, H, W) float32 normalised -> (C, H, W) float32, a random view.
+_MASK32 = 0xFFFFFFFF
+_SALT = 0x9E3779B9  # 2**32 / golden ratio: keeps 0 (mix32's fixed point) out of the inputs
 
-    The definition of a view, one sample at a time; the loader draws the same views with :func:`draw_view` and
-    applies them to whole batches of raw rows with :func:`apply_view`."""
-    if not spec.enabled:
-        return image
-    c, h, w = image.shape
-    x = np.pad(image, ((0, 0), (spec.pad, spec.pad), (spec.pad, spec.pad)), mode="reflect") if spec.pad else image
-    if spec.flips and rng.random() < 0.5:
-        x = x[:, :, ::-1]
-    if spec.flips and rng.random() < 0.5:
-        x = x[:, ::-1, :]
-    if spec.rotate:
-        x = np.rot90(x, k=int(rng.integers(4)), axes=(1, 2))
-    top = int(rng.integers(x.shape[1] - h + 1))
-    left = int(rng.integers(x.shape[2] - w + 1))
-    x = x[:, top : top + h, left : left + w]
-    if spec.spectral_jitter > 0:
-        x = x + rng.normal(0.0, spec.spectral_jitter, size=(c, 1, 1)).astype(np.float32)
-    return np.ascontiguousarray(x, dtype=np.float32)
+
+def _mul32(x, c: int):
+    """``x * c mod 2**32`` for x in [0, 2**32) (int64 tensor or int), c < 2**32, in two 16-bit halves of ``c``: no
+    intermediate reaches 2**49, so int64 arithmetic is exact on every device."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x):
+    """A bijective 32-bit hash (Wellons' lowbias32) of x in [0, 2**32): int64 tensor or int, elementwise."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def sample_keys(seed: int, epoch: int, ids: torch.Tensor) -> torch.Tensor:
+    """ids: (B,) int64 global sample ids (>= 0) -> (B,) int64 32-bit keys of (seed, epoch, id), on ids' device."""
+    s = mix32(mix32(mix32(_SALT ^ seed & _MASK32) ^ ((seed >> 32) & _MASK32)) ^ (epoch & _MASK32))
+    return mix32(mix32(s ^ (ids & _MASK32)) ^ ((ids >> 32) & _MASK32))
+
+
+# what a draw is for: the j-th number of stream ``s`` is counter ``s << 24 | j``; stream v holds the geometry of
+# view v (field j: flip W, flip H, turns, top, left), 64 + v its spectral jitter, 96 the climate jitter
+_FLIP_W, _FLIP_H, _TURNS, _TOP, _LEFT = range(5)
+_SPECTRAL, _CLIMATE = 64, 96
+
+
+def _bits(keys: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """(B,) keys -> (B, n) int64 32-bit hashes of (key, stream, 0..n-1)."""
+    counters = mix32((torch.arange(n, device=keys.device, dtype=torch.int64) | (stream << 24)) ^ _SALT)
+    return mix32(keys[:, None] ^ counters[None, :])
+
+
+def _below(h: torch.Tensor, n) -> torch.Tensor:
+    """32-bit hashes -> integers in [0, n) (n < 2**31, int or tensor), each with probability 1/n up to n/2**32."""
+    return (h * n) >> 32
+
+
+def _normal(keys: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """(B,) keys -> (B, n) float32 standard normal (Box-Muller on two 24-bit uniforms per value)."""
+    h = _bits(keys, stream, 2 * n)
+    u1 = ((h[:, 0::2] >> 8) + 1).to(torch.float32) * 2.0**-24  # (0, 1]
+    u2 = (h[:, 1::2] >> 8).to(torch.float32) * 2.0**-24  # [0, 1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * np.pi) * u2)
 
 
 @dataclass(frozen=True)
@@ -77,87 +115,194 @@ class View:
     jitter: np.ndarray | None
 
 
-def draw_view(spec: AugmentSpec, rng: np.random.Generator, channels: int, h: int, w: int) -> View:
-    """The view :func:`augment_image` would draw from ``rng`` for a (channels, h, w) image: same draws, same order."""
-    flip_w = bool(spec.flips and rng.random() < 0.5)
-    flip_h = bool(spec.flips and rng.random() < 0.5)
-    turns = int(rng.integers(4)) if spec.rotate else 0
-    rows, cols = (h, w) if turns % 2 == 0 else (w, h)
-    top = int(rng.integers(rows + 2 * spec.pad - h + 1))
-    left = int(rng.integers(cols + 2 * spec.pad - w + 1))
-    jitter = None
+@dataclass(frozen=True)
+class Draws:
+    """A batch's draws, ``V`` views of ``B`` samples, on the device of the ids they were drawn for: ``flip_w``,
+    ``flip_h`` (V, B) bool; ``turns`` (V, B) int64 in [0, 4); ``top``, ``left`` (V, B) int64, the crop's corner in
+    the padded and turned patch; ``spectral`` (V, B, C) float32 or None; ``climate`` (B, T, F) float32 or None
+    (both in normalised units, already scaled by their standard deviation)."""
+
+    flip_w: torch.Tensor
+    flip_h: torch.Tensor
+    turns: torch.Tensor
+    top: torch.Tensor
+    left: torch.Tensor
+    spectral: torch.Tensor | None
+    climate: torch.Tensor | None
+
+    def view(self, v: int, b: int) -> View:
+        """View ``v`` of sample ``b``, for :func:`augment_image`."""
+        jitter = None if self.spectral is None else self.spectral[v, b].cpu().numpy()
+        parts = (self.flip_w, self.flip_h, self.turns, self.top, self.left)
+        fw, fh, turns, top, left = (int(t[v, b]) for t in parts)
+        return View(bool(fw), bool(fh), turns, top, left, jitter)
+
+
+def draw(
+    spec: AugmentSpec,
+    seed: int,
+    epoch: int,
+    ids: torch.Tensor,
+    views: int,
+    image_shape: tuple[int, int, int],
+    climate_shape: tuple[int, int],
+) -> Draws:
+    """The draws of ``views`` views of each sample ``ids`` (B,) int64 of ``epoch``, for images (C, H, W) and
+    climate (T, F); computed on ids' device. The crop corner is uniform over the positions where the patch fits
+    in the padded and turned patch: ``rows + 2 pad - H + 1`` tops, with ``rows`` H after an even number of turns
+    and W after an odd one (likewise for the left edge)."""
+    c, h, w = image_shape
+    keys = sample_keys(seed, epoch, ids)
+    fw, fh, turns, top, left = [], [], [], [], []
+    for v in range(views):
+        bits = _bits(keys, v, 5)  # (B, 5)
+        fw.append((bits[:, _FLIP_W] >> 31 == 1) & spec.flips)
+        fh.append((bits[:, _FLIP_H] >> 31 == 1) & spec.flips)
+        t = bits[:, _TURNS] >> 30 if spec.rotate else torch.zeros_like(keys)
+        rows, cols = torch.where(t % 2 == 0, h, w), torch.where(t % 2 == 0, w, h)
+        turns.append(t)
+        top.append(_below(bits[:, _TOP], rows + 2 * spec.pad - h + 1))
+        left.append(_below(bits[:, _LEFT], cols + 2 * spec.pad - w + 1))
+    spectral = None
     if spec.spectral_jitter > 0:
-        jitter = rng.normal(0.0, spec.spectral_jitter, size=channels).astype(np.float32)
-    return View(flip_w, flip_h, turns, top, left, jitter)
+        spectral = torch.stack([_normal(keys, _SPECTRAL + v, c) for v in range(views)]) * spec.spectral_jitter
+    climate = None
+    if spec.climate_jitter > 0:
+        t_, f_ = climate_shape
+        climate = (_normal(keys, _CLIMATE, t_ * f_) * spec.climate_jitter).view(-1, t_, f_)
+    stack = torch.stack
+    return Draws(stack(fw), stack(fh), stack(turns), stack(top), stack(left), spectral, climate)
 
 
-def _reflect_runs(start: int, length: int, pad: int, n: int) -> list[tuple[int, int, slice]]:
-    """Positions ``start ... start + length - 1`` of an axis of ``n`` reflect-padded by ``pad`` (< n), as runs
-    [(first, end) in the window, source slice]: reflected left edge, the axis itself, reflected right edge."""
-    runs, end = [], start + length
-
-    def add(j0: int, j1: int, s0: int, step: int) -> None:
-        if j1 > j0:
-            s1 = s0 + step * (j1 - j0)
-            runs.append((j0 - start, j1 - start, slice(s0, s1 if s1 >= 0 else None, step)))
-
-    add(start, min(end, pad), pad - start, -1)
-    add(max(start, pad), min(end, pad + n), max(start, pad) - pad, 1)
-    j0 = max(start, pad + n)
-    add(j0, end, 2 * (n - 1) - (j0 - pad), -1)
-    return runs
-
-
-def _rot90(x: np.ndarray, turns: int) -> np.ndarray:
-    """``np.rot90(x, turns, axes=(1, 2))`` as a view, without its argument checking."""
-    turns %= 4
-    if turns == 1:
-        return x[:, :, ::-1].swapaxes(1, 2)
-    if turns == 2:
-        return x[:, ::-1, ::-1]
-    if turns == 3:
-        return x.swapaxes(1, 2)[:, :, ::-1]
-    return x
-
-
-def _turn(x: np.ndarray, view: View) -> np.ndarray:
-    """The flips then the quarter turns of ``view``, as a view of x (C, H, W)."""
-    return _rot90(x[:, :: -1 if view.flip_h else 1, :: -1 if view.flip_w else 1], view.turns)
-
-
-def _unturn(y: np.ndarray, view: View) -> np.ndarray:
-    """The view x of y with ``_turn(x, view)`` equal to y."""
-    x = _rot90(y, -view.turns)
-    return x[:, :: -1 if view.flip_h else 1, :: -1 if view.flip_w else 1]
-
-
-def apply_view(image: np.ndarray, view: View, pad: int, out: np.ndarray) -> None:
-    """The geometric part of ``view`` (not the jitter) of image (C, H, W), any dtype, into ``out`` (C, H, W).
-
-    Flips and quarter turns map windows to windows, so the crop of the turned padded patch is the turned crop
-    of one window of the padded patch; that window is copied from the image in at most nine reflected or
-    straight slices straight into ``out`` seen unturned, without padding the whole patch."""
+def augment_image(image: np.ndarray, spec: AugmentSpec, view: View) -> np.ndarray:
+    """image: (C, H, W) float normalised -> (C, H, W) float32, ``view`` of it: the definition, one sample at a
+    time (:func:`augment_images` is the batched form)."""
+    if not spec.enabled:
+        return image
     _, h, w = image.shape
-    if pad >= min(h, w):  # reflections of reflections: leave them to np.pad
-        image = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
-        out[...] = _turn(image, view)[:, view.top : view.top + h, view.left : view.left + w]
-        return
-    hp, wp = h + 2 * pad, w + 2 * pad
-    bottom, right = view.top + h - 1, view.left + w - 1
-    turned = _turn(np.arange(hp * wp).reshape(1, hp, wp), view)[0]
-    corners = turned[[view.top, view.top, bottom, bottom], [view.left, right, view.left, right]]
-    r0, c0 = divmod(int(corners.min()), wp)
-    window = _unturn(out, view)  # (C, rows, cols) of the padded patch, in ``out``'s memory
-    for a, b, rs in _reflect_runs(r0, window.shape[1], pad, h):
-        for c, d, cs in _reflect_runs(c0, window.shape[2], pad, w):
-            window[:, a:b, c:d] = image[:, rs, cs]
+    x = np.pad(image, ((0, 0), (spec.pad, spec.pad), (spec.pad, spec.pad)), mode="reflect") if spec.pad else image
+    x = x[:, :: -1 if view.flip_h else 1, :: -1 if view.flip_w else 1]
+    x = np.rot90(x, k=view.turns, axes=(1, 2))
+    x = x[:, view.top : view.top + h, view.left : view.left + w]
+    if view.jitter is not None:
+        x = x + view.jitter[:, None, None]
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def augment_climate(climate: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np.ndarray:
-    """climate: (T, F) float32 normalised -> (T, F) float32."""
-    if not spec.enabled or spec.climate_jitter <= 0:
-        return climate
-    return (climate + rng.normal(0.0, spec.climate_jitter, size=climate.shape)).astype(np.float32)
+def augment_climate(climate: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    """climate: (T, F) float32 normalised, plus its drawn jitter ``noise`` (T, F) when there is one."""
+    return climate if noise is None else (climate + noise).astype(np.float32)
+
+
+def reflect_index(n: int, pad: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n + 2 pad,) int64: the position in an axis of ``n`` of each position of it reflect-padded by ``pad``, as
+    ``np.pad(mode="reflect")`` pads (reflections of reflections when pad >= n)."""
+    i = torch.arange(-pad, n + pad, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    m = i.remainder(2 * (n - 1))
+    return torch.where(m < n, m, 2 * (n - 1) - m)
+
+
+def _window(d: Draws, v: int, h: int, w: int, pad: int) -> tuple[torch.Tensor, ...]:
+    """View ``v`` of each sample as a window of the padded, unturned patch (Hp, Wp) followed by a dihedral map.
+
+    The flips then ``k`` quarter turns read padded pixel (rho(a), gamma(b)) at (a, b) of the turned patch (or
+    (rho(b), gamma(a)) after an odd k), with rho reversing the rows when ``flip_h`` xor k >= 2 and gamma the
+    columns when ``flip_w`` xor k in {1, 2}. Returns (B,) each: ``odd`` (the window is transposed), ``rev_r``,
+    ``rev_c`` (reversed rows, columns) and the window's first padded row and column before reversal."""
+    turns = d.turns[v]
+    odd = turns % 2 == 1
+    rev_r = d.flip_h[v] ^ (turns >= 2)
+    rev_c = d.flip_w[v] ^ ((turns == 1) | (turns == 2))
+    first_row = torch.where(odd, d.left[v], d.top[v])  # of the padded rows the window reads
+    first_col = torch.where(odd, d.top[v], d.left[v])
+    return odd, rev_r, rev_c, first_row, first_col
+
+
+def _gathered(x: torch.Tensor, d: Draws, v: int, pad: int) -> torch.Tensor:
+    """:func:`augment_images`'s geometry as one gather: every output pixel's source pixel, any patch shape."""
+    b, c, h, w = x.shape
+    odd, rev_r, rev_c, r0, c0 = (t[:, None, None] for t in _window(d, v, h, w, pad))
+    i = torch.arange(h, device=x.device)[None, :, None]
+    j = torch.arange(w, device=x.device)[None, None, :]
+    a = r0 + torch.where(odd, j, i)  # (B, H, W) padded row, before reversal
+    bb = c0 + torch.where(odd, i, j)
+    rows = reflect_index(h, pad, x.device)[torch.where(rev_r, h + 2 * pad - 1 - a, a)]
+    cols = reflect_index(w, pad, x.device)[torch.where(rev_c, w + 2 * pad - 1 - bb, bb)]
+    index = (rows * w + cols).view(b, 1, h * w).expand(b, c, h * w)
+    return x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
+
+
+_WORK = TensorPool()  # the CPU form's work arrays and outputs, reused: fresh ones are page faults on every batch
+
+
+def _sliced(x: torch.Tensor, d: Draws, v: int, pad: int) -> torch.Tensor:
+    """:func:`augment_images`'s geometry for square patches and ``pad`` < H, as row copies, for CPUs.
+
+    Each sample is first copied turned to where its view reads rows: transposed after an odd number of turns,
+    columns reversed when the window reads them backwards (samples of the same kind together, so each kind is one
+    copy), and reflect-padded along W. Every output row is then a run of W adjacent values of those copies: one
+    ``index_select`` over a sliding-window view, which also reflects, reverses and crops the rows. The work
+    arrays and the output come from a pool (a 20 MB array allocated afresh costs its page faults every batch)."""
+    b, c, h, w = x.shape
+    wp = w + 2 * pad
+    odd, rev_r, rev_c, r0, c0 = _window(d, v, h, w, pad)
+    # in the turned copy (x, or its transpose after an odd number of turns) the window's rows and columns
+    first_row, row_rev = torch.where(odd, c0, r0), torch.where(odd, rev_c, rev_r)
+    first_col, col_rev = torch.where(odd, r0, c0), torch.where(odd, rev_r, rev_c)
+    kind = 2 * odd.long() + col_rev.long()
+    order = torch.argsort(kind, stable=True)
+    turned, flipped = _WORK.tensor((b, c, h, w), x.dtype), _WORK.tensor((b, c, h, w), x.dtype)
+    padded = _WORK.tensor((b, c, h, wp), x.dtype)
+    start = 0
+    for k in range(4):  # each kind's samples turned, then reflect-padded along W into their rows of ``padded``
+        idx = order[kind[order] == k]
+        n = len(idx)
+        if not n:
+            continue
+        part = torch.index_select(x.transpose(-1, -2) if k >= 2 else x, 0, idx, out=turned[start : start + n])
+        if k % 2:
+            part = torch.ops.aten.flip.out(part, [-1], out=flipped[start : start + n])
+        if pad:  # (as 2-d: torch's 1-d reflection is slow)
+            torch.ops.aten.reflection_pad2d.out(part, [pad, pad, 0, 0], out=padded[start : start + n])
+        else:
+            padded[start : start + n].copy_(part)
+        start += n
+    position = torch.empty_like(order)
+    position[order] = torch.arange(b, device=x.device)
+    a = first_row[:, None] + torch.arange(h, device=x.device)  # (B, H) padded rows read
+    rows = reflect_index(h, pad, x.device)[torch.where(row_rev[:, None], h + 2 * pad - 1 - a, a)]
+    plane = (position[:, None] * c + torch.arange(c, device=x.device)) * (h * wp) + first_col[:, None]  # (B, C)
+    starts = plane[:, :, None] + (rows * wp)[:, None, :]  # (B, C, H): where each output row's run starts
+    flat = padded.view(-1)
+    runs = flat.as_strided((flat.numel() - w + 1, w), (1, 1))  # run k: values k .. k + W - 1 of the padded copies
+    out = _WORK.tensor((b, c, h, w), x.dtype)
+    torch.index_select(runs, 0, starts.view(-1), out=out.view(-1, w))
+    return out
+
+
+def augment_images(
+    x: torch.Tensor, spec: AugmentSpec, d: Draws, v: int = 0, gather: bool | None = None
+) -> torch.Tensor:
+    """x: (B, C, H, W) normalised, float32 or bfloat16, on any device -> (B, C, H, W) of the same dtype: view ``v``
+    of each sample, as :func:`augment_image` makes it from the same draws (the geometry moves values exactly; the
+    jitter is added in float32 and rounded once). ``gather``: one gather (the default on a GPU and for
+    non-square patches) or row copies (:func:`_sliced`, the default on a CPU)."""
+    if not spec.enabled:
+        return x
+    b, c, h, w = x.shape
+    if gather is None:
+        gather = x.device.type != "cpu"
+    sliceable = h == w and spec.pad < h
+    out = _gathered(x, d, v, spec.pad) if gather or not sliceable else _sliced(x, d, v, spec.pad)
+    if d.spectral is not None:
+        out = (
+            out.add_(d.spectral[v].view(b, c, 1, 1))
+            if out.dtype == torch.float32
+            else ((out.float() + d.spectral[v].view(b, c, 1, 1)).to(out.dtype))
+        )
+    return out
 
 
 def draw_flips(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -169,6 +314,11 @@ def dihedral_view(flip_w: bool, flip_h: bool, transpose: bool) -> View:
     """The :class:`View` (no padding, no crop) of flipping along W, then H, then transposing H and W: a
     transpose is a W flip followed by a quarter turn."""
     return View(flip_w != transpose, flip_h, int(transpose), 0, 0, None)
+
+
+def _turn(x: np.ndarray, view: View) -> np.ndarray:
+    """The flips then the quarter turns of ``view``, as a view of x (C, H, W)."""
+    return np.rot90(x[:, :: -1 if view.flip_h else 1, :: -1 if view.flip_w else 1], view.turns, axes=(1, 2))
 
 
 def flip_batch(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,18 @@ import itertools
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from soilnet.data.augment import AugmentSpec, apply_view, augment_climate, draw_view, normalise
-from soilnet.data.decode import CLIMATE, IMAGE, BatchDecoder, RawRows
+from soilnet.data.augment import AugmentSpec, normalise
+from soilnet.data.decode import CLIMATE, BatchDecoder, RawRows
 from soilnet.data.index import OpenShards
 from soilnet.data.manifest import DataError
 from soilnet.data.order import batch_ids, micro_batch, step_epoch
+from soilnet.data.pool import SharedAdopter
 from soilnet.data.shards import ShardSet
 
 
@@ -39,13 +40,13 @@ class LoaderSpec:
     augment: AugmentSpec
     two_views: bool = False  # a second, independently augmented image view (SimCLR term)
     num_workers: int = 0
-    threads: int | None = None  # threads building batches per process; None: 2 without augmentation, else 1
+    threads: int | None = None  # threads building batches per process; None: 2
     image_dtype: torch.dtype = torch.float32  # the batch's images: the model's compute dtype (bfloat16 on GPUs)
+    pin_memory: bool = False  # batches in pinned memory, for non_blocking copies to a GPU (needs CUDA)
 
     @property
     def builder_threads(self) -> int:
-        # augmentation is per-sample Python under the GIL: a second thread waits for it instead of helping
-        return self.threads or (1 if self.augment.enabled else 2)
+        return self.threads or 2
 
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -87,21 +88,25 @@ CHUNK = 64  # samples per C call: its Python costs little per sample, the raw ro
 
 @dataclass
 class Stage:
-    """One builder thread's own working memory: its open shards, the raw rows of a chunk and, with augmentation,
-    work arrays for the chunk's views."""
+    """One builder thread's own working memory: its open shards and the raw rows of a chunk."""
 
     files: OpenShards
     rows: RawRows
-    views: list[np.ndarray] = field(default_factory=list)
+
+
+def _filled(out: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+    out.numpy()[...] = values
+    return out
 
 
 class PretrainBatches(IterableDataset):
     """Batches of steps ``start_step, start_step + 1, ...`` (endless; the caller stops).
 
-    Each batch: ``image`` (b, C, H, W) normalised, of ``spec.image_dtype`` (float32 or bfloat16, rounded to
-    nearest even from float32 values); ``image2`` the same when ``two_views``;
-    ``climate`` (b, T, F) float32 normalised; ``ids`` (b,) int64 global sample ids; ``climate_key`` (b,) int64;
-    ``step`` int; ``corrupt`` list of messages about samples replaced in this batch.
+    Each batch: ``image`` (b, C, H, W) normalised, not augmented, of ``spec.image_dtype`` (float32 or bfloat16,
+    rounded to nearest even from float32 values); ``climate`` (b, T, F) float32 normalised; ``ids`` (b,) int64
+    global sample ids; ``climate_key`` (b,) int64; ``step`` and ``epoch`` int; ``corrupt`` list of messages about
+    samples replaced in this batch. Every tensor comes from the decoder's :class:`~soilnet.data.pool.TensorPool`
+    (pinned with ``spec.pin_memory``; shared and reused across the hand-over in DataLoader workers).
     """
 
     def __init__(self, shards: ShardSet, spec: LoaderSpec, start_step: int = 0):
@@ -109,6 +114,7 @@ class PretrainBatches(IterableDataset):
         self.shards, self.spec, self.start_step = shards, spec, start_step
         micro_batch(spec.global_batch, spec.world)
         self.decoder = BatchDecoder(shards)
+        self.decoder.pool.pin = spec.pin_memory and torch.cuda.is_available()
 
     def new_stage(self) -> Stage:
         """A builder thread's working memory."""
@@ -116,71 +122,43 @@ class PretrainBatches(IterableDataset):
         return Stage(OpenShards(self.shards.urls), self.decoder.new_rows(min(CHUNK, n)))
 
     def batch(self, step: int, stage: Stage | None = None) -> dict:
-        """The batch of ``step``, built chunk by chunk in this thread: each chunk's samples are read into the
-        stage's raw rows, then converted, normalised and augmented into the batch while the rows are still in
-        cache. A corrupt sample's place is taken by the next good sample of the batch: the same values, the same
-        climate key (so that masking can exclude it) and the same augmentation, its own id."""
+        """The batch of ``step``, not augmented (:mod:`soilnet.data.device` augments it on the training device),
+        built chunk by chunk in this thread: each chunk's samples are read into the stage's raw rows and converted
+        and normalised into the batch while the rows are still in cache. A corrupt sample's place is taken by the
+        next good sample of the batch: the same values and the same climate key (so that masking can exclude it),
+        its own id (so its own views)."""
         sp, sh, dec = self.spec, self.shards, self.decoder
         stage = stage or self.new_stage()
         ids = batch_ids(sp.seed, sh.samples, sp.global_batch, step, sp.rank, sp.world)
         n, epoch = len(ids), step_epoch(sh.samples, sp.global_batch, step)
         c, h, w = len(sh.channel_index), *sh.available.image_shape[1:]
-        images = [dec.new_image((n, c, h, w), sp.image_dtype) for _ in range(2 if sp.two_views else 1)]
+        new = dec.pool.tensor
+        image = new((n, c, h, w), sp.image_dtype)
         raw_climate = np.empty((n, len(sh.month_index), len(sh.variable_index)), dtype=np.float32)
-        rngs: dict[int, np.random.Generator] = {}  # each sample's, after its views: the climate jitter comes next
         corrupt: dict[int, str] = {}
         for lo in range(0, n, len(stage.rows)):
             hi = min(lo + len(stage.rows), n)
             rows = stage.rows.head(hi - lo)
-            bad = dec.read(stage.files, ids[lo:hi], rows, None if sp.augment.enabled else images[0][lo:hi])
+            bad = dec.read(stage.files, ids[lo:hi], rows, image[lo:hi])
             corrupt.update((lo + i, msg) for i, msg in bad.items())
             raw_climate[lo:hi] = dec.climate(rows[CLIMATE])
-            if not sp.augment.enabled:
-                for out in images[1:]:
-                    out[lo:hi] = images[0][lo:hi]
-                continue
-            jitter = np.zeros((len(images), hi - lo, c), dtype=np.float32)
-            views = self._views(stage, len(images), hi - lo)
-            for i in (i for i in range(hi - lo) if i not in bad):
-                rng = rngs[lo + i] = np.random.default_rng([sp.seed, epoch, int(ids[lo + i])])
-                sample = dec.select_channels(rows[IMAGE][i])
-                for v, work in enumerate(views):
-                    view = draw_view(sp.augment, rng, *sample.shape)
-                    apply_view(sample, view, sp.augment.pad, work[i])
-                    if view.jitter is not None:
-                        jitter[v, i] = view.jitter
-            for out, work, j in zip(images, views, jitter, strict=True):
-                dec.image_into(work, out[lo:hi], selected=True, jitter=j if sp.augment.spectral_jitter > 0 else None)
         keys = climate_keys(raw_climate)
-        climate = normalise(raw_climate, sh.climate_mean, sh.climate_std, axis=2)
-        for i, rng in rngs.items():
-            climate[i] = augment_climate(climate[i], sp.augment, rng)
+        climate = new(raw_climate.shape, torch.float32)
+        climate.numpy()[...] = normalise(raw_climate, sh.climate_mean, sh.climate_std, axis=2)
         if len(corrupt) == n:
             raise DataError(f"step {step}: every sample of this rank's batch is corrupt, e.g. {corrupt[0]}")
         for i in sorted(corrupt):
             src = next((i + d) % n for d in range(1, n) if (i + d) % n not in corrupt)
-            for out in images:
-                out[i] = out[src]
-            climate[i], keys[i] = climate[src], keys[src]
-        batch = {
-            "image": images[0],
-            "climate": torch.from_numpy(climate),
-            "ids": torch.from_numpy(np.asarray(ids, dtype=np.int64)),
-            "climate_key": torch.from_numpy(keys),
+            image[i], climate[i], keys[i] = image[src], climate[src], keys[src]
+        return {
+            "image": image,
+            "climate": climate,
+            "ids": _filled(new((n,), torch.int64), ids),
+            "climate_key": _filled(new((n,), torch.int64), keys),
             "step": step,
+            "epoch": epoch,
             "corrupt": [corrupt[i] for i in sorted(corrupt)],
         }
-        if sp.two_views:
-            batch["image2"] = images[1]
-        return batch
-
-    def _views(self, stage: Stage, k: int, n: int) -> list[np.ndarray]:
-        """``k`` work arrays (n, C, H, W) for views of the stage's raw rows, with the run's channels only."""
-        if len(stage.views) < k:
-            _, _, h, w = stage.rows[IMAGE].shape
-            shape = (len(stage.rows), len(self.shards.channel_index), h, w)
-            stage.views = [np.empty(shape, dtype=stage.rows[IMAGE].dtype) for _ in range(k)]
-        return [v[:n] for v in stage.views[:k]]
 
     def __iter__(self):
         info = get_worker_info()
@@ -224,7 +202,9 @@ def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -
         threading.Thread(target=build, args=(j,), name=f"soilnet-batch-builder-{j}").start()
     try:
         for m in itertools.count():
-            item = queues[m % threads].get()
+            item = _take(queues[m % threads])
+            if item is None:  # the main thread has ended (this runs in another thread, e.g. an augmenting one)
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -233,12 +213,42 @@ def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -
         stop.set()
 
 
-def build_loader(shards: ShardSet, spec: LoaderSpec, start_step: int = 0) -> DataLoader:
-    """A DataLoader over :class:`PretrainBatches` from ``start_step`` (batches already formed by the dataset)."""
-    return DataLoader(
-        PretrainBatches(shards, spec, start_step),
+def _take(q: queue.Queue):
+    """The next item of ``q``, or None once the main thread has ended (the builders then stop handing over)."""
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if not threading.main_thread().is_alive():
+                return None
+
+
+class Loader:
+    """Iterable :class:`PretrainBatches` from a step, through a DataLoader; with workers, each batch's tensors are
+    adopted from the workers' shared buffers (:class:`~soilnet.data.pool.SharedAdopter`) so that the buffers
+    return to the workers once the batch is freed (pinned copies with ``spec.pin_memory``)."""
+
+    def __init__(self, batches: PretrainBatches, loader: DataLoader):
+        self.batches, self.loader = batches, loader
+        self.adopter: SharedAdopter | None = None  # the current iteration's (tests count its buffers)
+
+    def __iter__(self) -> Iterator[dict]:
+        """The batches; the workers start here, not at the first batch (a caller may block signals around it)."""
+        batches = iter(self.loader)
+        if not self.loader.num_workers:
+            return batches
+        self.adopter = SharedAdopter(pin=self.batches.decoder.pool.pin)
+        return map(self.adopter.adopt, batches)
+
+
+def build_loader(shards: ShardSet, spec: LoaderSpec, start_step: int = 0) -> Loader:
+    """The batches of :class:`PretrainBatches` from ``start_step`` (formed by the dataset), not augmented."""
+    batches = PretrainBatches(shards, spec, start_step)
+    loader = DataLoader(
+        batches,
         batch_size=None,
         num_workers=spec.num_workers,
         persistent_workers=False,
         prefetch_factor=2 if spec.num_workers else None,
     )
+    return Loader(batches, loader)

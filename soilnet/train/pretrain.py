@@ -38,6 +38,7 @@ from soilnet.config.base import ConfigError, to_plain
 from soilnet.config.pretrain import PretrainConfig
 from soilnet.data import BatchSizeError, LoaderSpec, ShardSet, build_loader, micro_batch, open_shards
 from soilnet.data.augment import AugmentSpec
+from soilnet.data.device import DeviceBatches
 from soilnet.data.manifest import DataError
 from soilnet.data.order import steps_per_epoch
 from soilnet.distributed import DistInfo, all_reduce_sum, gather_no_grad
@@ -265,8 +266,11 @@ def stop_on_nonfinite(
     )
 
 
-def loader_spec(cfg: PretrainConfig, rank: int, world: int, image_dtype: torch.dtype = torch.float32) -> LoaderSpec:
-    """What ``rank`` of ``world`` reads under ``cfg``: the data section's order, augmentation and threads."""
+def loader_spec(
+    cfg: PretrainConfig, rank: int, world: int, image_dtype: torch.dtype = torch.float32, pin_memory: bool = False
+) -> LoaderSpec:
+    """What ``rank`` of ``world`` reads under ``cfg``: the data section's order, augmentation and threads;
+    ``pin_memory`` for a GPU."""
     d = cfg.data
     aug = AugmentSpec(d.augment, d.pad, d.flips, d.rotate, d.spectral_jitter, d.climate_jitter)
     return LoaderSpec(
@@ -279,6 +283,7 @@ def loader_spec(cfg: PretrainConfig, rank: int, world: int, image_dtype: torch.d
         num_workers=d.num_workers,
         threads=d.loader_threads,
         image_dtype=image_dtype,
+        pin_memory=pin_memory,
     )
 
 
@@ -507,12 +512,15 @@ class Window:
 
 
 def open_loader(state: PretrainState) -> Iterator[dict]:
-    """This rank's batches from the current step, in the compute dtype; then the RNG states once more."""
+    """This rank's batches from the current step, in the compute dtype, on the device and augmented there
+    (:class:`~soilnet.data.device.DeviceBatches`: pinned, the next batch's copy overlapping the step on a GPU);
+    then the RNG states once more."""
     cfg, info = state.cfg, state.info
     # the loader hands images over in the compute dtype: half the bytes to write and to copy to the GPU in bf16
-    spec = loader_spec(cfg, info.rank, info.world_size, image_dtype=state.dtype)
+    cuda = info.device.type == "cuda"
+    spec = loader_spec(cfg, info.rank, info.world_size, image_dtype=state.dtype, pin_memory=cuda)
     with stop_signals_blocked():  # workers start here
-        loader = iter(build_loader(state.shards, spec, start_step=state.step))
+        loader = iter(DeviceBatches(build_loader(state.shards, spec, start_step=state.step), spec, info.device))
     if state.plan.same_world(info.world_size):
         # once more now: building the loader draws from the RNGs (the DataLoader's base seed), which the run that
         # saved them did before its first step, so a resumed run continues from exactly the states it saved

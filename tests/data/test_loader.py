@@ -6,7 +6,6 @@ No DeepSpeed here: these run in a second or two.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
 import shutil
@@ -30,7 +29,8 @@ from soilnet.data import (
     native,
     open_shards,
 )
-from soilnet.data.augment import AugmentSpec, View, apply_view, augment_climate, augment_image
+from soilnet.data.augment import AugmentSpec
+from soilnet.data.device import augment_batch
 from soilnet.data.loader import climate_key, climate_keys
 from soilnet.data.order import batch_ids, epoch_permutation
 from soilnet.data.pool import TensorPool
@@ -97,7 +97,10 @@ def test_normalised_with_manifest_stats_and_augmented_as_the_seed(shards):
     b = next(iter(PretrainBatches(s, plain)))
     x = b["image"].numpy()
     assert abs(float(x.mean())) < 0.2 and 0.7 < float(x.std()) < 1.3  # (x - mean) / std with the manifest's stats
-    aug = next(iter(PretrainBatches(s, spec(two_views=True))))
+    two = spec(two_views=True)
+    loaded = next(iter(PretrainBatches(s, two)))
+    assert torch.equal(loaded["image"], b["image"]) and "image2" not in loaded  # the loader does not augment
+    aug = augment_batch(loaded, two)
     assert aug["image"].shape == b["image"].shape == aug["image2"].shape
     assert not torch.equal(aug["image"], aug["image2"])  # two independent views
 
@@ -163,10 +166,10 @@ def test_unreadable_shard_counts_each_of_its_samples(shards, tmp_path):
 
 def test_spectral_and_climate_jitter_are_options(shards):
     s = open_shards(shards, SchemaConfig())
-    plain = next(iter(PretrainBatches(s, spec())))
+    plain = augment_batch(next(iter(PretrainBatches(s, spec()))), spec())
     jitter = AugmentSpec(spectral_jitter=0.1, climate_jitter=0.1)
     sp = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=jitter)
-    jittered = next(iter(PretrainBatches(s, sp)))
+    jittered = augment_batch(next(iter(PretrainBatches(s, sp))), sp)
     assert torch.equal(plain["ids"], jittered["ids"])
     assert not torch.equal(plain["climate"], jittered["climate"])
     assert 0 < float((plain["climate"] - jittered["climate"]).std()) < 0.2
@@ -204,7 +207,7 @@ def test_threaded_reading_gives_the_batches_of_a_plain_loop_without_sharing_memo
     for step, b in enumerate(threaded):
         direct = pb.batch(step, stage)
         assert b["step"] == step
-        for name in ("image", "image2", "climate", "ids", "climate_key"):
+        for name in ("image", "climate", "ids", "climate_key"):
             assert torch.equal(b[name], direct[name]), name
 
 
@@ -328,49 +331,12 @@ def test_damaged_tar_headers_are_judged_by_tarfile(shards, tmp_path):
         index_shard(str(tmp_path / "garbage.tar"))
 
 
-@pytest.mark.parametrize("channels", [None, ["NDVI", "SR_B4", "SR_B7"]])
-def test_batched_views_are_the_views_augment_image_draws_sample_by_sample(shards, channels):
-    s = open_shards(shards, SchemaConfig(channels=channels) if channels else SchemaConfig())
-    aug = AugmentSpec(pad=16, spectral_jitter=0.05, climate_jitter=0.05)
-    step = 5  # epoch 1 of 4 steps each
-    plain = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=AugmentSpec(enabled=False))
-    base = PretrainBatches(s, plain).batch(step)
-    sp = LoaderSpec(seed=3, global_batch=G, rank=0, world=1, augment=aug, two_views=True)
-    got = PretrainBatches(s, sp).batch(step)
-    assert torch.equal(got["ids"], base["ids"])
-    for row, gid in enumerate(base["ids"].tolist()):
-        rng = np.random.default_rng([3, 1, gid])  # the definition: seeded by (seed, epoch, sample id)
-        view1 = augment_image(base["image"][row].numpy(), aug, rng)
-        view2 = augment_image(base["image"][row].numpy(), aug, rng)
-        climate = augment_climate(base["climate"][row].numpy(), aug, rng)
-        np.testing.assert_allclose(got["image"][row].numpy(), view1, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(got["image2"][row].numpy(), view2, rtol=0, atol=1e-6)
-        np.testing.assert_array_equal(got["climate"][row].numpy(), climate)
-
-
-def test_apply_view_is_the_crop_of_the_padded_flipped_turned_patch():
-    x = np.random.default_rng(0).normal(size=(2, 7, 7)).astype(np.float16)
-    for pad, flip_w, flip_h, turns in itertools.product((0, 1, 3, 6), (False, True), (False, True), range(4)):
-        padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
-        turned = np.rot90(padded[:, :: -1 if flip_h else 1, :: -1 if flip_w else 1], k=turns, axes=(1, 2))
-        for top, left in itertools.product(range(2 * pad + 1), repeat=2):
-            out = np.empty_like(x)
-            apply_view(x, View(flip_w, flip_h, turns, top, left, None), pad, out)
-            np.testing.assert_array_equal(out, turned[:, top : top + 7, left : left + 7])
-
-
-def _batches(s, image_dtype=torch.float32, steps=2) -> list[dict]:
-    """The first ``steps`` batches of every augmentation setting, both views."""
-    specs = [AugmentSpec(enabled=False), AugmentSpec(spectral_jitter=0.05, climate_jitter=0.1)]
-    out = []
-    for augment in specs:
-        sp = LoaderSpec(
-            seed=3, global_batch=32, rank=0, world=1, augment=augment, two_views=True, image_dtype=image_dtype
-        )
-        pb = PretrainBatches(s, sp)
-        stage = pb.new_stage()
-        out += [pb.batch(step, stage) for step in range(steps)]
-    return out
+def _batches(s, image_dtype=torch.float32, steps=4) -> list[dict]:
+    """The first ``steps`` batches of the loader (which does not augment)."""
+    sp = LoaderSpec(seed=3, global_batch=32, rank=0, world=1, augment=AugmentSpec(), image_dtype=image_dtype)
+    pb = PretrainBatches(s, sp)
+    stage = pb.new_stage()
+    return [pb.batch(step, stage) for step in range(steps)]
 
 
 def test_the_c_extension_gives_the_batches_of_python_reads_and_torch(shards, tmp_path, monkeypatch):
@@ -392,15 +358,15 @@ def test_the_c_extension_gives_the_batches_of_python_reads_and_torch(shards, tmp
     plain = {dtype: _batches(s, dtype) for dtype in (torch.float32, torch.bfloat16)}
     for dtype in fast:
         for a, b in zip(fast[dtype], plain[dtype], strict=True):
-            for name in ("image", "image2"):  # the same float32 operations, the same rounding to bfloat16
-                assert a[name].dtype == dtype and torch.equal(a[name], b[name]), (dtype, name)
+            # the same float32 operations, the same rounding to bfloat16
+            assert a["image"].dtype == dtype and torch.equal(a["image"], b["image"]), dtype
             for name in ("climate", "ids", "climate_key"):
                 assert torch.equal(a[name], b[name]), name
             assert bool(torch.isfinite(a["image"]).all())
     for f32, bf16 in zip(fast[torch.float32], fast[torch.bfloat16], strict=True):
         assert torch.equal(f32["image"].to(torch.bfloat16), bf16["image"])  # handing over bf16 = casting later
     assert any(5 in b["ids"].tolist() for b in fast[torch.float32])  # the NaN sample was read
-    for b in fast[torch.float32][:2]:  # no augmentation: the NaN pixel is the mean
+    for b in fast[torch.float32]:  # not augmented: the NaN pixel is the mean, where it was
         if 5 in b["ids"].tolist():
             assert float(b["image"][b["ids"].tolist().index(5), 0, 2, 3]) == 0.0
 
