@@ -214,6 +214,87 @@ void soilnet_read_runs(int64_t n_runs, const int32_t *fd, const int64_t *offset,
     }
 }
 
+/* Pretraining's augmented views on a CPU in one pass (soilnet.data.augment, the CPU form): sample b's square
+ * planes src (B, C, n, n) float32 -> out, out[b, c, i, j] = src[b, c, row[b, i], col[b, j]] + jitter[b, c], or
+ * src[b, c, row[b, j], col[b, i]] + jitter[b, c] when transpose[b] (an odd number of quarter turns). row and col
+ * (B, n) already hold the reflection, the reversal and the crop; jitter (B, C) or NULL. Index maps are mostly runs
+ * (ascending, or descending after a flip), so on x86-64 four outputs are one load of a run (reversed by a shuffle
+ * when descending; gathered one by one elsewhere, near a reflected edge), and a transposed view moves 4 x 4
+ * blocks through registers: about one copy of the batch. */
+static void views_scalar(const float *plane, float *o, int64_t n, const int32_t *r, const int32_t *q, int t,
+                         float add) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < n; j++)
+            o[i * n + j] = (t ? plane[(int64_t)r[j] * n + q[i]] : plane[(int64_t)r[i] * n + q[j]]) + add;
+}
+
+#if defined(__x86_64__)
+/* +1 when m[0..3] is an ascending run, -1 a descending one, 0 neither */
+static inline int run4(const int32_t *m) {
+    if (m[1] == m[0] + 1 && m[2] == m[0] + 2 && m[3] == m[0] + 3) return 1;
+    if (m[1] == m[0] - 1 && m[2] == m[0] - 2 && m[3] == m[0] - 3) return -1;
+    return 0;
+}
+
+/* (p[m[0]], p[m[1]], p[m[2]], p[m[3]]) given run4(m) == dir */
+static inline __m128 load4(const float *p, const int32_t *m, int dir) {
+    if (dir > 0) return _mm_loadu_ps(p + m[0]);
+    if (dir < 0) {
+        __m128 v = _mm_loadu_ps(p + m[3]);
+        return _mm_shuffle_ps(v, v, _MM_SHUFFLE(0, 1, 2, 3));
+    }
+    return _mm_setr_ps(p[m[0]], p[m[1]], p[m[2]], p[m[3]]);
+}
+
+static void views_sse(const float *plane, float *o, int64_t n, const int32_t *r, const int32_t *q, int t,
+                      float add, const int8_t *qdir) {
+    __m128 a = _mm_set1_ps(add);
+    if (!t) {
+        for (int64_t i = 0; i < n; i++) {
+            const float *line = plane + (int64_t)r[i] * n;
+            for (int64_t j = 0; j < n; j += 4) _mm_storeu_ps(o + i * n + j, _mm_add_ps(load4(line, q + j, qdir[j / 4]), a));
+        }
+        return;
+    }
+    for (int64_t i = 0; i < n; i += 4)
+        for (int64_t j = 0; j < n; j += 4) { /* columns j..j+3 of out rows i..i+3 are source rows r[j..j+3] */
+            __m128 c0 = load4(plane + (int64_t)r[j] * n, q + i, qdir[i / 4]);
+            __m128 c1 = load4(plane + (int64_t)r[j + 1] * n, q + i, qdir[i / 4]);
+            __m128 c2 = load4(plane + (int64_t)r[j + 2] * n, q + i, qdir[i / 4]);
+            __m128 c3 = load4(plane + (int64_t)r[j + 3] * n, q + i, qdir[i / 4]);
+            _MM_TRANSPOSE4_PS(c0, c1, c2, c3);
+            _mm_storeu_ps(o + i * n + j, _mm_add_ps(c0, a));
+            _mm_storeu_ps(o + (i + 1) * n + j, _mm_add_ps(c1, a));
+            _mm_storeu_ps(o + (i + 2) * n + j, _mm_add_ps(c2, a));
+            _mm_storeu_ps(o + (i + 3) * n + j, _mm_add_ps(c3, a));
+        }
+}
+#endif
+
+void soilnet_views(int64_t B, int64_t C, int64_t n, const float *src, float *out, const int32_t *row,
+                   const int32_t *col, const uint8_t *transpose, const float *jitter) {
+    for (int64_t b = 0; b < B; b++) {
+        const int32_t *r = row + b * n, *q = col + b * n;
+#if defined(__x86_64__)
+        int8_t qdir[1024] = {0};
+        int sse = n % 4 == 0 && n / 4 <= 1024;
+        for (int64_t g = 0; sse && g < n / 4; g++) qdir[g] = (int8_t)run4(q + 4 * g);
+#endif
+        for (int64_t c = 0; c < C; c++) {
+            const float *plane = src + (b * C + c) * n * n;
+            float *o = out + (b * C + c) * n * n;
+            float add = jitter ? jitter[b * C + c] : 0.0f;
+#if defined(__x86_64__)
+            if (sse) {
+                views_sse(plane, o, n, r, q, transpose[b], add, qdir);
+                continue;
+            }
+#endif
+            views_scalar(plane, o, n, r, q, transpose[b], add);
+        }
+    }
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_native", .m_size = -1};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

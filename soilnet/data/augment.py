@@ -10,7 +10,7 @@ size needs; being exact integer arithmetic (no product exceeds 2**49), the bits 
 **Application.** :func:`augment_image` is the definition, one sample at a time in numpy: reflect ``pad`` pixels,
 flip along W, flip along H, quarter turns, crop back to the patch size, add the spectral jitter.
 :func:`augment_images` applies the same views to a whole batch with index operations on the batch's device (after
-the host-to-device copy): one gather on a GPU, row copies and a few subset flips and transposes on a CPU.
+the host-to-device copy): one gather on a GPU, one pass of a C kernel on a CPU (:func:`_native_views`).
 
 Fine-tuning draws its views differently (three flip bits per sample of a global batch from one generator, see
 :func:`draw_flips`) but applies them as the same :class:`View`: the dihedral part of one, without padding or crop.
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from soilnet.data import native
 from soilnet.data.pool import TensorPool
 
 
@@ -234,51 +235,30 @@ def _gathered(x: torch.Tensor, d: Draws, v: int, pad: int) -> torch.Tensor:
     return x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
 
 
-_WORK = TensorPool()  # the CPU form's work arrays and outputs, reused: fresh ones are page faults on every batch
+_WORK = TensorPool()  # the CPU form's outputs, reused: a fresh 20 MB array per batch costs its page faults
 
 
-def _sliced(x: torch.Tensor, d: Draws, v: int, pad: int) -> torch.Tensor:
-    """:func:`augment_images`'s geometry for square patches and ``pad`` < H, as row copies, for CPUs.
+def _axes(d: Draws, v: int, n: int, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """View ``v``'s geometry for square (n, n) patches as two index vectors: ``row``, ``col`` (B, n) int32, the
+    source row and column of each output row and column (the crop, reversal and reflection of :func:`_window`),
+    and ``transpose`` (B,) bool: out[i, j] = x[row[i], col[j]], or x[row[j], col[i]] when transposed."""
+    odd, rev_r, rev_c, r0, c0 = _window(d, v, n, n, pad)
+    t = torch.arange(n, device=r0.device)
+    reflect, last = reflect_index(n, pad, r0.device), n + 2 * pad - 1
+    a, bb = r0[:, None] + t, c0[:, None] + t
+    row = reflect[torch.where(rev_r[:, None], last - a, a)]
+    col = reflect[torch.where(rev_c[:, None], last - bb, bb)]
+    return row.to(torch.int32).contiguous(), col.to(torch.int32).contiguous(), odd.contiguous()
 
-    Each sample is first copied turned to where its view reads rows: transposed after an odd number of turns,
-    columns reversed when the window reads them backwards (samples of the same kind together, so each kind is one
-    copy), and reflect-padded along W. Every output row is then a run of W adjacent values of those copies: one
-    ``index_select`` over a sliding-window view, which also reflects, reverses and crops the rows. The work
-    arrays and the output come from a pool (a 20 MB array allocated afresh costs its page faults every batch)."""
-    b, c, h, w = x.shape
-    wp = w + 2 * pad
-    odd, rev_r, rev_c, r0, c0 = _window(d, v, h, w, pad)
-    # in the turned copy (x, or its transpose after an odd number of turns) the window's rows and columns
-    first_row, row_rev = torch.where(odd, c0, r0), torch.where(odd, rev_c, rev_r)
-    first_col, col_rev = torch.where(odd, r0, c0), torch.where(odd, rev_r, rev_c)
-    kind = 2 * odd.long() + col_rev.long()
-    order = torch.argsort(kind, stable=True)
-    turned, flipped = _WORK.tensor((b, c, h, w), x.dtype), _WORK.tensor((b, c, h, w), x.dtype)
-    padded = _WORK.tensor((b, c, h, wp), x.dtype)
-    start = 0
-    for k in range(4):  # each kind's samples turned, then reflect-padded along W into their rows of ``padded``
-        idx = order[kind[order] == k]
-        n = len(idx)
-        if not n:
-            continue
-        part = torch.index_select(x.transpose(-1, -2) if k >= 2 else x, 0, idx, out=turned[start : start + n])
-        if k % 2:
-            part = torch.ops.aten.flip.out(part, [-1], out=flipped[start : start + n])
-        if pad:  # (as 2-d: torch's 1-d reflection is slow)
-            torch.ops.aten.reflection_pad2d.out(part, [pad, pad, 0, 0], out=padded[start : start + n])
-        else:
-            padded[start : start + n].copy_(part)
-        start += n
-    position = torch.empty_like(order)
-    position[order] = torch.arange(b, device=x.device)
-    a = first_row[:, None] + torch.arange(h, device=x.device)  # (B, H) padded rows read
-    rows = reflect_index(h, pad, x.device)[torch.where(row_rev[:, None], h + 2 * pad - 1 - a, a)]
-    plane = (position[:, None] * c + torch.arange(c, device=x.device)) * (h * wp) + first_col[:, None]  # (B, C)
-    starts = plane[:, :, None] + (rows * wp)[:, None, :]  # (B, C, H): where each output row's run starts
-    flat = padded.view(-1)
-    runs = flat.as_strided((flat.numel() - w + 1, w), (1, 1))  # run k: values k .. k + W - 1 of the padded copies
-    out = _WORK.tensor((b, c, h, w), x.dtype)
-    torch.index_select(runs, 0, starts.view(-1), out=out.view(-1, w))
+
+def _native_views(x: torch.Tensor, d: Draws, v: int, pad: int) -> torch.Tensor:
+    """:func:`augment_images` on a CPU for float32 square patches, the spectral jitter included: one pass of the C
+    kernel (:func:`soilnet.data.native.views`), about one copy of the batch, without the GIL."""
+    b, c, n, _ = x.shape
+    row, col, transpose = _axes(d, v, n, pad)
+    out = _WORK.tensor((b, c, n, n), torch.float32)
+    jitter = None if d.spectral is None else d.spectral[v]
+    native.views(x.contiguous(), out, row, col, transpose, jitter)
     return out
 
 
@@ -287,15 +267,17 @@ def augment_images(
 ) -> torch.Tensor:
     """x: (B, C, H, W) normalised, float32 or bfloat16, on any device -> (B, C, H, W) of the same dtype: view ``v``
     of each sample, as :func:`augment_image` makes it from the same draws (the geometry moves values exactly; the
-    jitter is added in float32 and rounded once). ``gather``: one gather (the default on a GPU and for
-    non-square patches) or row copies (:func:`_sliced`, the default on a CPU)."""
+    jitter is added in float32 and rounded once). ``gather``: one gather (the default on a GPU, and where the C
+    kernel cannot serve) or the one-pass C kernel (:func:`_native_views`, the default on a CPU for float32 square
+    patches when the extension is built)."""
     if not spec.enabled:
         return x
     b, c, h, w = x.shape
     if gather is None:
         gather = x.device.type != "cpu"
-    sliceable = h == w and spec.pad < h
-    out = _gathered(x, d, v, spec.pad) if gather or not sliceable else _sliced(x, d, v, spec.pad)
+    if not gather and native.available() and x.device.type == "cpu" and x.dtype == torch.float32 and h == w:
+        return _native_views(x, d, v, spec.pad)
+    out = _gathered(x, d, v, spec.pad)
     if d.spectral is not None:
         out = (
             out.add_(d.spectral[v].view(b, c, 1, 1))

@@ -55,6 +55,7 @@ def _load() -> ctypes.CDLL | None:
     lib.soilnet_affine_rows.argtypes, lib.soilnet_affine_rows.restype = [_i64, affine_p], None
     lib.soilnet_read_runs.argtypes = [_i64, _p, _p, _p, _p, _p, _p, _p, affine_p]
     lib.soilnet_read_runs.restype = None
+    lib.soilnet_views.argtypes, lib.soilnet_views.restype = [_i64, _i64, _i64, _p, _p, _p, _p, _p, _p], None
     return lib
 
 
@@ -121,4 +122,41 @@ def read_runs(runs: np.ndarray, iov: np.ndarray, got: np.ndarray, convert: Affin
     _lib().soilnet_read_runs(
         *(len(runs), fd.ctypes.data, offset.ctypes.data, first.ctypes.data, count.ctypes.data, row.ctypes.data),
         *(iov.ctypes.data, got.ctypes.data, None if convert is None else ctypes.byref(convert)),
+    )
+
+
+def views(
+    src: torch.Tensor,
+    out: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    transpose: torch.Tensor,
+    jitter: torch.Tensor | None,
+) -> None:
+    """``out[b, c, i, j] = src[b, c, row[b, i], col[b, j]] + jitter[b, c]`` (``row[b, j], col[b, i]`` where
+    ``transpose[b]``): src and out (B, C, n, n) float32 contiguous CPU tensors, row and col (B, n) int32, transpose
+    (B,) bool, jitter (B, C) float32 or None; ``soilnet_views`` of ``_native.c``."""
+    b, c, n, _ = src.shape
+    for t, dtype, shape in (
+        (src, torch.float32, (b, c, n, n)),
+        (out, torch.float32, (b, c, n, n)),
+        (row, torch.int32, (b, n)),
+        (col, torch.int32, (b, n)),
+        (transpose, torch.bool, (b,)),
+    ):
+        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" or tuple(t.shape) != shape:
+            got = f"{t.dtype} {tuple(t.shape)} on {t.device}"
+            raise ValueError(f"views: expected a contiguous {dtype} CPU tensor of {shape}, got {got}")
+    if jitter is not None:
+        jitter = jitter.to(torch.float32).contiguous()
+    _lib().soilnet_views(
+        b,
+        c,
+        n,
+        src.data_ptr(),
+        out.data_ptr(),
+        row.data_ptr(),
+        col.data_ptr(),
+        transpose.data_ptr(),
+        None if jitter is None else jitter.data_ptr(),
     )

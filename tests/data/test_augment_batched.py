@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from soilnet.config.schema import SchemaConfig
-from soilnet.data import LoaderSpec, PretrainBatches, open_shards
+from soilnet.data import LoaderSpec, PretrainBatches, native, open_shards
 from soilnet.data.augment import (
     AugmentSpec,
     augment_climate,
@@ -29,7 +29,7 @@ def _random_draws(spec: AugmentSpec, b: int, c: int, h: int, w: int):
     return x, draw(spec, 5, 2, torch.arange(b) * 7 + 3, 2, (c, h, w), (4, 3))
 
 
-@pytest.mark.parametrize("gather", [False, True], ids=["row-copies", "gather"])
+@pytest.mark.parametrize("gather", [False, True], ids=["cpu-form", "gather"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h,w,pad", [(8, 8, 3), (7, 7, 0), (6, 6, 6), (5, 5, 11), (5, 7, 2), (64, 64, 16), (1, 1, 2)])
 def test_batched_views_equal_the_per_sample_definition_on_the_same_draws(h, w, pad, dtype, gather):
@@ -64,6 +64,20 @@ def test_every_dihedral_element_and_crop_corner_matches_the_definition():
         for b in range(n):
             want = augment_image(x[0].numpy(), spec, d.view(0, b))
             np.testing.assert_array_equal(got[b].numpy(), want)
+
+
+@pytest.mark.skipif(not native.available(), reason="soilnet.data._native is not built (no C compiler)")
+def test_the_cpu_form_of_float32_square_patches_is_one_pass_of_the_c_kernel(monkeypatch):
+    """On a CPU, float32 square patches go through ``soilnet_views`` (the equality tests above then check it);
+    bfloat16 and non-square patches through the gather."""
+    calls = []
+    real = native.views
+    monkeypatch.setattr(native, "views", lambda *args: calls.append(args[0].shape) or real(*args))
+    spec = AugmentSpec(pad=4, spectral_jitter=0.1)
+    for shape, dtype in (((8, 8), torch.float32), ((8, 8), torch.bfloat16), ((6, 8), torch.float32)):
+        x, d = _random_draws(spec, 4, 3, *shape)
+        augment_images(x.to(dtype), spec, d, 0, gather=False)
+    assert calls == [(4, 3, 8, 8)]
 
 
 def test_reflect_index_is_np_pad_reflect_even_past_the_edge():
