@@ -246,28 +246,42 @@ static inline __m128 load4(const float *p, const int32_t *m, int dir) {
     return _mm_setr_ps(p[m[0]], p[m[1]], p[m[2]], p[m[3]]);
 }
 
+/* out rows i of columns j..j+3 (a plain view): the run's direction is the same down the rows, so the branch is
+ * taken once per group of columns */
+static void plain_columns(const float *plane, float *o, int64_t n, const int32_t *r, const int32_t *m, int dir,
+                          __m128 a) {
+    if (dir > 0)
+        for (int64_t i = 0; i < n; i++) _mm_storeu_ps(o + i * n, _mm_add_ps(_mm_loadu_ps(plane + r[i] * n + m[0]), a));
+    else if (dir < 0)
+        for (int64_t i = 0; i < n; i++) {
+            __m128 v = _mm_loadu_ps(plane + r[i] * n + m[3]);
+            _mm_storeu_ps(o + i * n, _mm_add_ps(_mm_shuffle_ps(v, v, _MM_SHUFFLE(0, 1, 2, 3)), a));
+        }
+    else
+        for (int64_t i = 0; i < n; i++) _mm_storeu_ps(o + i * n, _mm_add_ps(load4(plane + r[i] * n, m, 0), a));
+}
+
 static void views_sse(const float *plane, float *o, int64_t n, const int32_t *r, const int32_t *q, int t,
                       float add, const int8_t *qdir) {
     __m128 a = _mm_set1_ps(add);
     if (!t) {
-        for (int64_t i = 0; i < n; i++) {
-            const float *line = plane + (int64_t)r[i] * n;
-            for (int64_t j = 0; j < n; j += 4) _mm_storeu_ps(o + i * n + j, _mm_add_ps(load4(line, q + j, qdir[j / 4]), a));
-        }
+        for (int64_t j = 0; j < n; j += 4) plain_columns(plane, o + j, n, r, q + j, qdir[j / 4], a);
         return;
     }
-    for (int64_t i = 0; i < n; i += 4)
+    for (int64_t i = 0; i < n; i += 4) {
+        int dir = qdir[i / 4];
         for (int64_t j = 0; j < n; j += 4) { /* columns j..j+3 of out rows i..i+3 are source rows r[j..j+3] */
-            __m128 c0 = load4(plane + (int64_t)r[j] * n, q + i, qdir[i / 4]);
-            __m128 c1 = load4(plane + (int64_t)r[j + 1] * n, q + i, qdir[i / 4]);
-            __m128 c2 = load4(plane + (int64_t)r[j + 2] * n, q + i, qdir[i / 4]);
-            __m128 c3 = load4(plane + (int64_t)r[j + 3] * n, q + i, qdir[i / 4]);
+            __m128 c0 = load4(plane + (int64_t)r[j] * n, q + i, dir);
+            __m128 c1 = load4(plane + (int64_t)r[j + 1] * n, q + i, dir);
+            __m128 c2 = load4(plane + (int64_t)r[j + 2] * n, q + i, dir);
+            __m128 c3 = load4(plane + (int64_t)r[j + 3] * n, q + i, dir);
             _MM_TRANSPOSE4_PS(c0, c1, c2, c3);
             _mm_storeu_ps(o + i * n + j, _mm_add_ps(c0, a));
             _mm_storeu_ps(o + (i + 1) * n + j, _mm_add_ps(c1, a));
             _mm_storeu_ps(o + (i + 2) * n + j, _mm_add_ps(c2, a));
             _mm_storeu_ps(o + (i + 3) * n + j, _mm_add_ps(c3, a));
         }
+    }
 }
 #endif
 
