@@ -20,9 +20,10 @@ class DataConfig(Section):
     """``shards`` is a shard folder or its ``manifest.json``; ``schema`` picks channels and variables by name.
 
     Augmentations follow the seed: reflect ``pad`` pixels, random flips and 90-degree rotations, random crop back
-    to the patch size; jitters are Gaussian, in normalised units. ``seed`` fixes the global sample order and the
-    per-sample augmentations. ``loader_threads``: threads building batches in each process (the training process
-    with ``num_workers: 0``, else each worker); unset: 2 without augmentation, 1 with it (see docs/benchmarks.md).
+    to the patch size, applied on the training device after the copy; jitters are Gaussian, in normalised units.
+    ``seed`` fixes the global sample order and every sample's augmentation draws. ``loader_threads``: threads
+    building batches in each process (the training process with ``num_workers: 0``, else each worker); unset: 2
+    (see docs/benchmarks.md).
     ``max_corrupt_fraction``: above this fraction of corrupt samples read, the job stops.
     ``log_sample_ids``: write every global batch's sample ids to ``output_dir/samples.jsonl``.
     """
