@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from soilnet.config.base import load_config
 from soilnet.config.pretrain import PretrainConfig
 from soilnet.data import build_loader, open_shards
+from soilnet.data.device import DeviceBatches
 from soilnet.distributed import init_distributed, leave_process_group
 from soilnet.losses import ContrastiveLoss
 from soilnet.models import build_contrastive_model
@@ -110,7 +111,9 @@ def plain_torch_sps(config: str, steps: int, extra: list[str]) -> float:
     model = build_contrastive_model(cfg.model, shards.schema)
     loss_fn = ContrastiveLoss(cfg.loss.temperature)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    it = iter(build_loader(shards, loader_spec(cfg, 0, 1)))  # pretraining's loader: only the training loop differs
+    spec = loader_spec(cfg, 0, 1)
+    # pretraining's loader and its augmentation on the device: only the training loop differs
+    it = iter(DeviceBatches(build_loader(shards, spec), spec, "cpu"))
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
