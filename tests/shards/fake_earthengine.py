@@ -34,7 +34,7 @@ import io
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -43,6 +43,7 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth import jwt
+from loopback import LoopbackService
 from pyproj import CRS, Transformer
 
 EE_DIR = Path(ee.__file__).parent
@@ -122,7 +123,7 @@ def constant(node, values: dict):
     return node
 
 
-class FakeEarthEngine:
+class FakeEarthEngine(LoopbackService):
     """Start with ``with FakeEarthEngine(...) as fake:``; ``fake.url`` goes into ``source.earthengine.url``."""
 
     def __init__(
@@ -157,32 +158,6 @@ class FakeEarthEngine:
         self.composite_for = default_composite
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-
-    def __enter__(self) -> FakeEarthEngine:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                fake.handle(self, "GET")
-
-            def do_POST(self):
-                fake.handle(self, "POST")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     # -- HTTP ------------------------------------------------------------------------------------------------
 

@@ -34,13 +34,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import shapely
 import shapely.geometry
+from loopback import LoopbackService
 
-from shards.sources.earthengine import SR_OFFSET, SR_SCALE
+from shards.sources.landsat import SR_OFFSET, SR_SCALE
 
 LANDSAT_COLLECTION = "landsat-c2-l2"
 DEM_COLLECTION = "cop-dem-glo-30"
@@ -343,7 +344,7 @@ def sort_items(items: list[dict], sortby) -> list[dict]:
 # -- the server -----------------------------------------------------------------------------------------------
 
 
-class FakeStac:
+class FakeStac(LoopbackService):
     """Start with ``with FakeStac() as stac:``; add items with :meth:`add`; ``stac.url`` is the API root."""
 
     def __init__(self, latency_s: float = 0.0, sas_token: str | None = None):
@@ -368,32 +369,6 @@ class FakeStac:
     def first_searches(self) -> list[dict]:
         """The searches that were not a follow-up page (one per query the client made)."""
         return [s for s in self.searches if not s.get("token")]
-
-    def __enter__(self) -> FakeStac:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                fake.handle(self, "GET")
-
-            def do_POST(self):
-                fake.handle(self, "POST")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     def handle(self, req: BaseHTTPRequestHandler, method: str) -> None:
         url = urlparse(req.path)
