@@ -56,7 +56,8 @@ class TileAcquire:
 
     def strip_rows(self, n_cols: int, n_channels: int, resolution: float) -> int:
         """Cell rows per window read so that a window holds at most ``max_values`` values, and at most the
-        source's ``max_window_pixels`` pixels where it has a limit (Earth Engine's request size): ``k`` cell rows
+        source's ``max_window_pixels`` pixels where it has a limit (Earth Engine's request size; the local rasters'
+        fastest window): ``k`` cell rows
         take ``ceil((k - 1) * step) + patch_size + 1`` pixel rows of the window's width."""
         step = resolution / self.pixel_size_m
         width = math.ceil((n_cols - 1) * step) + self.patch_size + 1
