@@ -190,11 +190,6 @@ def augment_image(image: np.ndarray, spec: AugmentSpec, view: View) -> np.ndarra
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def augment_climate(climate: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
-    """climate: (T, F) float32 normalised, plus its drawn jitter ``noise`` (T, F) when there is one."""
-    return climate if noise is None else (climate + noise).astype(np.float32)
-
-
 def reflect_index(n: int, pad: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(n + 2 pad,) int64: the position in an axis of ``n`` of each position of it reflect-padded by ``pad``, as
     ``np.pad(mode="reflect")`` pads (reflections of reflections when pad >= n)."""

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from soilnet.data.augment import augment_images, draw
-from soilnet.data.loader import LoaderSpec
+from soilnet.data.loader import LoaderSpec, hand_over, take
 
 DEVICE_KEYS = ("image", "climate", "climate_key")  # what the step reads on the device; ``ids`` stay on the host
 
@@ -103,29 +103,20 @@ def _in_thread(items: Iterator[dict]) -> Iterator[dict]:
     handed: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
-    def hand_over(item) -> bool:
-        while not stop.is_set() and threading.main_thread().is_alive():
-            try:
-                handed.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
     def make() -> None:
         try:
             for item in items:
-                if not hand_over(item):
+                if not hand_over(handed, item, stop):
                     return
-            hand_over(StopIteration())
+            hand_over(handed, StopIteration(), stop)
         except BaseException as err:  # handed to the caller, which raises it in its own thread
-            hand_over(err)
+            hand_over(handed, err, stop)
 
     threading.Thread(target=make, name="soilnet-augment").start()
     try:
         while True:
-            item = handed.get()
-            if isinstance(item, StopIteration):
+            item = take(handed)
+            if item is None or isinstance(item, StopIteration):  # None: the main thread has ended
                 return
             if isinstance(item, BaseException):
                 raise item

@@ -177,24 +177,14 @@ def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -
     stop = threading.Event()
     queues: list[queue.Queue] = [queue.Queue(maxsize=1) for _ in range(threads)]
 
-    def hand_over(q: queue.Queue, item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                if not threading.main_thread().is_alive():
-                    return False
-        return False
-
     def build(j: int) -> None:
         stage = batches.new_stage()
         try:
             for m in itertools.count():
-                if not hand_over(queues[j], batches.batch(first + stride * (j + m * threads), stage)):
+                if not hand_over(queues[j], batches.batch(first + stride * (j + m * threads), stage), stop):
                     return
         except BaseException as err:  # handed to the consumer, which raises it in its own thread
-            hand_over(queues[j], err)
+            hand_over(queues[j], err, stop)
         finally:
             stage.files.close()
 
@@ -202,7 +192,7 @@ def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -
         threading.Thread(target=build, args=(j,), name=f"soilnet-batch-builder-{j}").start()
     try:
         for m in itertools.count():
-            item = _take(queues[m % threads])
+            item = take(queues[m % threads])
             if item is None:  # the main thread has ended (this runs in another thread, e.g. an augmenting one)
                 return
             if isinstance(item, BaseException):
@@ -213,8 +203,21 @@ def _threaded(batches: PretrainBatches, first: int, stride: int, threads: int) -
         stop.set()
 
 
-def _take(q: queue.Queue):
-    """The next item of ``q``, or None once the main thread has ended (the builders then stop handing over)."""
+def hand_over(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` on ``q`` (a producer thread's hand-over to its consumer): False, without it, once ``stop`` is
+    set (the consumer closed) or the main thread has ended."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            if not threading.main_thread().is_alive():
+                return False
+    return False
+
+
+def take(q: queue.Queue):
+    """The next item of ``q``, or None once the main thread has ended (the producers then stop handing over)."""
     while True:
         try:
             return q.get(timeout=0.1)
