@@ -28,9 +28,7 @@ the retries fails the point (ledger ``error``) with a message naming the href, n
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
 import numpy as np
@@ -42,9 +40,9 @@ import zarr
 from pyproj import Transformer
 from rasterio.enums import Resampling
 from rasterio.transform import from_origin
-from rasterio.vrt import WarpedVRT
 
 from shards.sources.base import Patch, Rejected
+from shards.sources.cog_reader import AssetReader, Grid
 from shards.sources.landsat import (
     QA_BANDS,
     QA_NOT_CLEAR,
@@ -57,7 +55,7 @@ from shards.sources.landsat import (
 )
 from shards.sources.rasters import utm_crs
 from shards.sources.stac_catalog import Catalogue, Scene
-from shards.sources.transport import HostLimit, configure_gdal, gdal_options, load_hook, redact, with_retries
+from shards.sources.transport import HostLimit, configure_gdal, gdal_options, load_hook, redact
 from shards.sources.zarr_climate import ZarrClimate
 from soilnet.config.base import ConfigError
 from soilnet.config.pack import StacConfig
@@ -66,11 +64,6 @@ from soilnet.schema import SampleSchema, compute_indices
 SCENE_BANDS = (*SR_BANDS, *QA_BANDS)
 FILL = {"QA_PIXEL": 1}  # the value a pixel outside the scene gets: QA_PIXEL's fill bit; SR's fill is 0
 NEAREST = set(QA_BANDS)  # bit masks: never interpolated
-OPEN_FILES = 64  # per thread
-# A pixel's value must not depend on the window it is read in: GDAL's approximate transformer with this error bound
-# (pixels) transforms every pixel exactly (0 itself leaves rasterio without a transformer), and a kernel of fixed
-# size (XSCALE/YSCALE 1: interpolation at the pixel centre) replaces one scaled by the window's overall ratio.
-EXACT = {"tolerance": 1e-9, "XSCALE": 1, "YSCALE": 1}
 
 
 def slope_degrees(elevation: np.ndarray, pixel_size_m: float) -> np.ndarray:
@@ -78,66 +71,6 @@ def slope_degrees(elevation: np.ndarray, pixel_size_m: float) -> np.ndarray:
     central differences ``ee.Terrain.slope`` uses (one-sided on the grid's edge, which the caller crops)."""
     dzdy, dzdx = np.gradient(np.asarray(elevation, dtype=np.float64), pixel_size_m)
     return np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
-
-
-class AssetReader:
-    """Windowed, warped reads of COG assets by href; each thread keeps its own open files (``OPEN_FILES``), each
-    opened from a freshly signed URL. A read that fails on a file opened earlier is tried once more on the file
-    signed and opened anew (a signed URL expires: the Planetary Computer's tokens last about an hour)."""
-
-    def __init__(self, sign: Callable[[str], str], limit: HostLimit, retries: int, delay_s: float):
-        self.sign, self.limit, self.retries, self.delay_s = sign, limit, retries, delay_s
-        self._local = threading.local()
-
-    def _open(self, href: str):
-        files = self._local.__dict__.setdefault("files", OrderedDict())
-        if href in files:
-            files.move_to_end(href)
-            return files[href]
-        files[href] = rasterio.open(self.sign(href))
-        while len(files) > OPEN_FILES:
-            files.popitem(last=False)[1].close()
-        return files[href]
-
-    def _drop(self, href: str) -> None:
-        src = self._local.__dict__.get("files", {}).pop(href, None)
-        if src is not None:
-            src.close()
-
-    def read(self, href: str, grid: tuple, resampling: Resampling, nodata=None, masked=False):
-        """Band 1 of ``href`` warped onto ``grid`` (``(crs, transform, size)``: ``size x size`` pixels)."""
-        crs, transform, size = grid
-
-        def once():
-            with self.limit.slot(href):
-                try:
-                    src = self._open(href)
-                    with WarpedVRT(
-                        src,
-                        crs=crs,
-                        transform=transform,
-                        width=size,
-                        height=size,
-                        resampling=resampling,
-                        nodata=nodata,
-                        dtype="float32",  # an interpolated DN is not rounded to an integer
-                        **EXACT,
-                    ) as vrt:
-                        return vrt.read(1, masked=masked)
-                except Exception:
-                    self._drop(href)  # a failed handle (expired signature, broken connection) is opened anew
-                    raise
-
-        opened_before = href in self._local.__dict__.get("files", {})
-        try:
-            try:
-                return with_retries(once, self.retries, self.delay_s)
-            except (rasterio.errors.RasterioError, OSError):
-                if not opened_before:
-                    raise
-                return once()  # a handle opened earlier (its signature may have expired), signed and opened anew
-        except (rasterio.errors.RasterioError, OSError) as err:
-            raise OSError(f"{redact(href)}: read failed ({redact(str(err))[:400]})") from None
 
 
 class StacSource:
@@ -154,6 +87,8 @@ class StacSource:
         self.schema, self.cfg = schema, cfg
         self.gdal = configure_gdal(gdal_options(cfg.max_retries, cfg.retry_delay_s, cfg.timeout_s), cfg.gdal)
         self.limit = HostLimit(cfg.max_per_host)
+        # the requests of one point (a scene's bands, the climate variables) overlap on these threads
+        io = ThreadPoolExecutor(cfg.max_per_host, thread_name_prefix="stac-io")
         # one chunk request at a time per Zarr read, which holds one slot of the per-host limit; reads are per
         # chunk of points and cached, so this costs little
         zarr.config.set({"async.concurrency": 1})
@@ -161,7 +96,7 @@ class StacSource:
         self.topography = any(c in schema.channels for c in TOPOGRAPHY)
         collections = [cfg.collection, *([cfg.dem_collection] if self.topography else [])]
         self.catalogue = Catalogue(cfg.url, collections, self.limit, cfg.max_retries, cfg.retry_delay_s, cfg.timeout_s)
-        self.reader = AssetReader(sign, self.limit, cfg.max_retries, cfg.retry_delay_s)
+        self.reader = AssetReader(sign, self.limit, cfg.max_retries, cfg.retry_delay_s, io)
         self.climate_store = None
         if schema.climate_variables:
             self.climate_store = ZarrClimate(
@@ -173,6 +108,7 @@ class StacSource:
                 limit=self.limit,
                 retries=cfg.max_retries,
                 delay_s=cfg.retry_delay_s,
+                io=io,
             )
         self.concurrency = cfg.threads
         self._to: dict[tuple[str, str], Transformer] = {}
@@ -184,13 +120,15 @@ class StacSource:
             self._to[(a, b)] = Transformer.from_crs(a, b, always_xy=True)
         return self._to[(a, b)]
 
-    def grid(self, lon: float, lat: float, margin: int = 0):
-        """``(crs, transform, size)``: the point's patch grid (the local-raster source's), ``margin`` pixels wider."""
+    def grid(self, lon: float, lat: float, margin: int = 0) -> Grid:
+        """``(crs, transform, width, height)``: the point's patch grid (the local-raster source's), ``margin`` pixels
+        wider on each side."""
         s = self.schema
         crs = utm_crs(lon, lat)
         x, y = self._transformer("EPSG:4326", crs).transform(lon, lat)
         half = s.patch_size * s.pixel_size_m / 2.0 + margin * s.pixel_size_m
-        return crs, from_origin(x - half, y + half, s.pixel_size_m, s.pixel_size_m), s.patch_size + 2 * margin
+        size = s.patch_size + 2 * margin
+        return crs, from_origin(x - half, y + half, s.pixel_size_m, s.pixel_size_m), size, size
 
     # -- scenes ----------------------------------------------------------------------------------------------
 
@@ -205,28 +143,35 @@ class StacSource:
         ]
         return sorted(mine, key=lambda s: (s.date, s.id))[: cfg.max_scenes]
 
-    def _band(self, scene: Scene, band: str, grid, reads: dict) -> np.ndarray:
-        """One band of ``scene`` on ``grid`` (read once per patch)."""
-        if (scene.id, band) not in reads:
-            href = scene.href(self.cfg.assets[band], f"source.stac.assets.{band}")
-            resampling = Resampling.nearest if band in NEAREST else Resampling.bilinear
-            reads[(scene.id, band)] = self.reader.read(href, grid, resampling, nodata=FILL.get(band, 0))
-        return reads[(scene.id, band)]
+    def _bands(self, scene: Scene, bands: tuple[str, ...], grid: Grid, reads: dict) -> list[np.ndarray]:
+        """``bands`` of ``scene`` on ``grid``, each read once per patch; the ones not read yet that resample alike
+        (the reflectance bands: bilinear, fill 0) are warped together."""
+        missing = [b for b in bands if (scene.id, b) not in reads]
+        for how in {self._resampling(b) for b in missing}:
+            alike = [b for b in missing if self._resampling(b) == how]
+            hrefs = [scene.href(self.cfg.assets[b], f"source.stac.assets.{b}") for b in alike]
+            for band, pixels in zip(alike, self.reader.read_bands(hrefs, grid, *how), strict=True):
+                reads[(scene.id, band)] = pixels
+        return [reads[(scene.id, b)] for b in bands]
+
+    @staticmethod
+    def _resampling(band: str) -> tuple[Resampling, float]:
+        """How a band is warped: the QA bit masks nearest (interpolating bits would invent flags), the rest
+        bilinear; and the value a pixel outside the scene gets."""
+        return (Resampling.nearest if band in NEAREST else Resampling.bilinear), FILL.get(band, 0)
 
     def describe(self, scene: Scene, grid, reads: dict, ndvi: bool) -> dict:
         """Earth Engine's scene description: ``id``, ``date``, ``clear`` fraction, ``ndvi`` mean of clear pixels.
 
         A scene whose ``QA_PIXEL`` alone leaves it less than ``min_clear_fraction`` clear is not read further
         (saturation can only lower that): its ``clear`` is then that upper bound, which changes no choice."""
-        qa = self._band(scene, "QA_PIXEL", grid, reads).astype(np.int64)
+        qa = self._bands(scene, ("QA_PIXEL",), grid, reads)[0].astype(np.int64)
         clear = (qa & QA_NOT_CLEAR) == 0
         if clear.mean() >= self.cfg.min_clear_fraction:
-            clear &= self._band(scene, "QA_RADSAT", grid, reads) == 0
+            clear &= self._bands(scene, ("QA_RADSAT",), grid, reads)[0] == 0
         out = {"id": scene.id, "date": scene.date, "clear": float(clear.mean()), "ndvi": None}
         if ndvi and clear.any():
-            red, nir = (
-                self._band(scene, b, grid, reads).astype(np.float32) * SR_SCALE + SR_OFFSET for b in ("SR_B4", "SR_B5")
-            )
+            red, nir = (b * SR_SCALE + SR_OFFSET for b in self._bands(scene, ("SR_B4", "SR_B5"), grid, reads))
             index = compute_indices({"SR_B4": red, "SR_B5": nir}, ("NDVI",))["NDVI"]
             out["ndvi"] = float(np.nanmean(index[clear]))
         return out
@@ -254,7 +199,7 @@ class StacSource:
         shape = (s.patch_size, s.patch_size)
         if not self.topography:
             return {name: np.zeros(shape, dtype=np.float32) for name in TOPOGRAPHY}, []
-        crs, transform, size = grid = self.grid(lon, lat, margin=1)
+        crs, transform, size, _ = grid = self.grid(lon, lat, margin=1)
         left, top = transform.c, transform.f
         box = self._transformer(crs, "EPSG:4326").transform_bounds(
             left, top - size * s.pixel_size_m, left + size * s.pixel_size_m, top
@@ -281,13 +226,18 @@ class StacSource:
     # -- Source interface ------------------------------------------------------------------------------------
 
     def patch(self, lon: float, lat: float) -> Patch:
-        """image: ``(C, H, W)`` float32 in the schema's channel order; not-clear pixels are NaN."""
+        """image: ``(C, H, W)`` float32 in the schema's channel order; not-clear pixels are NaN. Computed in this
+        process's turn (:class:`~shards.sources.transport.Turn`), given away while waiting on the network."""
+        with self.limit.turn.computing():
+            return self._patch(lon, lat)
+
+    def _patch(self, lon: float, lat: float) -> Patch:
         cfg = self.cfg
         grid = self.grid(lon, lat)
         scenes = self.scenes(lon, lat)
         reads: dict = {}
         scene, rule, considered = self.choose(scenes, grid, reads)
-        pixels = {band: self._band(scene, band, grid, reads) for band in SCENE_BANDS}
+        pixels = dict(zip(SCENE_BANDS, self._bands(scene, SCENE_BANDS, grid, reads), strict=True))
         topography, dem = self.topography_at(lon, lat)
         by_name = cast(np.ndarray, {**pixels, **topography})  # decode_pixels indexes its argument by band name only
         image, fraction = decode_pixels(by_name, self.schema, scene.id, cfg.min_clear_fraction)
@@ -308,7 +258,8 @@ class StacSource:
         s = self.schema
         if self.climate_store is None:
             return np.empty(s.climate_shape, dtype=np.float32)
-        values = self.climate_store.point(lon, lat)
+        with self.limit.turn.computing():
+            values = self.climate_store.point(lon, lat)
         bad = np.argwhere(np.isnan(values))
         if len(bad):
             t, f = bad[0]

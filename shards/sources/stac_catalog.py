@@ -10,8 +10,6 @@ from the API are retried by the client's urllib3 ``Retry`` with exponential back
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,7 +19,7 @@ import shapely.geometry
 from pystac_client.stac_api_io import StacApiIO
 from urllib3.util.retry import Retry
 
-from shards.sources.transport import RETRY_CODES, HostLimit, redact
+from shards.sources.transport import RETRY_CODES, HostLimit, SharedCache, redact
 from soilnet.config.base import ConfigError
 
 MARGIN_DEG = 0.1  # > half a 64 x 30 m footprint (0.96 km) in longitude up to 80 degrees of latitude
@@ -97,10 +95,7 @@ class Catalogue:
                 why = _why(err)
             if why:
                 raise ConfigError(f"source.stac: the STAC API {redact(url)} has no collection {collection!r}: {why}")
-        self.searches = 0
-        self._groups: OrderedDict[tuple, list[Scene]] = OrderedDict()
-        self._locks: dict[tuple, threading.Lock] = {}
-        self._lock = threading.Lock()
+        self._groups = SharedCache(limit.turn, max_items=CACHE_GROUPS)
 
     def search(self, collection: str, bbox: tuple[float, float, float, float], year: int, max_cloud: float):
         """Every item of ``collection`` in ``bbox`` during ``year`` with ``eo:cloud_cover <= max_cloud``."""
@@ -109,28 +104,15 @@ class Catalogue:
         with self.limit.slot(self.url):
             found = self.client.search(collections=[collection], bbox=list(bbox), query=query, datetime=when, limit=500)
             items = list(found.items())
-        self.searches += 1
         return [scene_of(item) for item in items]
 
     def group(self, collection: str, lon: float, lat: float, group_deg: float, year: int, max_cloud: float):
         """The scenes of the point's cell (searched once per cell; threads of one cell wait for that search)."""
         key = (collection, *cell_of(lon, lat, group_deg))
-        with self._lock:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            with self._lock:
-                if key in self._groups:
-                    self._groups.move_to_end(key)
-                    return self._groups[key]
-            west, south = key[1] * group_deg - MARGIN_DEG, key[2] * group_deg - MARGIN_DEG
-            size = group_deg + 2 * MARGIN_DEG
-            bbox = (west, south, west + size, south + size)
-            scenes = self.search(collection, bbox, year, max_cloud)
-            with self._lock:
-                self._groups[key] = scenes
-                while len(self._groups) > CACHE_GROUPS:
-                    self._locks.pop(self._groups.popitem(last=False)[0], None)
-            return scenes
+        west, south = key[1] * group_deg - MARGIN_DEG, key[2] * group_deg - MARGIN_DEG
+        size = group_deg + 2 * MARGIN_DEG
+        bbox = (west, south, west + size, south + size)
+        return self._groups.get(key, lambda: self.search(collection, bbox, year, max_cloud))
 
 
 def _why(err: Exception) -> str:

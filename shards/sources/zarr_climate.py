@@ -10,15 +10,14 @@ outside the grid. A remote store needs consolidated metadata (object stores cann
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Executor
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import numpy as np
 import xarray as xr
 
-from shards.sources.transport import HostLimit, redact, with_retries
+from shards.sources.transport import HostLimit, SharedCache, redact, with_retries
 from soilnet.config.base import ConfigError
 from soilnet.schema import CLIMATE_BY_NAME, SampleSchema
 
@@ -55,8 +54,9 @@ class ZarrClimate:
         retries: int,
         delay_s: float,
         cache_mb: int = 1024,
+        io: Executor | None = None,
     ):
-        self.store, self.schema, self.limit = store, schema, limit
+        self.store, self.schema, self.limit, self.io = store, schema, limit, io
         self.retries, self.delay_s, self.cache_bytes = retries, delay_s, cache_mb << 20
         self.names = [names.get(v, v) for v in schema.climate_variables]
         self.scales = [CLIMATE_BY_NAME[v].scale if units == "raw" else 1.0 for v in schema.climate_variables]
@@ -85,10 +85,7 @@ class ZarrClimate:
         self.shape = (len(self.ds["lat"]), len(self.ds["lon"]))
         chunks = self.ds[self.names[0]].encoding.get("chunks") or (len(months), *self.shape)
         self.chunk = (int(chunks[-2]), int(chunks[-1]))
-        self._blocks: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._locks: dict[tuple, threading.Lock] = {}
-        self._lock = threading.Lock()
-        self.reads = 0
+        self.chunks = SharedCache(limit.turn, max_bytes=self.cache_bytes)
 
     def cell(self, lon: float, lat: float) -> tuple[int, int] | None:
         """``(row, col)`` of the cell containing the point, None outside the grid."""
@@ -107,27 +104,22 @@ class ZarrClimate:
             return out
         block = (cell[0] // self.chunk[0], cell[1] // self.chunk[1])
         r, c = cell[0] % self.chunk[0], cell[1] % self.chunk[1]
-        for f, name in enumerate(self.names):
-            out[:, f] = self._block(name, block)[:, r, c] * self.scales[f]
+        chunks = self.chunks.get_all([self._chunk(name, block) for name in self.names], self.io)
+        for f, chunk in enumerate(chunks):
+            out[:, f] = chunk[:, r, c] * self.scales[f]
         return out
 
-    def _block(self, name: str, block: tuple[int, int]) -> np.ndarray:
-        """``(T, chunk_lat, chunk_lon)`` float32 of one spatial chunk at the schema's months (loaded once)."""
-        key = (name, *block)
-        with self._lock:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            with self._lock:
-                if key in self._blocks:
-                    self._blocks.move_to_end(key)
-                    return self._blocks[key]
-            rows = slice(block[0] * self.chunk[0], (block[0] + 1) * self.chunk[0])
-            cols = slice(block[1] * self.chunk[1], (block[1] + 1) * self.chunk[1])
+    def _chunk(self, name: str, block: tuple[int, int]) -> tuple[tuple, Callable[[], np.ndarray]]:
+        """The cache key and the loader of ``(T, chunk_lat, chunk_lon)`` float32: one spatial chunk of ``name`` at
+        the schema's months."""
+        rows = slice(block[0] * self.chunk[0], (block[0] + 1) * self.chunk[0])
+        cols = slice(block[1] * self.chunk[1], (block[1] + 1) * self.chunk[1])
 
-            def read() -> np.ndarray:
-                with self.limit.slot(self.store):
-                    return self.ds[name].isel(time=self.t, lat=rows, lon=cols).values.astype(np.float32)
+        def read() -> np.ndarray:
+            with self.limit.slot(self.store):
+                return self.ds[name].isel(time=self.t, lat=rows, lon=cols).values.astype(np.float32)
 
+        def load() -> np.ndarray:
             try:
                 values = with_retries(read, self.retries, self.delay_s)
             except Exception as err:
@@ -136,9 +128,6 @@ class ZarrClimate:
                 ) from None
             full = np.full((len(self.t), *self.chunk), np.nan, dtype=np.float32)
             full[:, : values.shape[1], : values.shape[2]] = values
-            self.reads += 1
-            with self._lock:
-                self._blocks[key] = full
-                while sum(b.nbytes for b in self._blocks.values()) > self.cache_bytes and len(self._blocks) > 1:
-                    self._locks.pop(self._blocks.popitem(last=False)[0], None)
             return full
+
+        return (name, *block), load

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,9 @@ from rasterio.vrt import WarpedVRT
 
 from shards.pack import make_sample
 from shards.sources.base import Rejected
+from shards.sources.cog_reader import EXACT, AssetReader
 from shards.sources.rasters import RasterSource
-from shards.sources.stac import EXACT, AssetReader, StacSource, slope_degrees
+from shards.sources.stac import StacSource, slope_degrees
 from shards.sources.stac_catalog import AssetMissing
 from shards.sources.transport import HostLimit, load_hook, redact, transient
 from soilnet.config import load_config
@@ -27,6 +29,7 @@ from soilnet.config.pack import PackConfig, StacConfig
 from soilnet.schema import SampleSchema, compute_indices
 
 REPO = Path(__file__).resolve().parents[2]
+BILINEAR = Resampling.bilinear
 sys.path.insert(0, str(Path(__file__).parent))
 from cog_kit import corner_point, local_rasters, write_cog  # noqa: E402
 from fake_stac import LANDSAT_COLLECTION, landsat_item  # noqa: E402
@@ -110,7 +113,7 @@ def test_climate_is_one_read_per_chunk_zeros_stay_zero_and_values_match_the_stor
             want = [store.value(var, m, lon, lat) for m in SCHEMA.months]
             np.testing.assert_allclose(climate[:, f], want, rtol=1e-6, err_msg=f"{name} {var}")
     assert (got["clear"][:, SCHEMA.climate_variables.index("swe")] == 0).all()
-    assert src.climate_store.reads == len(SCHEMA.climate_variables)  # the three points share one spatial chunk
+    assert src.climate_store.chunks.loads == len(SCHEMA.climate_variables)  # the three points share one spatial chunk
 
 
 def test_the_same_scene_through_stac_and_through_local_rasters_gives_the_same_samples(world, tmp_path):
@@ -231,3 +234,29 @@ def test_a_file_whose_signature_expired_is_signed_and_opened_anew(world, monkeyp
     statuses = [r.status for r in world.server.requests_to(pattern)]
     assert 403 in statuses and statuses[-1] in (200, 206)
     np.testing.assert_array_equal(got, scene.dn[0, 416:480, 416:480])
+
+
+def test_threads_reading_neighbouring_patches_share_each_block_and_get_its_exact_pixels(world):
+    """Eight threads, eight overlapping patches inside one 256 x 256 block of one band: the block is fetched and
+    decoded once, and every patch is the scene's pixels (the grids are aligned: nearest and bilinear agree)."""
+    scene = world.scenes["A1"]
+    href = world.server.href(scene.files["SR_B1"])
+    reader = AssetReader(lambda h: h, HostLimit(4), 0, 0.0)
+    grid = source(world).grid
+    corners = [(100 + 7 * k, 120 + 5 * k) for k in range(8)]
+
+    def read(corner: tuple[int, int]) -> np.ndarray:
+        return reader.read(href, grid(*corner_point(scene.crs, scene.transform, *corner)), BILINEAR, 0)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(read, corners))
+    assert reader.blocks.loads == 1
+    for (r, c), patch in zip(corners, got, strict=True):
+        np.testing.assert_array_equal(patch, scene.dn[0, r - 32 : r + 32, c - 32 : c + 32])
+
+
+def test_a_gdal_memory_dataset_name_is_never_opened_as_an_asset(world):
+    reader = AssetReader(lambda h: h, HostLimit(1), 0, 0.0)
+    grid = source(world).grid(*world.points["clear"])
+    with pytest.raises(OSError, match="not a file or URL"):
+        reader.read("MEM:::DATAPOINTER=0x1000,PIXELS=64,LINES=64", grid, BILINEAR, 0)
