@@ -3,6 +3,9 @@ and the decoding of raw DN into the schema's channels (Earth Engine and STAC ser
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
+
 import numpy as np
 
 from shards.sources.base import Rejected
@@ -63,3 +66,35 @@ def decode_pixels(
     if fraction < min_clear:
         raise Rejected("cloud", f"{fraction:.0%} of the patch is clear in scene {scene_id}")
     return channels_from_dn(dn, clear, pixels, schema), fraction
+
+
+def winter_composite(scenes: Iterable[tuple[np.ndarray, np.ndarray, bool]]) -> tuple[np.ndarray, np.ndarray]:
+    """Earth Engine's tile composite (``EarthEngineSource.winter_composite``) in numpy, scene by scene.
+
+    ``scenes`` yields ``(dn, clear, winter)``: ``SR_B1..7`` DN ``(7, H, W)`` float32 on the window's grid, its
+    clear pixels ``(H, W)`` bool, and whether it was acquired in a winter month. Per pixel: the median of the
+    clear winter scenes' DN (``ImageCollection.median``; numpy's median, the mean of the middle two of an even
+    count), else the DN of the clear scene with the lowest NDVI (``qualityMosaic`` of minus NDVI; the earlier
+    scene on a tie), rounded half up to a whole DN (``round``). Returns the DN ``(7, H, W)`` float32 (0 where no
+    scene is clear) and ``has`` ``(H, W)`` bool: some scene was clear there."""
+    winter: list[np.ndarray] = []
+    barest = bareness = None
+    for dn, clear, in_winter in scenes:
+        if barest is None or bareness is None:
+            barest, bareness = np.zeros_like(dn), np.full(clear.shape, -np.inf, dtype=np.float32)
+        reflectance = {b: dn[SR_BANDS.index(b)] * SR_SCALE + SR_OFFSET for b in ("SR_B4", "SR_B5")}
+        bare = -compute_indices(reflectance, ("NDVI",))["NDVI"]
+        better = clear & (bare > bareness)
+        barest[:, better], bareness[better] = dn[:, better], bare[better]
+        if in_winter:
+            winter.append(np.where(clear, dn, np.nan))
+    if barest is None or bareness is None:
+        raise ValueError("winter_composite: no scene")
+    out, has = barest, np.isfinite(bareness)
+    if winter:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: no clear winter scene there
+            median = np.nanmedian(np.stack(winter), axis=0)
+        out = np.where(np.isnan(median), out, median)
+        has |= ~np.isnan(median[0])
+    return np.floor(out + 0.5).astype(np.float32), has

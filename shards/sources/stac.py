@@ -28,6 +28,8 @@ the retries fails the point (ledger ``error``) with a message naming the href, n
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
@@ -37,6 +39,7 @@ import rasterio
 import shapely
 import xarray as xr
 import zarr
+from affine import Affine
 from pyproj import Transformer
 from rasterio.enums import Resampling
 from rasterio.transform import from_origin
@@ -50,8 +53,10 @@ from shards.sources.landsat import (
     SR_OFFSET,
     SR_SCALE,
     TOPOGRAPHY,
+    channels_from_dn,
     choose_scene,
     decode_pixels,
+    winter_composite,
 )
 from shards.sources.rasters import utm_crs
 from shards.sources.stac_catalog import Catalogue, Scene
@@ -73,10 +78,18 @@ def slope_degrees(elevation: np.ndarray, pixel_size_m: float) -> np.ndarray:
     return np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
 
 
+def terrain(dem: np.ndarray, pixel_size_m: float) -> dict[str, np.ndarray]:
+    """``{"elevation", "slope"}`` float32 ``(H, W)`` from an elevation grid one pixel wider on every side
+    ``(H + 2, W + 2)``: the slope's central differences need the neighbours, which are then cropped."""
+    slope = slope_degrees(dem, pixel_size_m)
+    return {"elevation": dem[1:-1, 1:-1].astype(np.float32), "slope": slope[1:-1, 1:-1]}
+
+
 class StacSource:
     """Acquires the schema's channels and climate series from a STAC API, COGs and Zarr (module docstring)."""
 
     name = "stac"
+    max_window_pixels = 1_000_000  # the map's windows: the local rasters' (a window is warped per scene and band)
 
     def __init__(self, schema: SampleSchema, cfg: StacConfig):
         missing = [b for b in SCENE_BANDS if b not in cfg.assets]
@@ -143,6 +156,24 @@ class StacSource:
         ]
         return sorted(mine, key=lambda s: (s.date, s.id))[: cfg.max_scenes]
 
+    def scenes_over(self, collection: str, box: tuple[float, float, float, float], year: int, max_cloud: float):
+        """The items of ``collection`` whose footprint meets ``box`` (lon/lat), first by date: the searches of
+        every ``group_deg`` cell the box touches, each made once per process."""
+        g = self.cfg.group_deg
+        found: dict[str, Scene] = {}
+        for i in range(math.floor(box[0] / g), math.floor(box[2] / g) + 1):
+            for j in range(math.floor(box[1] / g), math.floor(box[3] / g) + 1):
+                for scene in self.catalogue.group(collection, (i + 0.5) * g, (j + 0.5) * g, g, year, max_cloud):
+                    if shapely.intersects(scene.geometry, shapely.box(*box)):
+                        found[scene.id] = scene
+        return sorted(found.values(), key=lambda s: (s.date, s.id))
+
+    def _lonlat_box(self, grid: Grid) -> tuple[float, float, float, float]:
+        crs, transform, width, height = grid
+        left, top = transform.c, transform.f
+        right, bottom = left + width * transform.a, top + height * transform.e
+        return self._transformer(crs, "EPSG:4326").transform_bounds(left, bottom, right, top)
+
     def _bands(self, scene: Scene, bands: tuple[str, ...], grid: Grid, reads: dict) -> list[np.ndarray]:
         """``bands`` of ``scene`` on ``grid``, each read once per patch; the ones not read yet that resample alike
         (the reflectance bands: bilinear, fill 0) are warped together."""
@@ -195,33 +226,84 @@ class StacSource:
 
     def topography_at(self, lon: float, lat: float) -> tuple[dict[str, np.ndarray], list[str]]:
         """``{"elevation", "slope"}`` ``(H, W)`` float32 (m, degrees) on the patch grid, and the tiles' hrefs."""
-        s, cfg = self.schema, self.cfg
-        shape = (s.patch_size, s.patch_size)
+        s = self.schema
         if not self.topography:
-            return {name: np.zeros(shape, dtype=np.float32) for name in TOPOGRAPHY}, []
-        crs, transform, size, _ = grid = self.grid(lon, lat, margin=1)
-        left, top = transform.c, transform.f
-        box = self._transformer(crs, "EPSG:4326").transform_bounds(
-            left, top - size * s.pixel_size_m, left + size * s.pixel_size_m, top
-        )
-        tiles = [
-            t
-            for t in self.catalogue.group(cfg.dem_collection, lon, lat, cfg.group_deg, 0, 100.0)
-            if shapely.intersects(t.geometry, shapely.box(*box))
-        ]
-        if not tiles:
-            raise Rejected("nodata", f"no {cfg.dem_collection} tile covers the point")
-        dem = np.full((size, size), np.nan, dtype=np.float64)
+            return {name: np.zeros((s.patch_size, s.patch_size), dtype=np.float32) for name in TOPOGRAPHY}, []
+        dem, hrefs = self.elevation(self.grid(lon, lat, margin=1))
+        if not hrefs:
+            raise Rejected("nodata", f"no {self.cfg.dem_collection} tile covers the point")
+        if np.isnan(dem).any():
+            raise Rejected("nodata", f"the DEM has no data at {int(np.isnan(dem).sum())} pixels of the footprint")
+        return terrain(dem, s.pixel_size_m), hrefs
+
+    def elevation(self, grid: Grid) -> tuple[np.ndarray, list[str]]:
+        """``(H, W)`` float64 elevation (m) on ``grid`` from the GLO-30 tiles that meet it (bilinear; where tiles
+        meet, the first by ID that has the pixel; NaN where none has), and the tiles' hrefs (no tokens)."""
+        cfg = self.cfg
+        _, _, width, height = grid
+        dem = np.full((height, width), np.nan, dtype=np.float64)
         hrefs = []
-        for tile in sorted(tiles, key=lambda t: t.id):  # where tiles meet, the first (by ID) that has the pixel
+        for tile in sorted(self.scenes_over(cfg.dem_collection, self._lonlat_box(grid), 0, 100.0), key=lambda t: t.id):
             href = tile.href(cfg.dem_asset, "source.stac.dem_asset")
             part = self.reader.read(href, grid, Resampling.bilinear, nodata=np.nan).astype(np.float64)
             dem = np.where(np.isnan(dem), part, dem)
             hrefs.append(redact(href))
-        if np.isnan(dem).any():
-            raise Rejected("nodata", f"the DEM has no data at {int(np.isnan(dem).sum())} pixels of the footprint")
-        slope = slope_degrees(dem, s.pixel_size_m)
-        return {"elevation": dem[1:-1, 1:-1].astype(np.float32), "slope": slope[1:-1, 1:-1]}, hrefs
+        return dem, hrefs
+
+    # -- the map's tile path ---------------------------------------------------------------------------------
+
+    def read_window(self, crs, transform, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """The tile path's read (:mod:`soilnet.evaluate.tiles`): the schema's channels ``(C, H, W)`` float32 on a
+        north-up window in ``crs`` (``transform``: its affine, metres) and a valid mask ``(H, W)``.
+
+        The pixels are Earth Engine's tile composite (:func:`shards.sources.landsat.winter_composite`) of the
+        year's scenes that meet the window, each read as on the per-point path (QA nearest, reflectance bilinear,
+        the same clear rule), and the DEM and slope; invalid (NaN) where no scene is clear or no DEM tile has
+        data."""
+        with self.limit.turn.computing():
+            grid = (crs, transform, width, height)
+            dn, has = winter_composite(self._window_scenes(grid))
+            p = self.schema.pixel_size_m
+            wider = (crs, transform @ Affine.translation(-1, -1), width + 2, height + 2)
+            dem = self.elevation(wider)[0] if self.topography else np.zeros((height + 2, width + 2))
+            topography = terrain(dem, p)
+            valid = has & np.isfinite(topography["elevation"]) & np.isfinite(topography["slope"])
+            image = channels_from_dn(dn, valid, cast(np.ndarray, topography), self.schema)
+            return image, valid
+
+    def _window_scenes(self, grid: Grid) -> Iterator[tuple[np.ndarray, np.ndarray, bool]]:
+        """``(dn (7, H, W), clear (H, W), winter)`` of each scene of the year that meets the window."""
+        cfg = self.cfg
+        scenes = [
+            s
+            for s in self.scenes_over(cfg.collection, self._lonlat_box(grid), cfg.year, cfg.max_cloud_cover)
+            if cfg.platform is None or s.platform == cfg.platform
+        ]
+        any_clear = False
+        for scene in scenes:
+            reads: dict = {}
+            qa = self._bands(scene, ("QA_PIXEL",), grid, reads)[0].astype(np.int64)
+            clear = (qa & QA_NOT_CLEAR) == 0
+            if not clear.any():
+                continue
+            clear &= self._bands(scene, ("QA_RADSAT",), grid, reads)[0] == 0
+            dn = np.stack(self._bands(scene, SR_BANDS, grid, reads))
+            clear &= (dn > 0).all(axis=0)  # SR fill is 0
+            any_clear = True
+            yield dn, clear, int(scene.date[5:7]) in cfg.winter_months
+        if not any_clear:  # the composite has no pixel at all
+            _, _, width, height = grid
+            yield np.zeros((len(SR_BANDS), height, width), np.float32), np.zeros((height, width), bool), False
+
+    def climate_many(self, lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, T, F)`` float32 TerraClimate of ``N`` points (each chunk of the store read once) and ok ``(N,)``:
+        False where a value is missing (the climate is 0 there)."""
+        if self.climate_store is None:
+            return np.zeros((len(lon), *self.schema.climate_shape), np.float32), np.ones(len(lon), bool)
+        with self.limit.turn.computing():
+            values = self.climate_store.many(lon, lat)
+        ok = ~np.isnan(values).any(axis=(1, 2))
+        return np.where(ok[:, None, None], values, 0.0).astype(np.float32), ok
 
     # -- Source interface ------------------------------------------------------------------------------------
 

@@ -87,26 +87,27 @@ class ZarrClimate:
         self.chunk = (int(chunks[-2]), int(chunks[-1]))
         self.chunks = SharedCache(limit.turn, max_bytes=self.cache_bytes)
 
-    def cell(self, lon: float, lat: float) -> tuple[int, int] | None:
-        """``(row, col)`` of the cell containing the point, None outside the grid."""
+    def point(self, lon: float, lat: float) -> np.ndarray:
+        """``(T, F)`` float32 at the cell containing the point (:meth:`many`)."""
+        return self.many(np.array([lon]), np.array([lat]))[0]
+
+    def many(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        """``(N, T, F)`` float32 at the cells containing ``N`` points, NaN outside the grid: each spatial chunk the
+        points fall in read once per variable (the variables' reads overlapping), then served from memory."""
+        out = np.full((len(lon), *self.schema.climate_shape), np.nan, dtype=np.float32)
+        lon, lat = np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
         if self.lon0 + self.dlon * (self.shape[1] - 1) > 180.0:
             lon = lon % 360.0  # a 0..360 grid
-        row = round((lat - self.lat0) / self.dlat)
-        col = round((lon - self.lon0) / self.dlon)
-        if 0 <= row < self.shape[0] and 0 <= col < self.shape[1]:
-            return row, col
-        return None
-
-    def point(self, lon: float, lat: float) -> np.ndarray:
-        out = np.full(self.schema.climate_shape, np.nan, dtype=np.float32)
-        cell = self.cell(lon, lat)
-        if cell is None:
-            return out
-        block = (cell[0] // self.chunk[0], cell[1] // self.chunk[1])
-        r, c = cell[0] % self.chunk[0], cell[1] % self.chunk[1]
-        chunks = self.chunks.get_all([self._chunk(name, block) for name in self.names], self.io)
-        for f, chunk in enumerate(chunks):
-            out[:, f] = chunk[:, r, c] * self.scales[f]
+        row = np.rint((lat - self.lat0) / self.dlat).astype(np.int64)
+        col = np.rint((lon - self.lon0) / self.dlon).astype(np.int64)
+        inside = (row >= 0) & (row < self.shape[0]) & (col >= 0) & (col < self.shape[1])
+        blocks = np.stack([row // self.chunk[0], col // self.chunk[1]], axis=1)
+        for block in {tuple(b) for b in blocks[inside].tolist()}:
+            sel = inside & (blocks == block).all(axis=1)
+            r, c = row[sel] % self.chunk[0], col[sel] % self.chunk[1]
+            chunks = self.chunks.get_all([self._chunk(name, block) for name in self.names], self.io)
+            for f, chunk in enumerate(chunks):
+                out[sel, :, f] = chunk[:, r, c].T * self.scales[f]
         return out
 
     def _chunk(self, name: str, block: tuple[int, int]) -> tuple[tuple, Callable[[], np.ndarray]]:
