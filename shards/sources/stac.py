@@ -12,8 +12,9 @@ collection of the same API, and TerraClimate from a Zarr store (:mod:`shards.sou
   the patch footprint, computed from windowed reads of ``QA_PIXEL``/``QA_RADSAT`` (and ``SR_B4``/``SR_B5``):
   winter scenes first, the other months only when no winter scene is clear enough.
 - **Pixels**: each asset warped onto the point's grid (``patch_size`` x ``patch_size`` pixels of ``pixel_size_m``
-  in its UTM zone, the local-raster source's grid): reflectance bands bilinear like
-  :mod:`shards.sources.rasters`, the QA bit masks nearest (interpolating bits would invent flags), a pixel
+  in its UTM zone, the local-raster source's grid) from the file's decoded blocks, which the process's threads
+  share (:mod:`shards.sources.cog_reader`): reflectance bands bilinear like :mod:`shards.sources.rasters` (the
+  seven of a scene in one warp), the QA bit masks nearest (interpolating bits would invent flags), a pixel
   outside the scene filled (SR 0, ``QA_PIXEL`` 1 = fill). Scale, offset, QA/RADSAT masking, the clear-fraction
   rejection and the indices are :func:`shards.sources.landsat.decode_pixels`, so they have one home.
 - **DEM and slope**: the GLO-30 tiles covering the footprint, warped (bilinear) onto the grid widened by one
@@ -21,6 +22,12 @@ collection of the same API, and TerraClimate from a Zarr store (:mod:`shards.sou
   30 m grid.
 - **Lineage**: ``meta.qa`` records the item ID, its collection, every asset href read (query strings removed:
   never a signed token) and the DEM tiles; ``scene_date`` is the item's date.
+- **Threads**: ``threads`` points at a time per process, but one computes at a time
+  (:class:`~shards.sources.transport.Turn`): the others wait on the network, and a point's own requests (the
+  bands of a scene, the climate variables) overlap on ``max_per_host`` I/O threads.
+- **The map's tile path** (:meth:`StacSource.read_window`, :meth:`StacSource.climate_many`): Earth Engine's
+  per-pixel winter composite (:func:`shards.sources.landsat.winter_composite`) of the year's scenes over the window,
+  and the climate of many cells from the chunks that hold them.
 
 Rejections are the Earth Engine source's: ``no_scene``, ``cloud``, ``nodata``. A file that cannot be read after
 the retries fails the point (ledger ``error``) with a message naming the href, never a token.
