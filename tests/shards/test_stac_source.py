@@ -208,6 +208,8 @@ def test_europe_stac_samples_europe_as_the_earth_engine_config_does():
     assert stac.source.kind == "stac" and stac.source.stac.year == ee.source.earthengine.year
     assert stac.source.stac.winter_months == ee.source.earthengine.winter_months
     assert stac.source.stac.min_clear_fraction == ee.source.earthengine.min_clear_fraction
+    sign = load_hook(stac.source.stac.sign)  # planetary-computer is a dependency: the config works as written
+    assert sign("http://127.0.0.1:1/scene/SR_B1.tif") == "http://127.0.0.1:1/scene/SR_B1.tif"  # not Azure: unsigned
 
 
 def env_sign(href: str) -> str:
