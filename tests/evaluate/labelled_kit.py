@@ -19,6 +19,8 @@ import webdataset as wds
 import yaml
 
 from soilnet.cli import main
+from soilnet.config import load_config
+from soilnet.config.pack import PackConfig
 from soilnet.schema import SampleSchema, month_range
 
 SCHEMA = SampleSchema(months=month_range("2014-01", "2014-12"), patch_size=8)
@@ -177,3 +179,34 @@ def kit():
         known_soc=known_soc,
         make_samples=make_samples,
     )
+
+
+def run_packed_from(finetuned: Path, pack_config: Path, overrides: list[str], out: Path) -> Path:
+    """The fine-tuning run ``finetuned`` (its files linked into ``out``), with shards whose manifest says they were
+    packed by ``pack_config`` with ``overrides`` (in the model's schema, as its shards were: predict-map checks they
+    agree), so that predict-map makes its source from that pack config, as for real shards."""
+    run, shards = out / "run", out / "shards"
+    run.mkdir(parents=True)
+    shards.mkdir()
+    for item in finetuned.iterdir():
+        if item.name != "config.yaml":
+            (run / item.name).symlink_to(item)
+    config = yaml.safe_load((finetuned / "config.yaml").read_text())
+    manifest = json.loads((Path(config["data"]["shards"]) / "manifest.json").read_text())
+    manifest["config"] = load_config(PackConfig, pack_config, [f"output_dir={shards}", *overrides]).model_dump(
+        mode="json"
+    )
+    s = manifest["schema"]
+    manifest["config"].pop("schema_", None)
+    manifest["config"]["schema"] = {
+        "channels": s["channels"],
+        "climate_variables": s["climate_variables"],
+        "first_month": s["months"][0],
+        "last_month": s["months"][-1],
+        "patch_size": s["patch_size"],
+        "pixel_size_m": s["pixel_size_m"],
+    }
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    config["data"]["shards"] = str(shards)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run

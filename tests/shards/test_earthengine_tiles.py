@@ -14,7 +14,6 @@ import pytest
 import rasterio
 import shapely
 import shapely.geometry
-import yaml
 from affine import Affine
 from pyproj import Transformer
 
@@ -27,8 +26,7 @@ from shards.sources.earthengine import (
     EarthEngineSource,
     request_blocks,
 )
-from soilnet.config import load_config
-from soilnet.config.pack import EarthEngineConfig, PackConfig
+from soilnet.config.pack import EarthEngineConfig
 from soilnet.evaluate.maps import default_crs, plan_grid, tile_cells
 from soilnet.evaluate.tiles import TileAcquire
 from soilnet.jobs.predict_map import predict_map
@@ -45,7 +43,7 @@ from fake_earthengine import (  # noqa: E402
     make_service_account_key,
 )
 from labelled_kit import SCHEMA as LABELLED_SCHEMA  # noqa: E402
-from labelled_kit import finetuned_dir, labelled_shards  # noqa: E402, F401  (fixtures)
+from labelled_kit import finetuned_dir, labelled_shards, run_packed_from  # noqa: E402, F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 EUROPE = REPO / "configs" / "preprocess" / "europe.yaml"
@@ -278,39 +276,14 @@ def test_errors_name_the_window_or_the_cells_and_the_http_status(fake, tmp_path)
 
 
 def ee_checkpoint(finetuned: Path, fake, tmp_path: Path) -> Path:
-    """The fine-tuning run (its files linked), with shards whose manifest says they were packed from Earth
-    Engine (the fake), so that predict-map makes its source from that pack config, as for real shards."""
-    run = tmp_path / "ee_run"
-    run.mkdir()
-    for item in finetuned.iterdir():
-        if item.name != "config.yaml":
-            (run / item.name).symlink_to(item)
-    config = yaml.safe_load((finetuned / "config.yaml").read_text())
-    shards = tmp_path / "ee_shards"
-    shards.mkdir()
-    manifest = json.loads((Path(config["data"]["shards"]) / "manifest.json").read_text())
+    """The fine-tuning run, as if its shards had been packed from Earth Engine (the fake)."""
     overrides = [
-        f"output_dir={shards}",
         f"source.earthengine.url={fake.url}",
         f"source.earthengine.service_account_key={fake.key}",
         "source.earthengine.project=soil-project",
         f"source.earthengine.budget_dir={tmp_path / 'budget'}",
     ]
-    manifest["config"] = load_config(PackConfig, EUROPE, overrides).model_dump(mode="json")
-    s = manifest["schema"]  # packed with the model's schema, as its shards were (predict-map checks they agree)
-    manifest["config"].pop("schema_", None)
-    manifest["config"]["schema"] = {
-        "channels": s["channels"],
-        "climate_variables": s["climate_variables"],
-        "first_month": s["months"][0],
-        "last_month": s["months"][-1],
-        "patch_size": s["patch_size"],
-        "pixel_size_m": s["pixel_size_m"],
-    }
-    (shards / "manifest.json").write_text(json.dumps(manifest))
-    config["data"]["shards"] = str(shards)
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    return run
+    return run_packed_from(finetuned, EUROPE, overrides, tmp_path / "from-ee")
 
 
 def map_cells(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,13 +13,11 @@ import pytest
 import rasterio
 import shapely
 import shapely.geometry
-import yaml
 from affine import Affine
 
 from shards.sources.landsat import SR_BANDS, SR_OFFSET, SR_SCALE
 from shards.sources.stac import StacSource
-from soilnet.config import load_config
-from soilnet.config.pack import PackConfig, StacConfig
+from soilnet.config.pack import StacConfig
 from soilnet.evaluate.tiles import TileAcquire
 from soilnet.jobs.predict_map import predict_map, source_tiles
 from soilnet.train.regressor import load_model
@@ -27,7 +25,7 @@ from soilnet.train.regressor import load_model
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "evaluate"))
 from cog_kit import QA_CLOUD  # noqa: E402
-from labelled_kit import finetuned_dir, labelled_shards  # noqa: E402, F401  (fixtures)
+from labelled_kit import finetuned_dir, labelled_shards, run_packed_from  # noqa: E402, F401  (fixtures)
 from test_stac_world import CENTRE, SCHEMA, build, serving  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,43 +101,9 @@ def test_tile_acquire_cuts_each_cell_patch_from_the_window(world):
     np.testing.assert_array_equal(patches[0], whole)
 
 
-def stac_checkpoint(finetuned: Path, world, tmp_path: Path) -> Path:
-    """The fine-tuning run (its files linked), with shards whose manifest says they were packed from the STAC
-    world, so that predict-map makes its source from that pack config, as for real shards."""
-    run = tmp_path / "stac_run"
-    run.mkdir()
-    for item in finetuned.iterdir():
-        if item.name != "config.yaml":
-            (run / item.name).symlink_to(item)
-    config = yaml.safe_load((finetuned / "config.yaml").read_text())
-    shards = tmp_path / "stac_shards"
-    shards.mkdir()
-    manifest = json.loads((Path(config["data"]["shards"]) / "manifest.json").read_text())
-    overrides = [
-        f"output_dir={shards}",
-        f"source.stac.url={world.stac.url}",
-        f"source.stac.climate_store={world.server.href(world.store.path)}",
-        "source.stac.sign=null",
-    ]
-    manifest["config"] = load_config(PackConfig, EUROPE_STAC, overrides).model_dump(mode="json")
-    s = manifest["schema"]
-    manifest["config"].pop("schema_", None)
-    manifest["config"]["schema"] = {
-        "channels": s["channels"],
-        "climate_variables": s["climate_variables"],
-        "first_month": s["months"][0],
-        "last_month": s["months"][-1],
-        "patch_size": s["patch_size"],
-        "pixel_size_m": s["pixel_size_m"],
-    }
-    (shards / "manifest.json").write_text(json.dumps(manifest))
-    config["data"]["shards"] = str(shards)
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    return run
-
-
 def test_predict_map_from_stac_takes_the_tile_path(world, finetuned_dir, tmp_path):  # noqa: F811
-    run = stac_checkpoint(finetuned_dir, world, tmp_path)
+    stac = [f"source.stac.url={world.stac.url}", f"source.stac.climate_store={world.server.href(world.store.path)}"]
+    run = run_packed_from(finetuned_dir, EUROPE_STAC, [*stac, "source.stac.sign=null"], tmp_path / "from-stac")
     a1 = world.scenes["A1"]
     west, south, east, north = a1.bounds_lonlat()
     box = shapely.box(west + 0.03, south + 0.03, east - 0.03, north - 0.03)
