@@ -6,7 +6,7 @@ per-thread handle decompressed those blocks once per thread (GDAL's block cache 
 on the 2-core benchmark 16 threads spent 2.3x the CPU of one per sample. Here the blocks themselves are shared:
 
 - a :class:`~shards.sources.transport.SharedCache` holds decoded blocks (native pixels, the file's dtype) for the
-  whole process, least recently used dropped past :data:`CACHE_BYTES`; a block is fetched and decompressed by
+  whole process, least recently used dropped past ``cache_bytes``; a block is fetched and decompressed by
   one thread while the others needing it wait for that result, never fetching it again;
 - :meth:`AssetReader.read` assembles the blocks under a patch's footprint (widened by the resampling kernel) into
   one array and warps it in memory onto the patch grid (``rasterio.warp.reproject``), with the options that make
@@ -39,7 +39,7 @@ from rasterio.windows import Window
 from shards.sources.transport import HostLimit, SharedCache, redact, with_retries
 
 OPEN_FILES = 64  # handles per thread
-CACHE_BYTES = 512 << 20  # decoded blocks per process
+CACHE_BYTES = 512 << 20  # decoded blocks per process, by default (source.stac.block_cache_mb)
 KERNEL_MARGIN = 3  # source pixels beyond the footprint: bilinear needs 1, cubic 2; one more for rounding
 # A pixel's value must not depend on the window it is read in: GDAL's approximate transformer with this error bound
 # (pixels) transforms every pixel exactly (0 itself leaves rasterio without a transformer), and a kernel of fixed
@@ -77,13 +77,14 @@ class AssetReader:
         retries: int,
         delay_s: float,
         io: Executor | None = None,
+        cache_bytes: int = CACHE_BYTES,
     ):
         self.sign, self.limit, self.retries, self.delay_s = sign, limit, retries, delay_s
         self.io = io or ThreadPoolExecutor(limit.per_host, thread_name_prefix="cog-io")
         # blocks are warped from numpy arrays opened as MEM:::DATAPOINTER= datasets, which GDAL refuses unless
         # this is set; a name of that form from a catalogue is refused in _open, so no href can point GDAL at memory
         os.environ["GDAL_MEM_ENABLE_OPEN"] = "YES"
-        self.blocks = SharedCache(limit.turn, max_bytes=CACHE_BYTES)
+        self.blocks = SharedCache(limit.turn, max_bytes=cache_bytes)
         self.layouts = SharedCache(limit.turn)
         self._local = threading.local()
 

@@ -116,7 +116,7 @@ class StacSource:
         self.topography = any(c in schema.channels for c in TOPOGRAPHY)
         collections = [cfg.collection, *([cfg.dem_collection] if self.topography else [])]
         self.catalogue = Catalogue(cfg.url, collections, self.limit, cfg.max_retries, cfg.retry_delay_s, cfg.timeout_s)
-        self.reader = AssetReader(sign, self.limit, cfg.max_retries, cfg.retry_delay_s, io)
+        self.reader = AssetReader(sign, self.limit, cfg.max_retries, cfg.retry_delay_s, io, cfg.block_cache_mb << 20)
         self.climate_store = None
         if schema.climate_variables:
             self.climate_store = ZarrClimate(
@@ -128,6 +128,7 @@ class StacSource:
                 limit=self.limit,
                 retries=cfg.max_retries,
                 delay_s=cfg.retry_delay_s,
+                cache_mb=cfg.climate_cache_mb,
                 io=io,
             )
         self.concurrency = cfg.threads

@@ -107,6 +107,7 @@ class StacConfig(Section):
     ``climate_names`` (schema -> store; unlisted names are the same) on ``time``/``lat``/``lon``; ``climate_units``
     ``physical``: the values as CF-decoded (``scale_factor`` applied), ``raw``: stored integers times the schema's
     scale. Transport: ``threads`` per process, at most ``max_per_host`` requests in flight per host and process,
+    ``block_cache_mb`` of decoded COG blocks and ``climate_cache_mb`` of Zarr chunks kept per process,
     ``max_retries`` on 429/5xx from ``retry_delay_s`` doubling; ``gdal``: extra GDAL config options (docs/shards.md).
     """
 
@@ -128,6 +129,8 @@ class StacConfig(Section):
     climate_units: Literal["physical", "raw"] = "physical"
     threads: int = Field(default=16, gt=0)
     max_per_host: int = Field(default=8, gt=0)
+    block_cache_mb: int = Field(default=512, gt=0)
+    climate_cache_mb: int = Field(default=1024, gt=0)
     max_retries: int = Field(default=5, ge=0, lt=100)
     retry_delay_s: float = Field(default=0.5, ge=0.0)
     timeout_s: float = Field(default=60.0, gt=0)
