@@ -204,6 +204,9 @@ class AssetReader:
         if window is None:
             return np.full((len(hrefs), height, width), nodata, dtype=np.float32)
         pixels = self._assemble(hrefs, layout, window)
+        shifted = warp_shift(pixels, layout, window, grid, resampling)
+        if shifted is not None:
+            return shifted
         with (
             _in_memory(pixels, layout, window) as src,
             WarpedVRT(
@@ -220,6 +223,47 @@ class AssetReader:
             ) as vrt,
         ):
             return vrt.read()
+
+
+def warp_shift(
+    pixels: np.ndarray, layout: Layout, window: tuple[int, int, int, int], grid: Grid, resampling: Resampling
+) -> np.ndarray | None:
+    """The warp without GDAL where it is a shift: ``grid`` in the file's CRS at its pixel size, north up, every
+    source pixel it needs inside ``pixels`` and none of them nodata. Nearest takes the pixel under each centre;
+    bilinear weighs the 4 around it as GDAL's kernel does (the same samples and weights, summed in float64: equal
+    to GDAL's result to float32 rounding). None where it is not such a shift: GDAL then warps (NaN, a scene's
+    edge, another CRS or pixel size, cubic)."""
+    crs, transform, width, height = grid
+    b_r0, b_c0, _, _ = window
+    rows, cols = layout.block
+    origin = layout.transform @ Affine.translation(b_c0 * cols, b_r0 * rows)
+    same_grid = transform.a == origin.a and transform.e == origin.e and transform.b == transform.d == 0
+    if not same_grid or origin.b != 0 or origin.d != 0 or str(layout.crs) != str(crs):
+        return None
+    x0, y0 = (transform.c - origin.c) / origin.a, (transform.f - origin.f) / origin.e  # source pixels
+    if resampling == Resampling.nearest:
+        ix, iy = np.floor(x0 + 0.5 + np.arange(width)).astype(np.int64), np.floor(y0 + 0.5 + np.arange(height))
+        iy = iy.astype(np.int64)
+        span = (iy[0], iy[-1] + 1, ix[0], ix[-1] + 1)
+    elif resampling == Resampling.bilinear:
+        fx, fy = x0 - math.floor(x0), y0 - math.floor(y0)
+        ix, iy = math.floor(x0) + np.arange(width), math.floor(y0) + np.arange(height)
+        span = (iy[0], iy[-1] + 2, ix[0], ix[-1] + 2)
+    else:
+        return None
+    if span[0] < 0 or span[2] < 0 or span[1] > pixels.shape[1] or span[3] > pixels.shape[2]:
+        return None
+    used = pixels[:, span[0] : span[1], span[2] : span[3]]
+    if (layout.nodata is not None and (used == layout.nodata).any()) or (
+        used.dtype.kind == "f" and np.isnan(used).any()
+    ):
+        return None
+    if resampling == Resampling.nearest:
+        return used[:, iy[:, None] - span[0], ix[None, :] - span[2]].astype(np.float32)
+    v = used.astype(np.float64)
+    top = v[:, :-1, :-1] * (1 - fx) + v[:, :-1, 1:] * fx
+    bottom = v[:, 1:, :-1] * (1 - fx) + v[:, 1:, 1:] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)
 
 
 def _in_memory(pixels: np.ndarray, layout: Layout, window: tuple[int, int, int, int]):

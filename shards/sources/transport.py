@@ -23,6 +23,7 @@ A value already in the environment wins over these defaults; ``source.stac.gdal`
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -72,6 +73,7 @@ def configure_gdal(defaults: dict[str, str], overrides: dict[str, str]) -> dict[
     return {key: os.environ[key] for key in {**defaults, **overrides}}
 
 
+@functools.lru_cache(maxsize=4096)  # a sample's lineage redacts the same dozen hrefs as its neighbours'
 def redact(text: str) -> str:
     """``text`` with every URL's query string and user:password removed (signed-URL tokens, API keys)."""
     return _QUERY.sub(r"\1?<redacted>", _USERINFO.sub(r"\1", text))

@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
 from shards.pack import make_sample
+from shards.sources import cog_reader
 from shards.sources.base import Rejected
-from shards.sources.cog_reader import EXACT, AssetReader
+from shards.sources.cog_reader import EXACT, AssetReader, warp_shift
 from shards.sources.rasters import RasterSource
 from shards.sources.stac import StacSource, slope_degrees
 from shards.sources.stac_catalog import AssetMissing
@@ -262,3 +264,27 @@ def test_a_gdal_memory_dataset_name_is_never_opened_as_an_asset(world):
     grid = source(world).grid(*world.points["clear"])
     with pytest.raises(OSError, match="not a file or URL"):
         reader.read("MEM:::DATAPOINTER=0x1000,PIXELS=64,LINES=64", grid, BILINEAR, 0)
+
+
+def test_a_shift_within_the_scenes_crs_warps_as_gdal_does(world, monkeypatch):
+    """A patch grid in the scene's CRS at its pixel size is a shift of the scene: warped without GDAL, nearest
+    takes GDAL's pixels and bilinear GDAL's values to float32 rounding, at any sub-pixel offset."""
+    scene = world.scenes["A2"]
+    hrefs = [world.server.href(scene.files[b]) for b in ("SR_B1", "SR_B5", "QA_PIXEL")]
+    source(world)  # GDAL's HTTP settings, as the source sets them
+    reader = AssetReader(lambda h: h, HostLimit(4), 0, 0.0)
+    rng = np.random.default_rng(0)
+    grids = [(scene.crs, scene.transform @ Affine.translation(*rng.uniform(150, 300, 2)), 64, 64) for _ in range(6)] + [
+        (scene.crs, scene.transform @ Affine.translation(200, 210), 64, 64)
+    ]  # aligned
+    shifts: list = []
+    monkeypatch.setattr(cog_reader, "warp_shift", lambda *a: shifts.append(warp_shift(*a)) or shifts[-1])
+    fast = [
+        (reader.read_bands(hrefs[:2], g, BILINEAR, 0), reader.read(hrefs[2], g, Resampling.nearest, 1)) for g in grids
+    ]
+    assert len(shifts) == 2 * len(grids) and all(s is not None for s in shifts)  # no GDAL warp
+    monkeypatch.setattr(cog_reader, "warp_shift", lambda *a: None)  # GDAL warps every one
+    for g, (bilinear, nearest) in zip(grids, fast, strict=True):
+        np.testing.assert_allclose(bilinear, reader.read_bands(hrefs[:2], g, BILINEAR, 0), rtol=1e-7, atol=0)
+        np.testing.assert_array_equal(nearest, reader.read(hrefs[2], g, Resampling.nearest, 1))
+    np.testing.assert_array_equal(fast[-1][0][0], scene.dn[0, 210:274, 200:264])
