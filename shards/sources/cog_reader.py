@@ -2,16 +2,17 @@
 
 A point's patch is a few dozen pixels of a scene whose file is tiled in blocks of 256 x 256 (or 512): neighbouring
 points, read by different threads, need the same blocks. Reading each patch through its own ``WarpedVRT`` on a
-per-thread handle decompressed those blocks once per thread (GDAL's block cache belongs to a dataset handle), and
-on the 2-core benchmark 16 threads spent 2.3x the CPU of one per sample. Here the blocks themselves are shared:
+per-thread handle decompressed those blocks once per thread (GDAL's block cache belongs to a dataset handle).
+Here the blocks themselves are shared:
 
 - a :class:`~shards.sources.transport.SharedCache` holds decoded blocks (native pixels, the file's dtype) for the
   whole process, least recently used dropped past ``cache_bytes``; a block is fetched and decompressed by
   one thread while the others needing it wait for that result, never fetching it again;
-- :meth:`AssetReader.read` assembles the blocks under a patch's footprint (widened by the resampling kernel) into
-  one array and warps it in memory onto the patch grid (``rasterio.warp.reproject``), with the options that make
-  a pixel's value independent of the window it is read in (:data:`EXACT`): a pixel warped from these blocks is
-  the pixel a ``WarpedVRT`` over the whole file gives, bit for bit.
+- :meth:`AssetReader.read_bands` assembles the blocks under a patch's footprint (widened by the resampling
+  kernel) into one array and warps it in memory onto the patch grid: a GDAL MEM dataset over the array and a
+  ``WarpedVRT`` with the options that make a pixel's value independent of the window it is read in
+  (:data:`EXACT`), so a pixel warped from these blocks is the pixel a ``WarpedVRT`` over the whole file gives,
+  bit for bit; where the grid is a mere shift of the file's, numpy does the warp (:func:`warp_shift`).
 
 Fetches go through GDAL's ``/vsicurl/`` on handles kept per thread (a GDAL dataset is not thread-safe), each
 holding one slot of the per-host limit; a failed fetch is retried on transient errors and once more on a handle
@@ -62,6 +63,21 @@ class Layout:
     nodata: float | None
     dtype: str
     srs: str  # the CRS as GDAL's MEM driver takes it: an EPSG code, else PROJ (a WKT's commas would split options)
+
+
+def grid_bounds(grid: Grid) -> tuple[float, float, float, float]:
+    """``(left, bottom, right, top)`` of a north-up grid, in its CRS."""
+    _, transform, width, height = grid
+    left, top = transform.c, transform.f
+    right, bottom = left + width * transform.a, top + height * transform.e
+    return left, min(top, bottom), right, max(top, bottom)
+
+
+def _origin(layout: Layout, window: tuple[int, int, int, int]) -> Affine:
+    """The affine of block ``window``'s top-left corner."""
+    b_r0, b_c0, _, _ = window
+    rows, cols = layout.block
+    return layout.transform @ Affine.translation(b_c0 * cols, b_r0 * rows)
 
 
 class AssetReader:
@@ -153,10 +169,8 @@ class AssetReader:
     def _window(self, layout: Layout, grid: Grid) -> tuple[int, int, int, int] | None:
         """``(first block row, first block col, last block row, last block col)``: the blocks under ``grid``'s
         footprint widened by :data:`KERNEL_MARGIN` pixels; None where the footprint misses the file."""
-        crs, transform, width, height = grid
-        left, top = transform.c, transform.f
-        right, bottom = left + width * transform.a, top + height * transform.e
-        bounds = (left, min(top, bottom), right, max(top, bottom))
+        crs = grid[0]
+        bounds = grid_bounds(grid)
         if str(layout.crs) != str(crs):
             bounds = transform_bounds(crs, layout.crs, *bounds, densify_pts=21)
         inverse = ~layout.transform
@@ -234,16 +248,14 @@ def warp_shift(
     to GDAL's result to float32 rounding). None where it is not such a shift: GDAL then warps (NaN, a scene's
     edge, another CRS or pixel size, cubic)."""
     crs, transform, width, height = grid
-    b_r0, b_c0, _, _ = window
-    rows, cols = layout.block
-    origin = layout.transform @ Affine.translation(b_c0 * cols, b_r0 * rows)
+    origin = _origin(layout, window)
     same_grid = transform.a == origin.a and transform.e == origin.e and transform.b == transform.d == 0
     if not same_grid or origin.b != 0 or origin.d != 0 or str(layout.crs) != str(crs):
         return None
     x0, y0 = (transform.c - origin.c) / origin.a, (transform.f - origin.f) / origin.e  # source pixels
     if resampling == Resampling.nearest:
-        ix, iy = np.floor(x0 + 0.5 + np.arange(width)).astype(np.int64), np.floor(y0 + 0.5 + np.arange(height))
-        iy = iy.astype(np.int64)
+        ix = np.floor(x0 + 0.5 + np.arange(width)).astype(np.int64)
+        iy = np.floor(y0 + 0.5 + np.arange(height)).astype(np.int64)
         span = (iy[0], iy[-1] + 1, ix[0], ix[-1] + 1)
     elif resampling == Resampling.bilinear:
         fx, fy = x0 - math.floor(x0), y0 - math.floor(y0)
@@ -269,9 +281,7 @@ def warp_shift(
 def _in_memory(pixels: np.ndarray, layout: Layout, window: tuple[int, int, int, int]):
     """``(B, h, w)`` C-contiguous ``pixels`` as a read-only GDAL MEM dataset on the file's grid at block ``window``
     (no copy: GDAL reads the array where it is, so the caller keeps it alive while the dataset is open)."""
-    b_r0, b_c0, _, _ = window
-    rows, cols = layout.block
-    geo = layout.transform @ Affine.translation(b_c0 * cols, b_r0 * rows)
+    geo = _origin(layout, window)
     bands, h, w = pixels.shape
     options = (
         f"DATAPOINTER={pixels.ctypes.data},PIXELS={w},LINES={h},BANDS={bands},DATATYPE={_gdal_type(pixels.dtype)},"

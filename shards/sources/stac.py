@@ -52,7 +52,7 @@ from rasterio.enums import Resampling
 from rasterio.transform import from_origin
 
 from shards.sources.base import Patch, Rejected
-from shards.sources.cog_reader import AssetReader, Grid
+from shards.sources.cog_reader import AssetReader, Grid, grid_bounds
 from shards.sources.landsat import (
     QA_BANDS,
     QA_NOT_CLEAR,
@@ -177,10 +177,7 @@ class StacSource:
         return sorted(found.values(), key=lambda s: (s.date, s.id))
 
     def _lonlat_box(self, grid: Grid) -> tuple[float, float, float, float]:
-        crs, transform, width, height = grid
-        left, top = transform.c, transform.f
-        right, bottom = left + width * transform.a, top + height * transform.e
-        return self._transformer(crs, "EPSG:4326").transform_bounds(left, bottom, right, top)
+        return self._transformer(grid[0], "EPSG:4326").transform_bounds(*grid_bounds(grid))
 
     def _bands(self, scene: Scene, bands: tuple[str, ...], grid: Grid, reads: dict) -> list[np.ndarray]:
         """``bands`` of ``scene`` on ``grid``, each read once per patch; the ones not read yet that resample alike
@@ -271,10 +268,9 @@ class StacSource:
         with self.limit.turn.computing():
             grid = (crs, transform, width, height)
             dn, has = winter_composite(self._window_scenes(grid))
-            p = self.schema.pixel_size_m
             wider = (crs, transform @ Affine.translation(-1, -1), width + 2, height + 2)
             dem = self.elevation(wider)[0] if self.topography else np.zeros((height + 2, width + 2))
-            topography = terrain(dem, p)
+            topography = terrain(dem, self.schema.pixel_size_m)
             valid = has & np.isfinite(topography["elevation"]) & np.isfinite(topography["slope"])
             image = channels_from_dn(dn, valid, cast(np.ndarray, topography), self.schema)
             return image, valid
